@@ -1,0 +1,150 @@
+//! Loopback dispatch + combine throughput (token payload bytes per second, all ranks
+//! together) against a plain memcpy of the same bytes, measured in the same run.
+//! `cargo bench --bench loopback`.
+
+use std::hint::black_box;
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use dualcomm_core::transport::loopback::LoopbackFabric;
+use dualcomm_core::{
+    CombineArgs, Config, DispatchArgs, Dtype, Endpoint, Route, TopkArgs, Topology,
+};
+
+const HIDDEN: usize = 7168;
+const TOPK: usize = 8;
+const ROUNDS: usize = 5;
+
+/// Seconds and payload bytes of all ranks' dispatches, then of their combines.
+type Timing = [(f64, u64); 2];
+
+/// Runs `ROUNDS` dispatch+combine rounds on every rank.
+fn world(nodes: usize, rpn: usize, tokens: usize) -> Timing {
+    let topo = Topology::new(nodes, rpn).unwrap();
+    let w = topo.world_size();
+    let experts = 8 * w;
+    let fabric = LoopbackFabric::new(w);
+    let config = Config {
+        num_nvl_bytes: 64 << 20,
+        num_rdma_bytes: 64 << 20,
+        timeout: Duration::from_secs(120),
+    };
+    let barrier = Arc::new(Barrier::new(w));
+    let threads: Vec<_> = (0..w)
+        .map(|r| {
+            let (fabric, config, barrier) =
+                (Arc::clone(&fabric), config.clone(), Arc::clone(&barrier));
+            thread::spawn(move || {
+                let mut ep = Endpoint::loopback(&fabric, topo, r, config).unwrap();
+                let mut s = r as u64 + 1;
+                let mut next = || {
+                    s = s
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    s >> 33
+                };
+                let x: Vec<u8> = (0..tokens * HIDDEN * 2).map(|_| next() as u8).collect();
+                let idx: Vec<i64> = (0..tokens * TOPK)
+                    .map(|_| (next() % experts as u64) as i64)
+                    .collect();
+                let wts = vec![0.125f32; tokens * TOPK];
+                let layout = ep.layout(&idx, tokens, TOPK, experts).unwrap();
+                let plan = ep.plan(&layout.is_token_in_rank, tokens).unwrap();
+                let mut timing: Timing = [(0.0, 0); 2];
+                let payload = |ep: &Endpoint| {
+                    let st = ep.stats();
+                    st.nvl_payload_bytes + st.rdma_payload_bytes
+                };
+                for _ in 0..ROUNDS {
+                    barrier.wait();
+                    let (start, before) = (Instant::now(), payload(&ep));
+                    let out = ep
+                        .dispatch(
+                            &DispatchArgs {
+                                num_tokens: tokens,
+                                x: &x,
+                                x_row_bytes: HIDDEN * 2,
+                                scales: &[],
+                                scale_row_bytes: 0,
+                                topk: Some(TopkArgs {
+                                    idx: &idx,
+                                    weights: &wts,
+                                    num_topk: TOPK,
+                                    num_experts: experts,
+                                }),
+                                expert_alignment: 1,
+                            },
+                            Route::Fresh(Arc::clone(&plan)),
+                        )
+                        .unwrap();
+                    timing[0].0 += start.elapsed().as_secs_f64();
+                    timing[0].1 += payload(&ep) - before;
+                    barrier.wait();
+                    let (start, before) = (Instant::now(), payload(&ep));
+                    black_box(
+                        ep.combine(
+                            &CombineArgs {
+                                x: &out.recv_x,
+                                hidden: HIDDEN,
+                                dtype: Dtype::Bf16,
+                                weights: None,
+                                num_topk: 0,
+                                out_dtype: Dtype::Bf16,
+                            },
+                            &out.handle,
+                        )
+                        .unwrap(),
+                    );
+                    timing[1].0 += start.elapsed().as_secs_f64();
+                    timing[1].1 += payload(&ep) - before;
+                }
+                timing
+            })
+        })
+        .collect();
+    let results: Vec<Timing> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    // The slowest rank's time (the operation is collective); every rank's bytes.
+    [0, 1].map(|i| {
+        let secs = results.iter().map(|r| r[i].0).fold(0.0, f64::max);
+        (secs, results.iter().map(|r| r[i].1).sum())
+    })
+}
+
+/// Copies `bytes` bytes from one buffer to another of that size (both already touched, so
+/// no page faults are timed): what moving every payload byte once costs on this machine.
+fn memcpy_rate(bytes: u64) -> f64 {
+    let n = bytes as usize;
+    let src = vec![1u8; n];
+    let mut dst = vec![2u8; n];
+    let start = Instant::now();
+    dst.copy_from_slice(&src);
+    black_box(&mut dst);
+    bytes as f64 / start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    println!("loopback dispatch+combine, hidden {HIDDEN} bf16, top-{TOPK}, {ROUNDS} rounds");
+    println!("(payload GB/s of all ranks together; memcpy: the same bytes copied once, one thread)");
+    println!(
+        "{:<6} {:>7} {:<9} {:>11} {:>10} {:>12} {:>8}",
+        "world", "tokens", "op", "payload MB", "GB/s", "memcpy GB/s", "ratio"
+    );
+    for (nodes, rpn, tokens) in [(1, 2, 1024), (2, 2, 512), (2, 1, 1024)] {
+        let timing = world(nodes, rpn, tokens);
+        for (name, (secs, bytes)) in ["dispatch", "combine"].into_iter().zip(timing) {
+            let ours = bytes as f64 / secs;
+            let base = memcpy_rate(bytes);
+            println!(
+                "{:<6} {:>7} {:<9} {:>11.1} {:>10.2} {:>12.2} {:>7.1}%",
+                format!("{nodes}x{rpn}"),
+                tokens,
+                name,
+                bytes as f64 / 1e6,
+                ours / 1e9,
+                base / 1e9,
+                100.0 * ours / base
+            );
+        }
+    }
+}

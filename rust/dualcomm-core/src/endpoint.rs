@@ -1,0 +1,232 @@
+//! One rank's handle on a world: owns its transport and runs operations one at a time.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::protocol::combine::{self, CombineArgs, CombineOutput};
+use crate::protocol::dispatch::{self, DispatchArgs, DispatchHandle, DispatchOutput, Route};
+use crate::protocol::op::{Session, meta_region_len};
+use crate::routing::{DispatchLayout, SendPlan, dispatch_layout};
+use crate::topology::Topology;
+use crate::transport::loopback::LoopbackFabric;
+use crate::transport::{Completion, Tier, TierCounters, Transport};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Bytes of receive rings for same-node peers (split evenly among the node's ranks).
+    pub num_nvl_bytes: usize,
+    /// Bytes of receive rings for other nodes (split evenly among the nodes).
+    pub num_rdma_bytes: usize,
+    /// Deadline of every wait.
+    pub timeout: Duration,
+}
+
+impl Config {
+    /// What every rank of a world must agree on.
+    fn fingerprint(&self, topo: &Topology) -> String {
+        format!(
+            "topology {}x{}, num_nvl_bytes={}, num_rdma_bytes={}",
+            topo.num_nodes(),
+            topo.ranks_per_node(),
+            self.num_nvl_bytes,
+            self.num_rdma_bytes
+        )
+    }
+}
+
+/// Traffic of one rank since its endpoint was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Token data (hidden states and FP8 scales) sent per tier.
+    pub nvl_payload_bytes: u64,
+    pub rdma_payload_bytes: u64,
+    /// Every byte sent per tier: payload plus headers, top-k, counts and credits.
+    pub nvl_wire_bytes: u64,
+    pub rdma_wire_bytes: u64,
+    /// Operations completed.
+    pub operations: u64,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+pub struct Endpoint {
+    id: u64,
+    transport: Box<dyn Transport>,
+    topo: Topology,
+    config: Config,
+    seq: u64,
+    stash: Vec<Completion>,
+    payload: TierCounters,
+    broken: Option<String>,
+    destroyed: bool,
+}
+
+impl Endpoint {
+    /// Joins a loopback world as `rank`; waits for every rank to join.
+    pub fn loopback(
+        fabric: &Arc<LoopbackFabric>,
+        topo: Topology,
+        rank: usize,
+        config: Config,
+    ) -> Result<Self> {
+        if fabric.world_size() != topo.world_size() {
+            return Err(Error::invalid(
+                "num_nodes * ranks_per_node",
+                format!("the loopback world's size {}", fabric.world_size()),
+                topo.world_size(),
+            ));
+        }
+        let lens = [
+            config.num_nvl_bytes,
+            config.num_rdma_bytes,
+            meta_region_len(topo.world_size()),
+        ];
+        let t = fabric.join(rank, lens, config.fingerprint(&topo), config.timeout)?;
+        Ok(Self::new(Box::new(t), topo, config))
+    }
+
+    pub fn new(transport: Box<dyn Transport>, topo: Topology, config: Config) -> Self {
+        Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            transport,
+            topo,
+            config,
+            seq: 0,
+            stash: Vec::new(),
+            payload: TierCounters::default(),
+            broken: None,
+            destroyed: false,
+        }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn rank(&self) -> usize {
+        self.transport.rank()
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topo
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn usable(&self) -> Result<()> {
+        if self.destroyed {
+            return Err(Error::Destroyed);
+        }
+        if let Some(why) = &self.broken {
+            return Err(Error::PeerLost {
+                peer: self.rank(),
+                reason: format!(
+                    "this buffer stopped at an earlier failure ({why}); destroy it and make a new one"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Routing tables only; nothing is sent.
+    pub fn layout(
+        &self,
+        topk_idx: &[i64],
+        num_tokens: usize,
+        num_topk: usize,
+        num_experts: usize,
+    ) -> Result<DispatchLayout> {
+        self.usable()?;
+        dispatch_layout(&self.topo, topk_idx, num_tokens, num_topk, num_experts)
+    }
+
+    /// The send plan of a fresh dispatch, from `[num_tokens, world_size]` booleans.
+    pub fn plan(&self, is_token_in_rank: &[bool], num_tokens: usize) -> Result<Arc<SendPlan>> {
+        self.usable()?;
+        Ok(Arc::new(SendPlan::from_is_token_in_rank(
+            &self.topo,
+            is_token_in_rank,
+            num_tokens,
+        )?))
+    }
+
+    fn session(&mut self) -> Session<'_> {
+        Session {
+            transport: &*self.transport,
+            topo: self.topo,
+            seq: self.seq,
+            timeout: self.config.timeout,
+            stash: &mut self.stash,
+            num_nvl_bytes: self.config.num_nvl_bytes,
+            num_rdma_bytes: self.config.num_rdma_bytes,
+        }
+    }
+
+    /// Bad arguments are found before anything is sent and leave the endpoint usable; any
+    /// other failure leaves the ranks out of step, so the endpoint refuses further work.
+    fn finish<T>(&mut self, r: Result<T>) -> Result<T> {
+        match &r {
+            Ok(_) => self.seq += 1,
+            Err(Error::InvalidArgument { .. }) => {}
+            Err(e) => self.broken = Some(e.to_string()),
+        }
+        r
+    }
+
+    pub fn dispatch(
+        &mut self,
+        args: &DispatchArgs<'_>,
+        route: Route<'_>,
+    ) -> Result<DispatchOutput> {
+        self.usable()?;
+        let id = self.id;
+        let payload = std::mem::take(&mut self.payload);
+        let r = dispatch::run(self.session(), id, &payload, args, route);
+        self.payload = payload;
+        self.finish(r)
+    }
+
+    pub fn combine(
+        &mut self,
+        args: &CombineArgs<'_>,
+        handle: &DispatchHandle,
+    ) -> Result<CombineOutput> {
+        self.usable()?;
+        let id = self.id;
+        let payload = std::mem::take(&mut self.payload);
+        let r = combine::run(self.session(), id, &payload, args, handle);
+        self.payload = payload;
+        self.finish(r)
+    }
+
+    pub fn stats(&self) -> Stats {
+        let wire = self.transport.wire_bytes();
+        Stats {
+            nvl_payload_bytes: self.payload.get(Tier::Nvl),
+            rdma_payload_bytes: self.payload.get(Tier::Rdma),
+            nvl_wire_bytes: wire.get(Tier::Nvl),
+            rdma_wire_bytes: wire.get(Tier::Rdma),
+            operations: self.seq,
+        }
+    }
+
+    pub fn is_destroyed(&self) -> bool {
+        self.destroyed
+    }
+
+    /// Leaves the world; peers waiting on this rank fail with `PeerLost`.
+    pub fn destroy(&mut self) {
+        self.transport.shutdown();
+        self.destroyed = true;
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        self.transport.shutdown();
+    }
+}

@@ -1,0 +1,18 @@
+//! dualcomm-core: expert-parallel dispatch and combine for Mixture-of-Experts training,
+//! routed the way a multi-node cluster needs it (one network crossing per destination node,
+//! then forwarding inside the node), over pluggable RDMA-shaped transports. No Python here.
+
+pub mod endpoint;
+pub mod error;
+pub mod protocol;
+pub mod routing;
+pub mod topology;
+pub mod transport;
+
+pub use endpoint::{Config, Endpoint, Stats};
+pub use error::{Error, Result};
+pub use protocol::combine::{CombineArgs, CombineOutput};
+pub use protocol::dispatch::{DispatchArgs, DispatchHandle, DispatchOutput, Route, TopkArgs};
+pub use protocol::reduce::Dtype;
+pub use routing::{DispatchLayout, SendPlan};
+pub use topology::Topology;

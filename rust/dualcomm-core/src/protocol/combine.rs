@@ -1,0 +1,578 @@
+//! Combine, the mirror of dispatch: each rank sends every row it received back to the
+//! forwarder of its node that served the row's source (nvl); the forwarder sums the rows of
+//! one token over its local ranks and sends one partial per token over rdma; the source sums
+//! the partials over nodes.
+//!
+//! Contributions and partials are staged on arrival and summed only once all are there,
+//! always in ascending local-rank order and then ascending node order. That makes the
+//! result bitwise reproducible whatever the arrival order, and it means rings always drain,
+//! so no ring can wait on another one (no deadlock for any ring size).
+
+use std::collections::VecDeque;
+
+use super::dispatch::DispatchHandle;
+use super::op::{Op, OpKind, Session};
+use super::record::{HEADER_BYTES, Header, Layout};
+use super::reduce::{Dtype, add_into, store};
+use crate::error::{Error, Result};
+use crate::transport::{Tier, TierCounters};
+
+pub struct CombineArgs<'a> {
+    /// `[num_recv, hidden]` rows in `dtype`, in the order dispatch delivered them.
+    pub x: &'a [u8],
+    pub hidden: usize,
+    pub dtype: Dtype,
+    /// `[num_recv, num_topk]`, summed alongside the rows.
+    pub weights: Option<&'a [f32]>,
+    pub num_topk: usize,
+    /// The dtype of the result (fp32 keeps the full-precision sum).
+    pub out_dtype: Dtype,
+}
+
+#[derive(Debug)]
+pub struct CombineOutput {
+    /// `[num_tokens, hidden]` in `out_dtype`.
+    pub x: Vec<u8>,
+    /// `[num_tokens, num_topk]`; empty without weights.
+    pub weights: Vec<f32>,
+}
+
+/// One token this rank reduces for its node: (source, index, local ranks that hold a row).
+#[derive(Clone, Copy)]
+struct Entry {
+    src: u32,
+    idx: u32,
+    mask: u64,
+}
+
+/// Row geometry of one combine.
+#[derive(Clone, Copy)]
+struct Shape {
+    hidden: usize,
+    k: usize,
+    dtype: Dtype,
+}
+
+impl Shape {
+    fn row_bytes(&self) -> usize {
+        self.hidden * self.dtype.size()
+    }
+
+    fn width(&self) -> usize {
+        self.hidden + self.k
+    }
+}
+
+/// Forwarder side: the rows of each token are kept until the last one arrives; that one
+/// is summed in place, straight from the ring.
+struct Reducer {
+    entries: Vec<Entry>,
+    first_row: Vec<usize>,
+    present: Vec<u64>,
+    rows: Vec<u8>,
+    shape: Shape,
+    /// The sum of the entry `add` just completed (rows, then weights).
+    acc: Vec<f32>,
+}
+
+/// Source side: each token's partial sums per destination node. A token that went to one
+/// node is written out directly; others wait until every node's partial is in.
+struct Finisher {
+    first_part: Vec<usize>,
+    need: Vec<u32>,
+    have: Vec<u32>,
+    seen: Vec<bool>,
+    parts: Vec<f32>,
+    shape: Shape,
+    out_dtype: Dtype,
+    out_x: Vec<u8>,
+    out_w: Vec<f32>,
+    done: usize,
+    acc: Vec<f32>,
+}
+
+/// A partial sum as it reaches the finisher.
+enum Part<'a> {
+    /// This node's own partial, still in fp32.
+    Own(&'a [f32]),
+    /// Another node's partial: rows in the combine dtype, weights in fp32.
+    Wire(&'a [u8], &'a [u8]),
+}
+
+pub(crate) fn run(
+    session: Session<'_>,
+    endpoint_id: u64,
+    payload: &TierCounters,
+    args: &CombineArgs<'_>,
+    handle: &DispatchHandle,
+) -> Result<CombineOutput> {
+    let topo = session.topo;
+    let me = session.transport.rank();
+    let (nn, rpn, my_node) = (topo.num_nodes(), topo.ranks_per_node(), topo.node_of(me));
+    let plan = &handle.plan;
+    let n_tok = plan.num_tokens();
+    let k = if args.weights.is_some() {
+        args.num_topk
+    } else {
+        0
+    };
+
+    if handle.endpoint_id != endpoint_id {
+        return Err(Error::invalid(
+            "handle",
+            "a handle made by this buffer",
+            "a handle from another buffer",
+        ));
+    }
+    let rb = args.hidden * args.dtype.size();
+    if args.x.len() != handle.num_recv * rb {
+        return Err(Error::invalid(
+            "x",
+            format!(
+                "{} rows (as many as the handle's dispatch delivered to this rank)",
+                handle.num_recv
+            ),
+            format!("{} rows", args.x.len() / rb.max(1)),
+        ));
+    }
+    if let Some(w) = args.weights
+        && w.len() != handle.num_recv * k
+    {
+        return Err(Error::invalid(
+            "topk_weights",
+            format!("{} x {k} values", handle.num_recv),
+            w.len(),
+        ));
+    }
+    let shape = Shape {
+        hidden: args.hidden,
+        k,
+        dtype: args.dtype,
+    };
+    let layout = Layout::new(&[rb, k * 4]);
+    let w_bytes: &[u8] = args.weights.map(bytemuck::cast_slice).unwrap_or(&[]);
+    let my_row = |j: usize| -> [&[u8]; 2] {
+        [
+            &args.x[j * rb..(j + 1) * rb],
+            &w_bytes[j * k * 4..(j + 1) * k * 4],
+        ]
+    };
+
+    // Forwarder side: the tokens whose rows this rank sums for its node.
+    let mut entries: Vec<Entry> = handle
+        .forwarded
+        .iter()
+        .map(|f| Entry {
+            src: f.src,
+            idx: f.idx,
+            mask: f.mask,
+        })
+        .collect();
+    entries.extend((0..n_tok).filter_map(|tok| {
+        let mask = plan.mask(tok, my_node);
+        (mask != 0).then_some(Entry {
+            src: me as u32,
+            idx: tok as u32,
+            mask,
+        })
+    }));
+    entries.sort_unstable_by_key(|e| (e.src, e.idx));
+    let mut first_row = Vec::with_capacity(entries.len());
+    let mut rows_total = 0;
+    for e in &entries {
+        first_row.push(rows_total);
+        // A token with one local row needs no staging: its row is its sum.
+        if e.mask.count_ones() > 1 {
+            rows_total += e.mask.count_ones() as usize;
+        }
+    }
+    let mut red = Reducer {
+        present: vec![0; entries.len()],
+        rows: vec![0; rows_total * (rb + k * 4)],
+        entries,
+        first_row,
+        shape,
+        acc: vec![0.0; shape.width()],
+    };
+    // Partials waiting for credit, per source rank.
+    let mut outgoing: Vec<VecDeque<(u32, Vec<u8>)>> = vec![VecDeque::new(); topo.world_size()];
+    let mut pending_per_src = vec![0usize; topo.world_size()];
+    for e in &red.entries {
+        pending_per_src[e.src as usize] += 1;
+    }
+
+    // Source side.
+    let mut first_part = Vec::with_capacity(n_tok);
+    let mut need = Vec::with_capacity(n_tok);
+    let mut staged = 0;
+    for tok in 0..n_tok {
+        first_part.push(staged);
+        let nodes = (0..nn).filter(|&n| plan.mask(tok, n) != 0).count();
+        need.push(nodes as u32);
+        // Single-node tokens skip the staging area.
+        if nodes > 1 {
+            staged += nodes;
+        }
+    }
+    // Tokens that went nowhere are finished (zero) from the start.
+    let done = need.iter().filter(|&&n| n == 0).count();
+    let mut fin = Finisher {
+        first_part,
+        need,
+        have: vec![0; n_tok],
+        seen: vec![false; staged],
+        parts: vec![0.0; staged * shape.width()],
+        shape,
+        out_dtype: args.out_dtype,
+        out_x: vec![0u8; n_tok * args.hidden * args.out_dtype.size()],
+        out_w: vec![0f32; n_tok * k],
+        done,
+        acc: vec![0.0; shape.width()],
+    };
+
+    // Destination side: this rank's rows, grouped by the forwarder that reduces them.
+    let mut to_forwarder: Vec<Vec<usize>> = vec![Vec::new(); rpn];
+    for j in 0..handle.num_recv {
+        let f = topo.forwarder(handle.recv_src_rank[j] as usize, my_node);
+        to_forwarder[topo.local_of(f)].push(j);
+    }
+    let mut sent_to = vec![0usize; rpn];
+
+    let mut op = Op::begin(session, OpKind::Combine, layout.record_bytes(), |_| {
+        (handle.tag, 0, 0)
+    })?;
+    let (t, epoch) = (op.t, op.epoch);
+    for l in (0..rpn).filter(|&l| l != topo.local_of(me)) {
+        let d = topo.rank_at(my_node, l);
+        let rows = red
+            .entries
+            .iter()
+            .filter(|e| e.mask & (1 << l) != 0)
+            .count();
+        op.recv_ring(d).expected = Some(rows as u64);
+    }
+    for n in (0..nn).filter(|&n| n != my_node) {
+        let p = topo.forwarder(me, n);
+        op.recv_ring(p).expected = Some(plan.count_to_node()[n]);
+    }
+
+    let mut started = false;
+    loop {
+        let mut progress = false;
+        if !started && op.metas_ready() {
+            if let Some(p) = (0..topo.world_size()).find(|&p| op.meta(p).a != handle.tag) {
+                return Err(Error::protocol(
+                    p,
+                    format!(
+                        "rank {p} combines with the handle of operation #{}, rank {me} with \
+                         #{}: every rank must pass the handle of the same dispatch",
+                        op.meta(p).a,
+                        handle.tag
+                    ),
+                ));
+            }
+            started = true;
+            progress = true;
+            // Rows whose reducer is this rank itself.
+            let own = std::mem::take(&mut to_forwarder[topo.local_of(me)]);
+            for j in own {
+                let h = Header {
+                    src_rank: handle.recv_src_rank[j],
+                    src_idx: handle.recv_src_idx[j],
+                    mask: 0,
+                };
+                let [row, w] = my_row(j);
+                if let Some(done) = red.add(me, topo.local_of(me), &h, row, w)? {
+                    route_partial(done, &red, me, my_node, &mut fin, &mut outgoing, plan)?;
+                }
+            }
+        }
+        if !started {
+            op.pump(true)?;
+            continue;
+        }
+
+        // Destination side: rows to the local forwarders.
+        for l in (0..rpn).filter(|&l| l != topo.local_of(me)) {
+            let f = topo.rank_at(my_node, l);
+            let ring = op.send_ring(f);
+            let list = &to_forwarder[l];
+            let n = (ring.free() as usize).min(list.len() - sent_to[l]);
+            if n > 0 {
+                let batch = &list[sent_to[l]..sent_to[l] + n];
+                let headers: Vec<[u8; HEADER_BYTES]> = batch
+                    .iter()
+                    .map(|&j| {
+                        Header {
+                            src_rank: handle.recv_src_rank[j],
+                            src_idx: handle.recv_src_idx[j],
+                            mask: 0,
+                        }
+                        .encode()
+                    })
+                    .collect();
+                let mut segs: Vec<&[u8]> = Vec::with_capacity(3 * n);
+                for (hdr, &j) in headers.iter().zip(batch) {
+                    segs.push(hdr);
+                    segs.extend(my_row(j));
+                }
+                ring.post(t, epoch, &segs, 3)?;
+                payload.add(Tier::Nvl, n * rb);
+                sent_to[l] += n;
+                progress = true;
+            }
+            if sent_to[l] == list.len() {
+                ring.closed = true;
+            }
+        }
+
+        // Forwarder side: rows from local ranks.
+        for l in (0..rpn).filter(|&l| l != topo.local_of(me)) {
+            let d = topo.rank_at(my_node, l);
+            let ring = op.recv_ring(d);
+            let avail = ring.available();
+            for i in 0..avail {
+                let rec = ring.record(t, i)?;
+                let h = Header::decode(rec);
+                let secs = layout.split(rec);
+                if let Some(done) = red.add(d, l, &h, secs[0], secs[1])? {
+                    route_partial(done, &red, me, my_node, &mut fin, &mut outgoing, plan)?;
+                }
+            }
+            ring.consume(avail);
+            progress |= avail > 0;
+        }
+        // Forwarder side: finished partials to their sources on other nodes.
+        for n in (0..nn).filter(|&n| n != my_node) {
+            let s = topo.forwarder(me, n);
+            let ring = op.send_ring(s);
+            let queue = &mut outgoing[s];
+            let m = (ring.free() as usize).min(queue.len());
+            if m > 0 {
+                let batch: Vec<(u32, Vec<u8>)> = queue.drain(..m).collect();
+                let headers: Vec<[u8; HEADER_BYTES]> = batch
+                    .iter()
+                    .map(|(idx, _)| {
+                        Header {
+                            src_rank: s as u32,
+                            src_idx: *idx,
+                            mask: 0,
+                        }
+                        .encode()
+                    })
+                    .collect();
+                let mut segs: Vec<&[u8]> = Vec::with_capacity(2 * m);
+                for (hdr, (_, body)) in headers.iter().zip(&batch) {
+                    segs.push(hdr);
+                    segs.push(body);
+                }
+                ring.post(t, epoch, &segs, 2)?;
+                payload.add(Tier::Rdma, m * rb);
+                pending_per_src[s] -= m;
+                progress = true;
+            }
+            if pending_per_src[s] == 0 {
+                ring.closed = true;
+            }
+        }
+        // Source side: partials from the other nodes.
+        for n in (0..nn).filter(|&n| n != my_node) {
+            let p = topo.forwarder(me, n);
+            let ring = op.recv_ring(p);
+            let avail = ring.available();
+            for i in 0..avail {
+                let rec = ring.record(t, i)?;
+                let h = Header::decode(rec);
+                let tok = h.src_idx as usize;
+                if h.src_rank as usize != me || tok >= n_tok || plan.mask(tok, n) == 0 {
+                    return Err(Error::protocol(
+                        p,
+                        format!(
+                            "partial for token {tok} of rank {}, which never went to node {n}",
+                            h.src_rank
+                        ),
+                    ));
+                }
+                let secs = layout.split(rec);
+                fin.put(p, tok, plan_pos(plan, tok, n), Part::Wire(secs[0], secs[1]))?;
+            }
+            ring.consume(avail);
+            progress |= avail > 0;
+        }
+
+        op.return_credits()?;
+        if fin.done == n_tok && op.rings_finished() {
+            break;
+        }
+        op.pump(!progress)?;
+    }
+    Ok(CombineOutput {
+        x: fin.out_x,
+        weights: fin.out_w,
+    })
+}
+
+/// Position of `node` among the nodes `tok` went to.
+fn plan_pos(plan: &crate::routing::SendPlan, tok: usize, node: usize) -> usize {
+    (0..node).filter(|&n| plan.mask(tok, n) != 0).count()
+}
+
+/// Hands the sum `red` just completed on: to this rank's own finisher, or to the queue for
+/// its source on another node.
+fn route_partial(
+    e: Entry,
+    red: &Reducer,
+    me: usize,
+    my_node: usize,
+    fin: &mut Finisher,
+    outgoing: &mut [VecDeque<(u32, Vec<u8>)>],
+    plan: &crate::routing::SendPlan,
+) -> Result<()> {
+    let sum = &red.acc;
+    if e.src as usize == me {
+        let tok = e.idx as usize;
+        return fin.put(me, tok, plan_pos(plan, tok, my_node), Part::Own(sum));
+    }
+    let shape = red.shape;
+    let rb = shape.row_bytes();
+    let mut body = vec![0u8; rb + shape.k * 4];
+    store(&sum[..shape.hidden], &mut body[..rb], shape.dtype);
+    body[rb..].copy_from_slice(bytemuck::cast_slice(&sum[shape.hidden..]));
+    outgoing[e.src as usize].push_back((e.idx, body));
+    Ok(())
+}
+
+impl Reducer {
+    /// Takes local rank `l`'s row for `h`'s token. When it is the last one, sums all rows
+    /// (ascending local rank) into `acc` and returns the entry.
+    fn add(
+        &mut self,
+        via: usize,
+        l: usize,
+        h: &Header,
+        row: &[u8],
+        weights: &[u8],
+    ) -> Result<Option<Entry>> {
+        let e = self
+            .entries
+            .binary_search_by_key(&(h.src_rank, h.src_idx), |e| (e.src, e.idx))
+            .map_err(|_| {
+                Error::protocol(
+                    via,
+                    format!(
+                        "row for token {} of rank {}, which this rank did not forward",
+                        h.src_idx, h.src_rank
+                    ),
+                )
+            })?;
+        let entry = self.entries[e];
+        let bit = 1u64 << l;
+        if entry.mask & bit == 0 || self.present[e] & bit != 0 {
+            return Err(Error::protocol(
+                via,
+                format!(
+                    "unexpected or repeated row for token {} of rank {}",
+                    h.src_idx, h.src_rank
+                ),
+            ));
+        }
+        self.present[e] |= bit;
+        let rb = self.shape.row_bytes();
+        let cb = rb + self.shape.k * 4;
+        let first = self.first_row[e];
+        let slot = |b: u64| first + (entry.mask & (b - 1)).count_ones() as usize;
+        if self.present[e] != entry.mask {
+            let at = slot(bit) * cb;
+            self.rows[at..at + rb].copy_from_slice(row);
+            self.rows[at + rb..at + cb].copy_from_slice(weights);
+            return Ok(None);
+        }
+        let hidden = self.shape.hidden;
+        self.acc.fill(0.0);
+        let mut m = entry.mask;
+        while m != 0 {
+            let b = m & m.wrapping_neg();
+            m &= m - 1;
+            let (r, w) = if b == bit {
+                (row, weights)
+            } else {
+                let at = slot(b) * cb;
+                (&self.rows[at..at + rb], &self.rows[at + rb..at + cb])
+            };
+            add_into(&mut self.acc[..hidden], r, self.shape.dtype);
+            add_into(&mut self.acc[hidden..], w, Dtype::F32);
+        }
+        Ok(Some(entry))
+    }
+}
+
+impl Finisher {
+    /// Takes the partial of the `pos`-th node of `tok`; writes the token out once complete.
+    fn put(&mut self, via: usize, tok: usize, pos: usize, part: Part<'_>) -> Result<()> {
+        let Shape { hidden, k, dtype } = self.shape;
+        let width = self.shape.width();
+        let orb = hidden * self.out_dtype.size();
+        let out = &mut self.out_x[tok * orb..(tok + 1) * orb];
+        let out_w = &mut self.out_w[tok * k..(tok + 1) * k];
+        if self.have[tok] >= self.need[tok] {
+            return Err(Error::protocol(
+                via,
+                format!("extra partial for token {tok}"),
+            ));
+        }
+        if self.need[tok] == 1 {
+            match part {
+                Part::Own(sum) => {
+                    store(&sum[..hidden], out, self.out_dtype);
+                    out_w.copy_from_slice(&sum[hidden..]);
+                }
+                Part::Wire(row, w) if dtype == self.out_dtype => {
+                    out.copy_from_slice(row);
+                    out_w.copy_from_slice(bytemuck::cast_slice(w));
+                }
+                Part::Wire(row, w) => {
+                    self.acc.fill(0.0);
+                    add_into(&mut self.acc[..hidden], row, dtype);
+                    store(&self.acc[..hidden], out, self.out_dtype);
+                    out_w.copy_from_slice(bytemuck::cast_slice(w));
+                }
+            }
+            self.have[tok] = 1;
+            self.done += 1;
+            return Ok(());
+        }
+        let slot = self.first_part[tok] + pos;
+        if self.seen[slot] {
+            return Err(Error::protocol(
+                via,
+                format!("second partial for token {tok}"),
+            ));
+        }
+        self.seen[slot] = true;
+        let dst = &mut self.parts[slot * width..(slot + 1) * width];
+        match part {
+            Part::Own(sum) => dst.copy_from_slice(sum),
+            Part::Wire(row, w) => {
+                dst.fill(0.0);
+                add_into(&mut dst[..hidden], row, dtype);
+                add_into(&mut dst[hidden..], w, Dtype::F32);
+            }
+        }
+        self.have[tok] += 1;
+        if self.have[tok] == self.need[tok] {
+            self.acc.fill(0.0);
+            let first = self.first_part[tok];
+            for p in 0..self.need[tok] as usize {
+                let at = (first + p) * width;
+                self.acc
+                    .iter_mut()
+                    .zip(&self.parts[at..at + width])
+                    .for_each(|(a, b)| *a += b);
+            }
+            store(&self.acc[..hidden], out, self.out_dtype);
+            out_w.copy_from_slice(&self.acc[hidden..]);
+            self.done += 1;
+        }
+        Ok(())
+    }
+}

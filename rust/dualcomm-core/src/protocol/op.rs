@@ -1,0 +1,433 @@
+//! One collective operation (a dispatch or a combine) as seen by one rank: its rings, the
+//! metadata exchange that opens it, and the completion loop with its deadline.
+//!
+//! Every operation starts with every rank writing a small metadata record to every other
+//! rank. That carries the token counts a dispatch needs, lets ranks check that they run the
+//! same operation with the same record size, and bounds how far a fast rank can run ahead
+//! (one operation), which is what makes the 2-bit epoch in the immediate sufficient.
+
+use std::time::{Duration, Instant};
+
+use super::imm::{Imm, ImmKind};
+use super::ring::{RecvRing, RingGeometry, SendRing};
+use crate::error::{Error, Result};
+use crate::topology::Topology;
+use crate::transport::{Completion, RegionId, Tier, Transport};
+
+pub const META_BYTES: usize = 32;
+
+/// Bytes of the meta region a rank must register for a world of `world_size` ranks.
+pub fn meta_region_len(world_size: usize) -> usize {
+    2 * world_size * META_BYTES
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    Dispatch = 1,
+    CachedDispatch = 2,
+    Combine = 3,
+}
+
+impl OpKind {
+    fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(Self::Dispatch),
+            2 => Some(Self::CachedDispatch),
+            3 => Some(Self::Combine),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Dispatch => "dispatch",
+            Self::CachedDispatch => "cached dispatch",
+            Self::Combine => "combine",
+        }
+    }
+}
+
+/// What one rank tells another when an operation starts. The meaning of `a`, `b`, `c`
+/// belongs to the operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Meta {
+    pub kind: OpKind,
+    pub record_bytes: u32,
+    pub a: u64,
+    pub b: u64,
+    pub c: u64,
+}
+
+impl Meta {
+    fn encode(&self) -> [u8; META_BYTES] {
+        let mut out = [0u8; META_BYTES];
+        out[0..4].copy_from_slice(&(self.kind as u32).to_le_bytes());
+        out[4..8].copy_from_slice(&self.record_bytes.to_le_bytes());
+        out[8..16].copy_from_slice(&self.a.to_le_bytes());
+        out[16..24].copy_from_slice(&self.b.to_le_bytes());
+        out[24..32].copy_from_slice(&self.c.to_le_bytes());
+        out
+    }
+
+    fn decode(peer: usize, b: &[u8]) -> Result<Self> {
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+        let kind = OpKind::from_u32(u32_at(0))
+            .ok_or_else(|| Error::protocol(peer, format!("unknown operation {}", u32_at(0))))?;
+        Ok(Meta {
+            kind,
+            record_bytes: u32_at(4),
+            a: u64_at(8),
+            b: u64_at(16),
+            c: u64_at(24),
+        })
+    }
+}
+
+/// The state an endpoint keeps between operations.
+pub struct Session<'e> {
+    pub transport: &'e dyn Transport,
+    pub topo: Topology,
+    pub seq: u64,
+    pub timeout: Duration,
+    /// Completions of the next operation that arrived during this one.
+    pub stash: &'e mut Vec<Completion>,
+    pub num_nvl_bytes: usize,
+    pub num_rdma_bytes: usize,
+}
+
+pub struct Op<'e> {
+    pub t: &'e dyn Transport,
+    pub topo: Topology,
+    pub me: usize,
+    pub epoch: u32,
+    kind: OpKind,
+    timeout: Duration,
+    deadline: Instant,
+    metas: Vec<Option<Meta>>,
+    missing_metas: usize,
+    /// Indexed by peer rank; `None` where this rank never talks to that peer directly.
+    pub send: Vec<Option<SendRing>>,
+    pub recv: Vec<Option<RecvRing>>,
+    stash: &'e mut Vec<Completion>,
+    inbox: Vec<Completion>,
+}
+
+/// How a pair of ranks is linked, if it is: same node over nvl, twins (same local index on
+/// different nodes) over rdma. Other pairs never exchange ring traffic.
+pub fn link(topo: &Topology, a: usize, b: usize) -> Option<Tier> {
+    if a == b {
+        None
+    } else if topo.same_node(a, b) {
+        Some(Tier::Nvl)
+    } else if topo.local_of(a) == topo.local_of(b) {
+        Some(Tier::Rdma)
+    } else {
+        None
+    }
+}
+
+impl<'e> Op<'e> {
+    /// Checks that the rings hold a record, then opens the operation by sending `meta_for`
+    /// of every peer to that peer.
+    pub fn begin(
+        s: Session<'e>,
+        kind: OpKind,
+        record_bytes: usize,
+        meta_for: impl Fn(usize) -> (u64, u64, u64),
+    ) -> Result<Self> {
+        let topo = s.topo;
+        let t = s.transport;
+        let me = t.rank();
+        let w = topo.world_size();
+        let (nn, rpn) = (topo.num_nodes(), topo.ranks_per_node());
+        let nvl_ring = s.num_nvl_bytes / rpn;
+        let rdma_ring = s.num_rdma_bytes / nn;
+        if rpn > 1 && nvl_ring < record_bytes {
+            return Err(too_small(
+                "num_nvl_bytes",
+                record_bytes,
+                rpn,
+                s.num_nvl_bytes,
+            ));
+        }
+        if nn > 1 && rdma_ring < record_bytes {
+            return Err(too_small(
+                "num_rdma_bytes",
+                record_bytes,
+                nn,
+                s.num_rdma_bytes,
+            ));
+        }
+        if record_bytes > u32::MAX as usize {
+            return Err(Error::invalid(
+                "token size",
+                "below 4 GiB per token",
+                record_bytes,
+            ));
+        }
+        // Ring of sender `from` inside receiver `to`'s region.
+        let geometry = |from: usize, to: usize, tier: Tier| {
+            let (region, slot, ring) = match tier {
+                Tier::Nvl => (RegionId::NvlRings, topo.local_of(from), nvl_ring),
+                Tier::Rdma => (RegionId::RdmaRings, topo.node_of(from), rdma_ring),
+            };
+            RingGeometry {
+                peer: if from == me { to } else { from },
+                tier,
+                region,
+                base: slot * ring,
+                capacity: (ring / record_bytes) as u64,
+                record_bytes,
+            }
+        };
+        let mut send = Vec::with_capacity(w);
+        let mut recv = Vec::with_capacity(w);
+        for p in 0..w {
+            let tier = link(&topo, me, p);
+            send.push(tier.map(|tier| SendRing::new(geometry(me, p, tier))));
+            recv.push(tier.map(|tier| RecvRing::new(geometry(p, me, tier))));
+        }
+        let epoch = (s.seq % 4) as u32;
+        let mut op = Op {
+            t,
+            topo,
+            me,
+            epoch,
+            kind,
+            timeout: s.timeout,
+            deadline: Instant::now() + s.timeout,
+            metas: vec![None; w],
+            missing_metas: w,
+            send,
+            recv,
+            stash: s.stash,
+            inbox: Vec::new(),
+        };
+        let parity = (s.seq % 2) as usize;
+        for p in 0..w {
+            let (a, b, c) = meta_for(p);
+            let meta = Meta {
+                kind,
+                record_bytes: record_bytes as u32,
+                a,
+                b,
+                c,
+            };
+            if p == me {
+                op.metas[p] = Some(meta);
+                op.missing_metas -= 1;
+                continue;
+            }
+            let tier = if topo.same_node(me, p) {
+                Tier::Nvl
+            } else {
+                Tier::Rdma
+            };
+            let offset = (parity * w + me) * META_BYTES;
+            let imm = Imm::new(ImmKind::Meta, epoch, 0);
+            t.write_with_imm(p, tier, RegionId::Meta, offset, &[&meta.encode()], imm.0)?;
+        }
+        // Completions of this operation that arrived while the previous one ran.
+        let early: Vec<Completion> = std::mem::take(op.stash);
+        for c in early {
+            op.handle(c)?;
+        }
+        Ok(op)
+    }
+
+    pub fn kind(&self) -> OpKind {
+        self.kind
+    }
+
+    pub fn metas_ready(&self) -> bool {
+        self.missing_metas == 0
+    }
+
+    /// The metadata `peer` sent (this rank's own for itself). Only after `metas_ready`.
+    pub fn meta(&self, peer: usize) -> &Meta {
+        self.metas[peer].as_ref().expect("metas_ready")
+    }
+
+    pub fn send_ring(&mut self, peer: usize) -> &mut SendRing {
+        self.send[peer].as_mut().expect("linked peer")
+    }
+
+    pub fn recv_ring(&mut self, peer: usize) -> &mut RecvRing {
+        self.recv[peer].as_mut().expect("linked peer")
+    }
+
+    /// Takes in completions: waits (until the deadline) when `block`, else only looks.
+    pub fn pump(&mut self, block: bool) -> Result<()> {
+        let now = Instant::now();
+        // Sleep in slices so a vanished peer is noticed even by transports that cannot wake us.
+        let until = if block {
+            self.deadline.min(now + Duration::from_millis(100))
+        } else {
+            now
+        };
+        let mut inbox = std::mem::take(&mut self.inbox);
+        inbox.clear();
+        let n = self.t.poll(&mut inbox, until)?;
+        for c in inbox.drain(..) {
+            self.handle(c)?;
+        }
+        self.inbox = inbox;
+        if block && n == 0 {
+            self.check_peers()?;
+            if Instant::now() >= self.deadline {
+                return Err(Error::Timeout {
+                    what: format!("{} to complete: {}", self.kind.name(), self.describe_wait()),
+                    timeout: self.timeout,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, c: Completion) -> Result<()> {
+        let imm = Imm(c.imm);
+        let kind = imm
+            .kind()
+            .ok_or_else(|| Error::protocol(c.src, format!("malformed immediate {:#x}", c.imm)))?;
+        if imm.epoch() != self.epoch {
+            if imm.epoch() == (self.epoch + 1) % 4 {
+                self.stash.push(c);
+                return Ok(());
+            }
+            return Err(Error::protocol(
+                c.src,
+                format!(
+                    "message of operation epoch {} during epoch {}",
+                    imm.epoch(),
+                    self.epoch
+                ),
+            ));
+        }
+        match kind {
+            ImmKind::Meta => self.on_meta(&c),
+            ImmKind::Data => match self.recv.get_mut(c.src).and_then(Option::as_mut) {
+                Some(ring) => ring.on_data(&c, imm.value() as u64),
+                None => Err(Error::protocol(c.src, "data from a rank with no ring here")),
+            },
+            ImmKind::Credit => match self.send.get_mut(c.src).and_then(Option::as_mut) {
+                Some(ring) => ring.on_credit(imm.value() as u64),
+                None => Err(Error::protocol(
+                    c.src,
+                    "credit from a rank with no ring here",
+                )),
+            },
+        }
+    }
+
+    fn on_meta(&mut self, c: &Completion) -> Result<()> {
+        let w = self.topo.world_size();
+        let parity = (self.epoch % 2) as usize;
+        let want = (parity * w + c.src) * META_BYTES;
+        if c.region != RegionId::Meta || c.offset != want || c.len != META_BYTES {
+            return Err(Error::protocol(c.src, "metadata outside its slot"));
+        }
+        if self.metas[c.src].is_some() {
+            return Err(Error::protocol(c.src, "metadata sent twice"));
+        }
+        let bytes = self.t.local(RegionId::Meta, c.offset, META_BYTES)?;
+        let meta = Meta::decode(c.src, bytes)?;
+        let mine = self.metas[self.me].expect("own meta set at begin");
+        if meta.kind != self.kind {
+            return Err(Error::protocol(
+                c.src,
+                format!(
+                    "rank {} runs {} while rank {} runs {}: every rank must make the same calls \
+                     in the same order",
+                    c.src,
+                    meta.kind.name(),
+                    self.me,
+                    self.kind.name()
+                ),
+            ));
+        }
+        if meta.record_bytes != mine.record_bytes {
+            return Err(Error::protocol(
+                c.src,
+                format!(
+                    "rank {} sends {}-byte token records, rank {} {}-byte ones: hidden size, \
+                     dtype and top-k must agree on every rank",
+                    c.src, meta.record_bytes, self.me, mine.record_bytes
+                ),
+            ));
+        }
+        self.metas[c.src] = Some(meta);
+        self.missing_metas -= 1;
+        Ok(())
+    }
+
+    pub fn return_credits(&mut self) -> Result<()> {
+        for ring in self.recv.iter_mut().flatten() {
+            ring.return_credits(self.t, self.epoch)?;
+        }
+        Ok(())
+    }
+
+    /// All metadata in, every ring closed, drained and acknowledged.
+    pub fn rings_finished(&self) -> bool {
+        self.metas_ready()
+            && self.send.iter().flatten().all(SendRing::finished)
+            && self.recv.iter().flatten().all(RecvRing::finished)
+    }
+
+    fn needs(&self, peer: usize) -> bool {
+        self.metas[peer].is_none()
+            || self.send[peer].as_ref().is_some_and(|r| !r.finished())
+            || self.recv[peer].as_ref().is_some_and(|r| !r.finished())
+    }
+
+    fn check_peers(&self) -> Result<()> {
+        for p in (0..self.topo.world_size()).filter(|&p| p != self.me && self.needs(p)) {
+            if let Some(reason) = self.t.peer_gone(p) {
+                return Err(Error::PeerLost { peer: p, reason });
+            }
+        }
+        Ok(())
+    }
+
+    fn describe_wait(&self) -> String {
+        let missing: Vec<usize> = (0..self.metas.len())
+            .filter(|&p| self.metas[p].is_none())
+            .collect();
+        let mut parts = Vec::new();
+        if !missing.is_empty() {
+            parts.push(format!(
+                "ranks {missing:?} to start the {}",
+                self.kind.name()
+            ));
+        }
+        parts.extend(
+            self.recv
+                .iter()
+                .flatten()
+                .filter_map(RecvRing::describe_wait),
+        );
+        parts.extend(
+            self.send
+                .iter()
+                .flatten()
+                .filter_map(SendRing::describe_wait),
+        );
+        if parts.is_empty() {
+            parts.push("local work".into());
+        }
+        parts.truncate(4);
+        parts.join("; ")
+    }
+}
+
+fn too_small(arg: &str, record_bytes: usize, rings: usize, got: usize) -> Error {
+    Error::invalid(
+        arg,
+        format!(
+            "at least {} bytes ({rings} rings of at least one {record_bytes}-byte token record)",
+            rings * record_bytes
+        ),
+        got,
+    )
+}

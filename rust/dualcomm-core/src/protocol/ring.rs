@@ -1,0 +1,230 @@
+//! Fixed-size receive rings with credit flow control. A ring lives in the receiver's
+//! registered region and holds whole records of one size (fixed per operation). The sender
+//! writes records at its tail and announces them with a DATA immediate; the receiver copies
+//! them out, advances its head and hands the space back with a CREDIT immediate. So any
+//! number of records streams through a ring of any size that holds at least one record.
+
+use super::imm::{Imm, ImmKind};
+use crate::error::{Error, Result};
+use crate::transport::{Completion, RegionId, Tier, Transport};
+
+/// Where a ring sits: the receiver's region, the byte offset of the ring in it, and its size.
+#[derive(Debug, Clone, Copy)]
+pub struct RingGeometry {
+    pub peer: usize,
+    pub tier: Tier,
+    pub region: RegionId,
+    pub base: usize,
+    pub capacity: u64,
+    pub record_bytes: usize,
+}
+
+impl RingGeometry {
+    fn offset_of(&self, position: u64) -> usize {
+        self.base + (position % self.capacity) as usize * self.record_bytes
+    }
+}
+
+/// The sending side. The operation sets `closed` once it will post nothing more.
+#[derive(Debug)]
+pub struct SendRing {
+    pub geo: RingGeometry,
+    pub closed: bool,
+    tail: u64,
+    credited: u64,
+}
+
+impl SendRing {
+    pub fn new(geo: RingGeometry) -> Self {
+        Self {
+            geo,
+            closed: false,
+            tail: 0,
+            credited: 0,
+        }
+    }
+
+    pub fn sent(&self) -> u64 {
+        self.tail
+    }
+
+    /// Records that fit now.
+    pub fn free(&self) -> u64 {
+        self.geo.capacity - (self.tail - self.credited)
+    }
+
+    pub fn finished(&self) -> bool {
+        self.closed && self.credited == self.tail
+    }
+
+    /// Writes `records`, each the concatenation of `segs_per_record` consecutive segments,
+    /// splitting at the ring's end. The caller checked `free()`.
+    pub fn post(
+        &mut self,
+        t: &dyn Transport,
+        epoch: u32,
+        segments: &[&[u8]],
+        segs_per_record: usize,
+    ) -> Result<()> {
+        let mut records = segments.len() / segs_per_record;
+        debug_assert!(records as u64 <= self.free());
+        let mut segs = segments;
+        while records > 0 {
+            let until_wrap = (self.geo.capacity - self.tail % self.geo.capacity) as usize;
+            let n = records.min(until_wrap).min(Imm::MAX_VALUE as usize);
+            let (now, rest) = segs.split_at(n * segs_per_record);
+            let imm = Imm::new(ImmKind::Data, epoch, n as u32);
+            let offset = self.geo.offset_of(self.tail);
+            t.write_with_imm(
+                self.geo.peer,
+                self.geo.tier,
+                self.geo.region,
+                offset,
+                now,
+                imm.0,
+            )?;
+            self.tail += n as u64;
+            records -= n;
+            segs = rest;
+        }
+        Ok(())
+    }
+
+    pub fn on_credit(&mut self, n: u64) -> Result<()> {
+        if self.credited + n > self.tail {
+            return Err(Error::protocol(
+                self.geo.peer,
+                format!(
+                    "returned {n} credits with only {} records outstanding",
+                    self.tail - self.credited
+                ),
+            ));
+        }
+        self.credited += n;
+        Ok(())
+    }
+
+    pub fn describe_wait(&self) -> Option<String> {
+        (!self.finished()).then(|| {
+            format!(
+                "rank {} to acknowledge records over {:?} ({} sent, {} acknowledged{})",
+                self.geo.peer,
+                self.geo.tier,
+                self.tail,
+                self.credited,
+                if self.closed { "" } else { ", more to send" }
+            )
+        })
+    }
+}
+
+/// The receiving side. `expected` is how many records this operation will receive.
+#[derive(Debug)]
+pub struct RecvRing {
+    pub geo: RingGeometry,
+    pub expected: Option<u64>,
+    head: u64,
+    tail: u64,
+    returned: u64,
+}
+
+impl RecvRing {
+    pub fn new(geo: RingGeometry) -> Self {
+        Self {
+            geo,
+            expected: None,
+            head: 0,
+            tail: 0,
+            returned: 0,
+        }
+    }
+
+    /// Validates a DATA completion against where the next records must land.
+    pub fn on_data(&mut self, c: &Completion, n: u64) -> Result<()> {
+        let peer = self.geo.peer;
+        let want_offset = self.geo.offset_of(self.tail);
+        if c.tier != self.geo.tier || c.region != self.geo.region {
+            return Err(Error::protocol(peer, "data on the wrong tier or region"));
+        }
+        if n == 0
+            || c.offset != want_offset
+            || c.len as u64 != n * self.geo.record_bytes as u64
+            || (self.tail % self.geo.capacity) + n > self.geo.capacity
+        {
+            return Err(Error::protocol(
+                peer,
+                format!(
+                    "write of {} bytes at offset {} announced as {n} records; expected whole \
+                     records of {} bytes at offset {want_offset}",
+                    c.len, c.offset, self.geo.record_bytes
+                ),
+            ));
+        }
+        if self.tail + n - self.head > self.geo.capacity {
+            return Err(Error::protocol(peer, "wrote past the credits it was given"));
+        }
+        if let Some(exp) = self.expected
+            && self.tail + n > exp
+        {
+            return Err(Error::protocol(
+                peer,
+                format!("sent {} records, {exp} were announced", self.tail + n),
+            ));
+        }
+        self.tail += n;
+        Ok(())
+    }
+
+    pub fn available(&self) -> u64 {
+        self.tail - self.head
+    }
+
+    pub fn consumed(&self) -> u64 {
+        self.head
+    }
+
+    /// The `i`-th record after the head.
+    pub fn record<'t>(&self, t: &'t dyn Transport, i: u64) -> Result<&'t [u8]> {
+        debug_assert!(i < self.available());
+        t.local(
+            self.geo.region,
+            self.geo.offset_of(self.head + i),
+            self.geo.record_bytes,
+        )
+    }
+
+    pub fn consume(&mut self, n: u64) {
+        debug_assert!(n <= self.available());
+        self.head += n;
+    }
+
+    /// Hands consumed space back: in batches of half a ring, and always once the ring is
+    /// empty (the sender may be waiting on exactly those slots).
+    pub fn return_credits(&mut self, t: &dyn Transport, epoch: u32) -> Result<()> {
+        let owed = self.head - self.returned;
+        if owed > 0 && (owed * 2 >= self.geo.capacity || self.available() == 0) {
+            let imm = Imm::new(ImmKind::Credit, epoch, owed as u32);
+            // A credit is an immediate without bytes.
+            t.write_with_imm(self.geo.peer, self.geo.tier, self.geo.region, 0, &[], imm.0)?;
+            self.returned = self.head;
+        }
+        Ok(())
+    }
+
+    pub fn finished(&self) -> bool {
+        self.expected == Some(self.head) && self.returned == self.head
+    }
+
+    pub fn describe_wait(&self) -> Option<String> {
+        (!self.finished()).then(|| match self.expected {
+            Some(exp) => format!(
+                "{} more records from rank {} over {:?} ({} of {exp} arrived)",
+                exp - self.tail.min(exp),
+                self.geo.peer,
+                self.geo.tier,
+                self.tail
+            ),
+            None => format!("the record count from rank {}", self.geo.peer),
+        })
+    }
+}

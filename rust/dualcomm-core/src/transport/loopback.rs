@@ -1,0 +1,283 @@
+//! Loopback: every rank is a thread of one process and regions are plain heap memory.
+//! A write is a memcpy into the peer's region followed by a completion pushed onto the
+//! peer's queue under its lock, which orders the bytes before the immediate.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use super::{Completion, NUM_REGIONS, RegionId, Tier, TierCounters, Transport};
+use crate::error::{Error, Result};
+
+/// Heap bytes written by peers and read by the owner at disjoint ranges (see `Transport::local`).
+struct RegionMem {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the memory is owned for the struct's lifetime; concurrent access is to disjoint
+// ranges, ordered by the completion queue's lock (the protocol's credit rules guarantee it).
+unsafe impl Send for RegionMem {}
+unsafe impl Sync for RegionMem {}
+
+impl RegionMem {
+    fn new(len: usize) -> Self {
+        let mem = vec![0u8; len].into_boxed_slice();
+        let ptr = Box::into_raw(mem) as *mut u8;
+        Self { ptr, len }
+    }
+
+    fn check(&self, offset: usize, len: usize) -> Result<()> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(Error::invalid(
+                "offset + len",
+                format!("within a region of {} bytes", self.len),
+                format!("{offset} + {len}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RegionMem {
+    fn drop(&mut self) {
+        // SAFETY: reconstructs exactly the box leaked in `new`.
+        unsafe {
+            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                self.ptr, self.len,
+            )))
+        };
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    completions: VecDeque<Completion>,
+    /// Bumped whenever any rank goes away, so sleeping pollers re-check their peers.
+    wakeups: u64,
+}
+
+struct Slot {
+    regions: OnceLock<[RegionMem; NUM_REGIONS]>,
+    queue: Mutex<Queue>,
+    ready: Condvar,
+    gone: Mutex<Option<String>>,
+}
+
+struct Joined {
+    fingerprints: Vec<Option<String>>,
+}
+
+/// The shared "fabric" of a loopback world. Ranks join it with [`LoopbackFabric::join`].
+pub struct LoopbackFabric {
+    slots: Vec<Slot>,
+    joined: Mutex<Joined>,
+    all_joined: Condvar,
+}
+
+impl LoopbackFabric {
+    pub fn new(world_size: usize) -> Arc<Self> {
+        Arc::new(Self {
+            slots: (0..world_size)
+                .map(|_| Slot {
+                    regions: OnceLock::new(),
+                    queue: Mutex::default(),
+                    ready: Condvar::new(),
+                    gone: Mutex::new(None),
+                })
+                .collect(),
+            joined: Mutex::new(Joined {
+                fingerprints: vec![None; world_size],
+            }),
+            all_joined: Condvar::new(),
+        })
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Registers `rank`'s regions and waits (until `timeout`) for every rank to join.
+    /// `fingerprint` describes the configuration; ranks that disagree all get an error.
+    pub fn join(
+        self: &Arc<Self>,
+        rank: usize,
+        region_lens: [usize; NUM_REGIONS],
+        fingerprint: String,
+        timeout: Duration,
+    ) -> Result<LoopbackTransport> {
+        let w = self.world_size();
+        if rank >= w {
+            return Err(Error::invalid("rank", format!("in [0, {w})"), rank));
+        }
+        let regions = region_lens.map(RegionMem::new);
+        if self.slots[rank].regions.set(regions).is_err() {
+            return Err(Error::invalid(
+                "rank",
+                "a rank of this loopback world that has no buffer yet",
+                format!("{rank}, which already joined"),
+            ));
+        }
+        let deadline = Instant::now() + timeout;
+        let mut joined = self.joined.lock().unwrap();
+        joined.fingerprints[rank] = Some(fingerprint);
+        self.all_joined.notify_all();
+        while joined.fingerprints.iter().any(Option::is_none) {
+            let now = Instant::now();
+            if now >= deadline {
+                let missing: Vec<usize> = (0..w)
+                    .filter(|&r| joined.fingerprints[r].is_none())
+                    .collect();
+                return Err(Error::Timeout {
+                    what: format!("ranks {missing:?} to create their buffers"),
+                    timeout,
+                });
+            }
+            joined = self
+                .all_joined
+                .wait_timeout(joined, deadline - now)
+                .unwrap()
+                .0;
+        }
+        let mine = joined.fingerprints[rank].as_deref().unwrap_or_default();
+        if let Some(other) = (0..w).find(|&r| joined.fingerprints[r].as_deref() != Some(mine)) {
+            return Err(Error::ConfigMismatch(format!(
+                "rank {rank} has {mine}, rank {other} has {}",
+                joined.fingerprints[other].as_deref().unwrap_or_default()
+            )));
+        }
+        drop(joined);
+        Ok(LoopbackTransport {
+            fabric: Arc::clone(self),
+            rank,
+            wire: TierCounters::default(),
+        })
+    }
+}
+
+pub struct LoopbackTransport {
+    fabric: Arc<LoopbackFabric>,
+    rank: usize,
+    wire: TierCounters,
+}
+
+impl LoopbackTransport {
+    fn slot(&self, rank: usize) -> &Slot {
+        &self.fabric.slots[rank]
+    }
+
+    fn regions(&self, rank: usize) -> &[RegionMem; NUM_REGIONS] {
+        // Every rank joined before a transport existed.
+        self.slot(rank).regions.get().expect("joined rank")
+    }
+}
+
+impl Transport for LoopbackTransport {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn region_len(&self, region: RegionId) -> usize {
+        self.regions(self.rank)[region as usize].len
+    }
+
+    fn write_with_imm(
+        &self,
+        peer: usize,
+        tier: Tier,
+        region: RegionId,
+        offset: usize,
+        segments: &[&[u8]],
+        imm: u32,
+    ) -> Result<()> {
+        if self.slot(self.rank).gone.lock().unwrap().is_some() {
+            return Err(Error::Destroyed);
+        }
+        let w = self.fabric.world_size();
+        if peer >= w {
+            return Err(Error::invalid("peer", format!("a rank in [0, {w})"), peer));
+        }
+        if let Some(reason) = self.peer_gone(peer) {
+            return Err(Error::PeerLost { peer, reason });
+        }
+        let len: usize = segments.iter().map(|s| s.len()).sum();
+        let mem = &self.regions(peer)[region as usize];
+        mem.check(offset, len)?;
+        let mut at = offset;
+        for s in segments {
+            // SAFETY: bounds checked above; the range is owned by this writer until the
+            // peer hands it back (protocol credits), so nobody reads or writes it now.
+            unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), mem.ptr.add(at), s.len()) };
+            at += s.len();
+        }
+        self.wire.add(tier, len);
+        let slot = self.slot(peer);
+        slot.queue
+            .lock()
+            .unwrap()
+            .completions
+            .push_back(Completion {
+                src: self.rank,
+                tier,
+                region,
+                offset,
+                len,
+                imm,
+            });
+        slot.ready.notify_all();
+        Ok(())
+    }
+
+    fn poll(&self, out: &mut Vec<Completion>, deadline: Instant) -> Result<usize> {
+        let slot = self.slot(self.rank);
+        let mut q = slot.queue.lock().unwrap();
+        let seen_wakeups = q.wakeups;
+        loop {
+            if !q.completions.is_empty() {
+                let n = q.completions.len();
+                out.extend(q.completions.drain(..));
+                return Ok(n);
+            }
+            let now = Instant::now();
+            if now >= deadline || q.wakeups != seen_wakeups {
+                return Ok(0);
+            }
+            q = slot.ready.wait_timeout(q, deadline - now).unwrap().0;
+        }
+    }
+
+    fn local(&self, region: RegionId, offset: usize, len: usize) -> Result<&[u8]> {
+        let mem = &self.regions(self.rank)[region as usize];
+        mem.check(offset, len)?;
+        // SAFETY: bounds checked; see the trait's contract on concurrent access.
+        Ok(unsafe { std::slice::from_raw_parts(mem.ptr.add(offset), len) })
+    }
+
+    fn peer_gone(&self, peer: usize) -> Option<String> {
+        self.slot(peer).gone.lock().unwrap().clone()
+    }
+
+    fn shutdown(&self) {
+        {
+            let mut gone = self.slot(self.rank).gone.lock().unwrap();
+            if gone.is_some() {
+                return;
+            }
+            *gone = Some("its buffer was destroyed".into());
+        }
+        for slot in &self.fabric.slots {
+            slot.queue.lock().unwrap().wakeups += 1;
+            slot.ready.notify_all();
+        }
+    }
+
+    fn wire_bytes(&self) -> &TierCounters {
+        &self.wire
+    }
+}
+
+impl Drop for LoopbackTransport {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

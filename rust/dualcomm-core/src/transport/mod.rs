@@ -1,0 +1,112 @@
+//! The transport contract, shaped like RDMA so that InfiniBand verbs drops in later:
+//! every rank registers memory regions; a peer writes bytes one-sidedly into them at an
+//! offset and attaches a 32-bit immediate that the owner sees (as a completion) only after
+//! those bytes are visible. Nothing else crosses a transport.
+
+pub mod loopback;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use crate::error::Result;
+
+/// The two link classes of a GPU cluster: `Nvl` inside a node (NVLink, or shared memory
+/// without GPUs), `Rdma` between nodes (InfiniBand, or TCP without it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tier {
+    Nvl = 0,
+    Rdma = 1,
+}
+
+/// The regions every rank registers. Fixed ids keep the wire format free of handles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RegionId {
+    /// Receive rings for peers on the same node.
+    NvlRings = 0,
+    /// Receive rings for peers on other nodes.
+    RdmaRings = 1,
+    /// Per-operation metadata (token counts), double-buffered by operation parity.
+    Meta = 2,
+}
+
+pub const NUM_REGIONS: usize = 3;
+
+impl RegionId {
+    pub fn from_index(i: usize) -> Option<Self> {
+        match i {
+            0 => Some(Self::NvlRings),
+            1 => Some(Self::RdmaRings),
+            2 => Some(Self::Meta),
+            _ => None,
+        }
+    }
+}
+
+/// What the owner of a region learns about one completed incoming write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    pub src: usize,
+    pub tier: Tier,
+    pub region: RegionId,
+    pub offset: usize,
+    pub len: usize,
+    pub imm: u32,
+}
+
+/// Bytes sent per tier. Transports count every byte they put on a link (wire bytes);
+/// the protocol keeps a second set that counts only token payload.
+#[derive(Debug, Default)]
+pub struct TierCounters([AtomicU64; 2]);
+
+impl TierCounters {
+    pub fn add(&self, tier: Tier, bytes: usize) {
+        self.0[tier as usize].fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, tier: Tier) -> u64 {
+        self.0[tier as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// One rank's view of the fabric.
+///
+/// Ordering guarantee (the one RDMA gives with write-with-immediate on a reliable
+/// connection): completions from one source arrive in the order that source posted them,
+/// and a completion is delivered only after its bytes are readable in the region.
+pub trait Transport: Send + Sync {
+    fn rank(&self) -> usize;
+
+    /// Size in bytes of this rank's own region `region`.
+    fn region_len(&self, region: RegionId) -> usize;
+
+    /// Writes the concatenation of `segments` into `peer`'s region at `offset`, then makes
+    /// `imm` visible to `peer`. The transport refuses writes outside the region.
+    fn write_with_imm(
+        &self,
+        peer: usize,
+        tier: Tier,
+        region: RegionId,
+        offset: usize,
+        segments: &[&[u8]],
+        imm: u32,
+    ) -> Result<()>;
+
+    /// Moves pending completions into `out`. Blocks until at least one is there or until
+    /// `deadline`; returns how many were added (0 on deadline).
+    fn poll(&self, out: &mut Vec<Completion>, deadline: Instant) -> Result<usize>;
+
+    /// Read access to `len` bytes of this rank's own region at `offset`.
+    ///
+    /// The protocol reads only ranges whose completion it has seen and whose space it has
+    /// not yet handed back, so no peer writes them concurrently.
+    fn local(&self, region: RegionId, offset: usize, len: usize) -> Result<&[u8]>;
+
+    /// Why `peer` can no longer take part, if it cannot. Polls wake up when a peer goes.
+    fn peer_gone(&self, peer: usize) -> Option<String>;
+
+    /// Marks this rank as gone; its later calls fail and peers see `peer_gone`.
+    fn shutdown(&self);
+
+    /// Every byte this rank has written, per tier.
+    fn wire_bytes(&self) -> &TierCounters;
+}

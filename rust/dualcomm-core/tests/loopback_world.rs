@@ -1,0 +1,290 @@
+//! Whole worlds of threads over the loopback transport, checked against a direct reference:
+//! each destination gets the rows of the tokens routed to it, ordered by (source, index);
+//! combine returns, per token, the sum over the ranks it went to.
+
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use dualcomm_core::transport::loopback::LoopbackFabric;
+use dualcomm_core::{
+    CombineArgs, Config, DispatchArgs, Dtype, Endpoint, Error, Route, TopkArgs, Topology,
+};
+use proptest::prelude::*;
+
+struct Case {
+    nodes: usize,
+    rpn: usize,
+    tokens: Vec<usize>,
+    hidden: usize,
+    topk: usize,
+    experts: usize,
+    ring_records: usize,
+    seed: u64,
+}
+
+struct RankInput {
+    x: Vec<f32>,
+    topk_idx: Vec<i64>,
+    topk_w: Vec<f32>,
+}
+
+fn lcg(s: &mut u64) -> u64 {
+    *s = s
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    *s >> 33
+}
+
+fn inputs(c: &Case) -> Vec<RankInput> {
+    let mut s = c.seed;
+    c.tokens
+        .iter()
+        .map(|&t| RankInput {
+            // Small integers keep every sum exact, so the comparison can be bitwise.
+            x: (0..t * c.hidden)
+                .map(|_| (lcg(&mut s) % 17) as f32 - 8.0)
+                .collect(),
+            topk_idx: (0..t * c.topk)
+                .map(|_| (lcg(&mut s) % (c.experts as u64 + 1)) as i64 - 1)
+                .collect(),
+            topk_w: (0..t * c.topk).map(|_| (lcg(&mut s) % 5) as f32).collect(),
+        })
+        .collect()
+}
+
+fn record_bytes(c: &Case) -> usize {
+    16 + c.hidden * 4 + c.topk * 12
+}
+
+/// Runs dispatch then combine (of the received rows unchanged) on every rank.
+fn run(c: &Case) -> Vec<(Vec<f32>, Vec<i64>, Vec<f32>, Vec<f32>, Vec<f32>, [u64; 2])> {
+    let topo = Topology::new(c.nodes, c.rpn).unwrap();
+    let w = topo.world_size();
+    let fabric = LoopbackFabric::new(w);
+    let ins = Arc::new(inputs(c));
+    let rec = record_bytes(c).max(16 + c.hidden * 4 + c.topk * 4);
+    let config = Config {
+        num_nvl_bytes: c.rpn * rec * c.ring_records,
+        num_rdma_bytes: c.nodes * rec * c.ring_records,
+        timeout: Duration::from_secs(30),
+    };
+    let handles: Vec<_> = (0..w)
+        .map(|r| {
+            let (fabric, ins, config) = (Arc::clone(&fabric), Arc::clone(&ins), config.clone());
+            let (t, k, e, h) = (c.tokens[r], c.topk, c.experts, c.hidden);
+            thread::spawn(move || {
+                let mut ep = Endpoint::loopback(&fabric, topo, r, config).unwrap();
+                let inp = &ins[r];
+                let layout = ep.layout(&inp.topk_idx, t, k, e).unwrap();
+                let plan = ep.plan(&layout.is_token_in_rank, t).unwrap();
+                let out = ep
+                    .dispatch(
+                        &DispatchArgs {
+                            num_tokens: t,
+                            x: bytemuck::cast_slice(&inp.x),
+                            x_row_bytes: h * 4,
+                            scales: &[],
+                            scale_row_bytes: 0,
+                            topk: Some(TopkArgs {
+                                idx: &inp.topk_idx,
+                                weights: &inp.topk_w,
+                                num_topk: k,
+                                num_experts: e,
+                            }),
+                            expert_alignment: 1,
+                        },
+                        Route::Fresh(plan),
+                    )
+                    .unwrap();
+                let recv_x: Vec<f32> = bytemuck::pod_collect_to_vec(&out.recv_x);
+                let comb = ep
+                    .combine(
+                        &CombineArgs {
+                            x: &out.recv_x,
+                            hidden: h,
+                            dtype: Dtype::F32,
+                            weights: Some(&out.recv_topk_weights),
+                            num_topk: k,
+                            out_dtype: Dtype::F32,
+                        },
+                        &out.handle,
+                    )
+                    .unwrap();
+                let st = ep.stats();
+                (
+                    recv_x,
+                    out.recv_topk_idx,
+                    out.recv_topk_weights,
+                    bytemuck::pod_collect_to_vec(&comb.x),
+                    comb.weights,
+                    [st.rdma_payload_bytes, st.nvl_payload_bytes],
+                )
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn check(c: &Case) {
+    let topo = Topology::new(c.nodes, c.rpn).unwrap();
+    let w = topo.world_size();
+    let epr = c.experts / w;
+    let ins = inputs(c);
+    let got = run(c);
+    let goes_to = |r: usize, tok: usize, d: usize| {
+        ins[r].topk_idx[tok * c.topk..(tok + 1) * c.topk]
+            .iter()
+            .any(|&e| e >= 0 && e as usize / epr == d)
+    };
+    let mut rdma_pairs = 0;
+    for r in 0..w {
+        for tok in 0..c.tokens[r] {
+            let nodes: std::collections::BTreeSet<usize> = (0..w)
+                .filter(|&d| goes_to(r, tok, d))
+                .map(|d| topo.node_of(d))
+                .collect();
+            rdma_pairs += nodes.iter().filter(|&&n| n != topo.node_of(r)).count();
+        }
+    }
+    for d in 0..w {
+        let (recv_x, recv_idx, recv_w, comb_x, comb_w, _) = &got[d];
+        let mut want_x = Vec::new();
+        let mut want_idx = Vec::new();
+        let mut want_w = Vec::new();
+        for (s, inp) in ins.iter().enumerate() {
+            for tok in 0..c.tokens[s] {
+                if goes_to(s, tok, d) {
+                    want_x.extend_from_slice(&inp.x[tok * c.hidden..(tok + 1) * c.hidden]);
+                    for k in 0..c.topk {
+                        let e = inp.topk_idx[tok * c.topk + k];
+                        let local = e >= 0 && e as usize / epr == d;
+                        want_idx.push(if local { e - (d * epr) as i64 } else { -1 });
+                        want_w.push(if local {
+                            inp.topk_w[tok * c.topk + k]
+                        } else {
+                            0.0
+                        });
+                    }
+                }
+            }
+        }
+        assert_eq!(recv_x, &want_x, "recv_x of rank {d}");
+        assert_eq!(recv_idx, &want_idx, "recv_topk_idx of rank {d}");
+        assert_eq!(recv_w, &want_w, "recv_topk_weights of rank {d}");
+        // Combine of the unchanged rows: x times the number of ranks the token reached.
+        let inp = &ins[d];
+        for tok in 0..c.tokens[d] {
+            let n = (0..w).filter(|&r| goes_to(d, tok, r)).count() as f32;
+            for i in 0..c.hidden {
+                assert_eq!(comb_x[tok * c.hidden + i], inp.x[tok * c.hidden + i] * n);
+            }
+            for k in 0..c.topk {
+                let e = inp.topk_idx[tok * c.topk + k];
+                let want = if e >= 0 {
+                    inp.topk_w[tok * c.topk + k]
+                } else {
+                    0.0
+                };
+                // Each (token, k) weight lives on exactly one rank: the expert's owner.
+                assert_eq!(comb_w[tok * c.topk + k], want, "combined weight rank {d}");
+            }
+        }
+    }
+    let rdma: u64 = got.iter().map(|g| g.5[0]).sum();
+    // Dispatch and combine each cross the network once per (token, remote node).
+    assert_eq!(rdma, 2 * (rdma_pairs * c.hidden * 4) as u64);
+}
+
+#[test]
+fn two_by_two_small_rings_stream() {
+    check(&Case {
+        nodes: 2,
+        rpn: 2,
+        tokens: vec![50, 0, 37, 64],
+        hidden: 8,
+        topk: 3,
+        experts: 8,
+        ring_records: 1,
+        seed: 7,
+    });
+}
+
+#[test]
+fn three_by_three() {
+    check(&Case {
+        nodes: 3,
+        rpn: 3,
+        tokens: vec![20; 9],
+        hidden: 5,
+        topk: 4,
+        experts: 18,
+        ring_records: 3,
+        seed: 11,
+    });
+}
+
+#[test]
+fn single_rank() {
+    check(&Case {
+        nodes: 1,
+        rpn: 1,
+        tokens: vec![9],
+        hidden: 4,
+        topk: 2,
+        experts: 4,
+        ring_records: 1,
+        seed: 3,
+    });
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #[test]
+    fn random_worlds(nodes in 1usize..4, rpn in 1usize..4, seed in any::<u64>(),
+                     max_t in 0usize..30, hidden in 1usize..6, topk in 1usize..5,
+                     epr in 1usize..3, ring_records in 1usize..4) {
+        let w = nodes * rpn;
+        let mut s = seed;
+        let tokens = (0..w).map(|_| (lcg(&mut s) as usize) % (max_t + 1)).collect();
+        check(&Case { nodes, rpn, tokens, hidden, topk, experts: epr * w, ring_records, seed });
+    }
+}
+
+#[test]
+fn vanished_peer_is_an_error_not_a_hang() {
+    let topo = Topology::new(1, 2).unwrap();
+    let fabric = LoopbackFabric::new(2);
+    let config = Config {
+        num_nvl_bytes: 1 << 16,
+        num_rdma_bytes: 0,
+        timeout: Duration::from_secs(20),
+    };
+    let f2 = Arc::clone(&fabric);
+    let c2 = config.clone();
+    let quitter = thread::spawn(move || {
+        let mut ep = Endpoint::loopback(&f2, topo, 1, c2).unwrap();
+        ep.destroy();
+    });
+    let mut ep = Endpoint::loopback(&fabric, topo, 0, config).unwrap();
+    quitter.join().unwrap();
+    let plan = ep.plan(&[true, true], 1).unwrap();
+    let x = [0u8; 4];
+    let start = std::time::Instant::now();
+    let err = ep
+        .dispatch(
+            &DispatchArgs {
+                num_tokens: 1,
+                x: &x,
+                x_row_bytes: 4,
+                scales: &[],
+                scale_row_bytes: 0,
+                topk: None,
+                expert_alignment: 1,
+            },
+            Route::Fresh(plan),
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::PeerLost { peer: 1, .. }), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
