@@ -125,7 +125,9 @@ fn memcpy_rate(bytes: u64) -> f64 {
 
 fn main() {
     println!("loopback dispatch+combine, hidden {HIDDEN} bf16, top-{TOPK}, {ROUNDS} rounds");
-    println!("(payload GB/s of all ranks together; memcpy: the same bytes copied once, one thread)");
+    println!(
+        "(payload GB/s of all ranks together; memcpy: the same bytes copied once, one thread)"
+    );
     println!(
         "{:<6} {:>7} {:<9} {:>11} {:>10} {:>12} {:>8}",
         "world", "tokens", "op", "payload MB", "GB/s", "memcpy GB/s", "ratio"

@@ -57,8 +57,12 @@ fn record_bytes(c: &Case) -> usize {
     16 + c.hidden * 4 + c.topk * 12
 }
 
+/// One rank's results: recv x, recv top-k idx and weights, combined x and weights,
+/// [rdma, nvl] payload bytes.
+type RankResult = (Vec<f32>, Vec<i64>, Vec<f32>, Vec<f32>, Vec<f32>, [u64; 2]);
+
 /// Runs dispatch then combine (of the received rows unchanged) on every rank.
-fn run(c: &Case) -> Vec<(Vec<f32>, Vec<i64>, Vec<f32>, Vec<f32>, Vec<f32>, [u64; 2])> {
+fn run(c: &Case) -> Vec<RankResult> {
     let topo = Topology::new(c.nodes, c.rpn).unwrap();
     let w = topo.world_size();
     let fabric = LoopbackFabric::new(w);

@@ -1,0 +1,38 @@
+"""dualcomm: expert-parallel dispatch and combine for Mixture-of-Experts training.
+
+A DeepEP-compatible `Buffer` over a Rust communication core that routes each token across
+the network once per destination node and forwards it inside the node, and that also runs
+without GPUs or InfiniBand (CPU tensors, in-process loopback worlds).
+"""
+
+from dualcomm._native import (
+    BufferDestroyedError,
+    CommTimeoutError,
+    ConfigMismatchError,
+    DualcommError,
+    Handle,
+    InvalidArgumentError,
+    PeerLostError,
+    ProtocolError,
+    TransportUnavailableError,
+    __version__,
+)
+from dualcomm.buffer import Buffer, Config, LoopbackGroup
+from dualcomm.event import EventOverlap
+
+__all__ = [
+    "Buffer",
+    "BufferDestroyedError",
+    "CommTimeoutError",
+    "Config",
+    "ConfigMismatchError",
+    "DualcommError",
+    "EventOverlap",
+    "Handle",
+    "InvalidArgumentError",
+    "LoopbackGroup",
+    "PeerLostError",
+    "ProtocolError",
+    "TransportUnavailableError",
+    "__version__",
+]

@@ -1,0 +1,51 @@
+"""Argument checks shared by the Python API. Every message names the argument, what was
+expected and what was given, and every check runs before anything is sent."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dualcomm._native import InvalidArgumentError
+
+
+def fail(argument: str, expected: str, got: object) -> InvalidArgumentError:
+    return InvalidArgumentError(f"{argument}: expected {expected}, got {got}")
+
+
+def describe(t: object) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"a {t.dtype} tensor of shape {list(t.shape)} on {t.device}"
+    return f"{type(t).__name__} {t!r}"[:200]
+
+
+def tensor(
+    name: str,
+    t: object,
+    dtypes: Sequence[torch.dtype],
+    ndim: int,
+) -> torch.Tensor:
+    """A CPU tensor of one of `dtypes` with `ndim` dimensions, made contiguous."""
+    want = " or ".join(str(d) for d in dtypes)
+    if not isinstance(t, torch.Tensor):
+        raise fail(name, f"a {ndim}-D {want} tensor", describe(t))
+    if t.dtype not in dtypes:
+        raise fail(name, f"dtype {want}", t.dtype)
+    if t.dim() != ndim:
+        raise fail(name, f"a {ndim}-D tensor", f"{t.dim()}-D shape {list(t.shape)}")
+    if t.device.type != "cpu":
+        raise fail(name, "a CPU tensor (this build moves CPU tensors)", f"a tensor on {t.device}")
+    if t.requires_grad:
+        t = t.detach()
+    return t.contiguous()
+
+
+def rows(name: str, t: torch.Tensor, n: int, what: str) -> None:
+    if t.shape[0] != n:
+        raise fail(name, f"{n} rows ({what})", f"{t.shape[0]} rows")
+
+
+def shape(name: str, t: torch.Tensor, want: Sequence[int]) -> None:
+    if list(t.shape) != list(want):
+        raise fail(name, f"shape {list(want)}", f"shape {list(t.shape)}")

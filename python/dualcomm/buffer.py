@@ -1,0 +1,418 @@
+"""`dualcomm.Buffer`: DeepEP's `deep_ep.Buffer` API over the Rust core.
+
+The Buffer only checks arguments, turns tensors into byte views and back, and shapes the
+return tuples the way DeepEP does. Routing, the two-hop protocol and the reductions run in
+Rust with the GIL released.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+from dualcomm import _checks
+from dualcomm._native import (
+    Endpoint,
+    Handle,
+    LoopbackWorld,
+    TransportUnavailableError,
+)
+from dualcomm.event import EventOverlap
+
+#: What `dispatch` accepts as `x`: bf16/fp32 rows, or FP8 rows with per-128-channel scales.
+DispatchInput = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+
+_ROW_DTYPES = (torch.bfloat16, torch.float32)
+_FP8 = torch.float8_e4m3fn
+_COMBINE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+@dataclass(frozen=True)
+class LoopbackGroup:
+    """One rank's membership in an in-process loopback world (see `dualcomm.testing`)."""
+
+    world: LoopbackWorld
+    rank: int
+    num_nodes: int
+    ranks_per_node: int
+
+    def size(self) -> int:
+        return self.num_nodes * self.ranks_per_node
+
+
+@dataclass
+class Config:
+    """DeepEP's tuning knobs, accepted so that DeepEP code ports unchanged.
+
+    dualcomm sizes its chunks from `num_nvl_bytes` / `num_rdma_bytes`, so these values are
+    recorded but do not change what the CPU transports do.
+    """
+
+    num_sms: int = 20
+    num_max_nvl_chunked_send_tokens: int = 6
+    num_max_nvl_chunked_recv_tokens: int = 256
+    num_max_rdma_chunked_send_tokens: int = 6
+    num_max_rdma_chunked_recv_tokens: int = 256
+
+
+def _bytes2d(t: torch.Tensor, row_bytes: int) -> np.ndarray:
+    """A zero-copy `[rows, row_bytes]` uint8 NumPy view of a contiguous CPU tensor."""
+    return t.view(torch.uint8).reshape(t.shape[0], row_bytes).numpy()
+
+
+def _from_bytes(buf: np.ndarray, dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
+    return torch.from_numpy(buf).view(dtype).reshape(rows, cols)
+
+
+class Buffer:
+    """Expert-parallel communication buffer of one rank (DeepEP-compatible).
+
+    Args:
+        group: the ranks of the expert-parallel group. A `LoopbackGroup` (threads of this
+            process, see `dualcomm.testing.run_loopback`).
+        num_nvl_bytes: bytes of receive rings for ranks of the same node (split evenly among
+            them). Any number of tokens streams through; it must hold one token record.
+        num_rdma_bytes: the same for the other nodes.
+        ranks_per_node: overrides the group's layout, so one machine can emulate several nodes.
+        timeout: seconds any wait may take before it fails with `CommTimeoutError`.
+    """
+
+    num_sms: int = 20
+
+    def __init__(
+        self,
+        group: Any,
+        num_nvl_bytes: int = 0,
+        num_rdma_bytes: int = 0,
+        low_latency_mode: bool = False,
+        num_qps_per_rank: int = 24,
+        allow_nvlink_for_low_latency_mode: bool = True,
+        allow_mnnvl: bool = False,
+        explicitly_destroy: bool = False,
+        *,
+        ranks_per_node: int | None = None,
+        timeout: float = 300.0,
+    ) -> None:
+        for name, v in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise _checks.fail(name, "a non-negative int", _checks.describe(v))
+        if low_latency_mode:
+            raise _checks.fail(
+                "low_latency_mode", "False (the low-latency kernels are not part of dualcomm yet)", True
+            )
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise _checks.fail("timeout", "a positive number of seconds", _checks.describe(timeout))
+        if not isinstance(group, LoopbackGroup):
+            if type(group).__name__ in ("ProcessGroup", "ProcessGroupGloo", "ProcessGroupNCCL"):
+                raise TransportUnavailableError(
+                    "group: torch.distributed process groups need the multi-process runtime "
+                    "(shared memory and TCP transports), which this version does not ship yet; "
+                    "use dualcomm.testing.run_loopback for an in-process world"
+                )
+            raise _checks.fail("group", "a dualcomm LoopbackGroup", _checks.describe(group))
+        rpn = group.ranks_per_node if ranks_per_node is None else ranks_per_node
+        if rpn != group.ranks_per_node:
+            raise _checks.fail(
+                "ranks_per_node",
+                f"{group.ranks_per_node} (the loopback world's layout)",
+                ranks_per_node,
+            )
+        self.group = group
+        self.rank: int = group.rank
+        self.group_size: int = group.size()
+        self.num_nvl_bytes = num_nvl_bytes
+        self.num_rdma_bytes = num_rdma_bytes
+        self.num_nodes: int = group.num_nodes
+        self.ranks_per_node: int = rpn
+        self.explicitly_destroy = explicitly_destroy
+        self._ep = Endpoint.loopback(
+            group.world,
+            group.num_nodes,
+            rpn,
+            group.rank,
+            num_nvl_bytes,
+            num_rdma_bytes,
+            float(timeout),
+        )
+
+    # ---- DeepEP class-level helpers -------------------------------------------------------
+
+    @staticmethod
+    def set_num_sms(new_num_sms: int) -> None:
+        Buffer.num_sms = new_num_sms
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        return Config(Buffer.num_sms)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        return Config(Buffer.num_sms)
+
+    # ---- layout -----------------------------------------------------------------------------
+
+    def get_dispatch_layout(
+        self,
+        topk_idx: torch.Tensor,
+        num_experts: int,
+        previous_event: EventOverlap | None = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, EventOverlap]:
+        """Returns `(num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert,
+        is_token_in_rank, event)`; `num_tokens_per_rdma_rank` is None on one node, as in DeepEP."""
+        topk = _checks.tensor("topk_idx", topk_idx, (torch.int64,), 2)
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int):
+            raise _checks.fail("num_experts", "an int", _checks.describe(num_experts))
+        if num_experts <= 0 or num_experts % self.group_size:
+            raise _checks.fail(
+                "num_experts", f"a positive multiple of the world size {self.group_size}", num_experts
+            )
+        per_rank, per_node, per_expert, in_rank = self._ep.layout(topk.numpy(), num_experts)
+        t = topk.shape[0]
+        return (
+            torch.from_numpy(per_rank),
+            torch.from_numpy(per_node) if self.num_nodes > 1 else None,
+            torch.from_numpy(per_expert),
+            torch.from_numpy(in_rank).reshape(t, self.group_size),
+            EventOverlap(),
+        )
+
+    # ---- dispatch ---------------------------------------------------------------------------
+
+    def _split_x(self, x: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if isinstance(x, tuple):
+            if len(x) != 2:
+                raise _checks.fail("x", "a tensor or a (float8_e4m3fn data, float32 scales) pair", len(x))
+            data = _checks.tensor("x[0]", x[0], (_FP8,), 2)
+            scales = _checks.tensor("x[1]", x[1], (torch.float32,), 2)
+            t, h = data.shape
+            if h % 128:
+                raise _checks.fail("x[0]", "a hidden size divisible by 128 for FP8", h)
+            _checks.shape("x[1]", scales, (t, h // 128))
+            return data, scales
+        return _checks.tensor("x", x, _ROW_DTYPES, 2), None
+
+    def dispatch(
+        self,
+        x: DispatchInput,
+        handle: Handle | None = None,
+        num_tokens_per_rank: torch.Tensor | None = None,
+        num_tokens_per_rdma_rank: torch.Tensor | None = None,
+        is_token_in_rank: torch.Tensor | None = None,
+        num_tokens_per_expert: torch.Tensor | None = None,
+        topk_idx: torch.Tensor | None = None,
+        topk_weights: torch.Tensor | None = None,
+        expert_alignment: int = 1,
+        config: Config | None = None,
+        previous_event: EventOverlap | None = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ) -> tuple[
+        DispatchInput,
+        torch.Tensor | None,
+        torch.Tensor | None,
+        list[int] | None,
+        Handle,
+        EventOverlap,
+    ]:
+        """Sends each token to every rank that owns one of its experts (once per rank), over
+        the network once per destination node.
+
+        Returns `(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
+        handle, event)`. Received rows are ordered by source rank, then source token index.
+        With `handle` (cached dispatch) the layout of that earlier dispatch is repeated and
+        the top-k outputs are None, as in DeepEP.
+        """
+        data, scales = self._split_x(x)
+        t, hidden = data.shape
+        if isinstance(expert_alignment, bool) or not isinstance(expert_alignment, int) or expert_alignment < 1:
+            raise _checks.fail("expert_alignment", "an int >= 1", _checks.describe(expert_alignment))
+        if handle is not None:
+            if not isinstance(handle, Handle):
+                raise _checks.fail("handle", "a handle returned by dispatch", _checks.describe(handle))
+            if topk_idx is not None or topk_weights is not None:
+                raise _checks.fail(
+                    "topk_idx",
+                    "None with a handle (a cached dispatch repeats the layout; top-k is not resent)",
+                    _checks.describe(topk_idx if topk_idx is not None else topk_weights),
+                )
+            in_rank_np = None
+        else:
+            in_rank = self._plan_for(t, is_token_in_rank, topk_idx, num_tokens_per_expert)
+            self._check_counts(in_rank, num_tokens_per_rank, num_tokens_per_rdma_rank)
+            in_rank_np = in_rank.numpy()
+        topk_np: tuple[np.ndarray, np.ndarray] | None = None
+        num_experts = 0
+        if handle is None and topk_idx is not None:
+            idx = _checks.tensor("topk_idx", topk_idx, (torch.int64,), 2)
+            _checks.rows("topk_idx", idx, t, "one per token of x")
+            if topk_weights is None:
+                raise _checks.fail("topk_weights", f"a float32 tensor of shape {list(idx.shape)}", None)
+            w = _checks.tensor("topk_weights", topk_weights, (torch.float32,), 2)
+            _checks.shape("topk_weights", w, idx.shape)
+            if num_tokens_per_expert is None:
+                raise _checks.fail(
+                    "num_tokens_per_expert", "a tensor (its length is the number of experts)", None
+                )
+            num_experts = int(num_tokens_per_expert.numel())
+            topk_np = (idx.numpy(), w.numpy())
+        elif handle is None and topk_weights is not None:
+            raise _checks.fail("topk_idx", "a tensor when topk_weights is given", None)
+
+        elem = data.element_size()
+        recv, recv_scales, recv_idx, recv_w, per_expert, new_handle = self._ep.dispatch(
+            _bytes2d(data, hidden * elem),
+            None if scales is None else _bytes2d(scales, scales.shape[1] * 4),
+            in_rank_np,
+            handle,
+            None if topk_np is None else topk_np[0],
+            None if topk_np is None else topk_np[1],
+            num_experts,
+            expert_alignment,
+        )
+        n = new_handle.num_recv_tokens
+        recv_x: DispatchInput = _from_bytes(recv, data.dtype, n, hidden)
+        if scales is not None and recv_scales is not None:
+            recv_x = (recv_x, _from_bytes(recv_scales, torch.float32, n, scales.shape[1]))
+        k = 0 if topk_np is None else topk_np[0].shape[1]
+        recv_topk_idx = None if recv_idx is None else torch.from_numpy(recv_idx).reshape(n, k)
+        recv_topk_w = None if recv_w is None else torch.from_numpy(recv_w).reshape(n, k)
+        return (
+            recv_x,
+            recv_topk_idx,
+            recv_topk_w,
+            per_expert,
+            new_handle if handle is None else handle,
+            EventOverlap(),
+        )
+
+    def _plan_for(
+        self,
+        t: int,
+        is_token_in_rank: torch.Tensor | None,
+        topk_idx: torch.Tensor | None,
+        num_tokens_per_expert: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if is_token_in_rank is not None:
+            in_rank = _checks.tensor("is_token_in_rank", is_token_in_rank, (torch.bool,), 2)
+            _checks.shape("is_token_in_rank", in_rank, (t, self.group_size))
+            return in_rank
+        if topk_idx is not None and num_tokens_per_expert is not None:
+            return self.get_dispatch_layout(topk_idx, int(num_tokens_per_expert.numel()))[3]
+        raise _checks.fail(
+            "is_token_in_rank",
+            f"a [{t}, {self.group_size}] bool tensor (from get_dispatch_layout), or a handle",
+            None,
+        )
+
+    def _check_counts(
+        self,
+        in_rank: torch.Tensor,
+        per_rank: torch.Tensor | None,
+        per_node: torch.Tensor | None,
+    ) -> None:
+        """The counts DeepEP takes must agree with is_token_in_rank, or they would lie."""
+        if per_rank is not None:
+            got = _checks.tensor("num_tokens_per_rank", per_rank, (torch.int32, torch.int64), 1)
+            want = in_rank.sum(0)
+            if not torch.equal(got.to(torch.int64), want.to(torch.int64)):
+                raise _checks.fail(
+                    "num_tokens_per_rank", f"{want.tolist()} (the column sums of is_token_in_rank)", got.tolist()
+                )
+        if per_node is not None:
+            got = _checks.tensor("num_tokens_per_rdma_rank", per_node, (torch.int32, torch.int64), 1)
+            want = in_rank.reshape(-1, self.num_nodes, self.ranks_per_node).any(2).sum(0)
+            if not torch.equal(got.to(torch.int64), want.to(torch.int64)):
+                raise _checks.fail(
+                    "num_tokens_per_rdma_rank", f"{want.tolist()} (tokens per node)", got.tolist()
+                )
+
+    # ---- combine ----------------------------------------------------------------------------
+
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle: Handle,
+        topk_weights: torch.Tensor | None = None,
+        bias: torch.Tensor | tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+        config: Config | None = None,
+        previous_event: EventOverlap | None = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, EventOverlap]:
+        """Sends every received row back and sums, per original token, the rows of all ranks
+        it went to (fp32 accumulation; reduced per node, then over nodes).
+
+        Returns `(combined_x, combined_topk_weights, event)`."""
+        if not isinstance(handle, Handle):
+            raise _checks.fail("handle", "a handle returned by dispatch", _checks.describe(handle))
+        if isinstance(x, tuple):
+            raise _checks.fail("x", "a bfloat16 or float32 tensor (combine does not take FP8)", "a tuple")
+        rows = _checks.tensor("x", x, _ROW_DTYPES, 2)
+        _checks.rows("x", rows, handle.num_recv_tokens, "as many as the handle's dispatch delivered here")
+        w_np = None
+        if topk_weights is not None:
+            w = _checks.tensor("topk_weights", topk_weights, (torch.float32,), 2)
+            _checks.rows("topk_weights", w, handle.num_recv_tokens, "one per row of x")
+            w_np = w.numpy()
+        biases = self._biases(bias, handle.num_tokens, rows.shape[1])
+        name = _COMBINE_NAMES[rows.dtype]
+        out_name = "float32" if biases else name
+        hidden = rows.shape[1]
+        out, out_w = self._ep.combine(
+            _bytes2d(rows, hidden * rows.element_size()), name, handle, w_np, out_name
+        )
+        t = handle.num_tokens
+        combined = _from_bytes(out, torch.float32 if biases else rows.dtype, t, hidden)
+        if biases:
+            for b in biases:
+                combined = combined + b.float()
+            combined = combined.to(rows.dtype)
+        combined_w = None
+        if out_w is not None and w_np is not None:
+            combined_w = torch.from_numpy(out_w).reshape(t, w_np.shape[1])
+        return combined, combined_w, EventOverlap()
+
+    @staticmethod
+    def _biases(bias: object, t: int, hidden: int) -> list[torch.Tensor]:
+        if bias is None:
+            return []
+        items = bias if isinstance(bias, tuple) else (bias,)
+        if len(items) > 2:
+            raise _checks.fail("bias", "a tensor or a tuple of at most two tensors", f"{len(items)} items")
+        out = []
+        for i, b in enumerate(items):
+            if b is None:
+                continue
+            bt = _checks.tensor(f"bias[{i}]", b, _ROW_DTYPES, 2)
+            _checks.shape(f"bias[{i}]", bt, (t, hidden))
+            out.append(bt)
+        return out
+
+    # ---- bookkeeping ------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        """Bytes this rank sent per tier since the buffer was made: `nvl_payload_bytes` and
+        `rdma_payload_bytes` count token data (hidden states, FP8 scales); the `*_wire_bytes`
+        count everything (headers, top-k, counts, credits too)."""
+        return dict(self._ep.stats())
+
+    def destroy(self) -> None:
+        """Leaves the world; later calls raise `BufferDestroyedError`. Peers waiting on this
+        rank fail with `PeerLostError`."""
+        self._ep.destroy()
+
+    @property
+    def destroyed(self) -> bool:
+        return bool(self._ep.destroyed)
+
+    def __repr__(self) -> str:
+        return (
+            f"Buffer(rank={self.rank}, group_size={self.group_size}, "
+            f"topology={self.num_nodes}x{self.ranks_per_node}, num_nvl_bytes={self.num_nvl_bytes}, "
+            f"num_rdma_bytes={self.num_rdma_bytes})"
+        )

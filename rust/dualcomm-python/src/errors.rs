@@ -1,0 +1,89 @@
+//! The one place where core errors become Python exceptions.
+
+use dualcomm_core::Error;
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+
+create_exception!(
+    _native,
+    DualcommError,
+    PyException,
+    "Base class of every dualcomm error."
+);
+create_exception!(
+    _native,
+    InvalidArgumentError,
+    DualcommError,
+    "An argument is wrong; the message names it, what was expected and what was given."
+);
+create_exception!(
+    _native,
+    CommTimeoutError,
+    DualcommError,
+    "A wait ran past its deadline (the Buffer's `timeout`)."
+);
+create_exception!(
+    _native,
+    PeerLostError,
+    DualcommError,
+    "A peer rank went away, or this buffer stopped at an earlier failure."
+);
+create_exception!(
+    _native,
+    ProtocolError,
+    DualcommError,
+    "A peer sent something the protocol does not allow (often: ranks made different calls)."
+);
+create_exception!(
+    _native,
+    BufferDestroyedError,
+    DualcommError,
+    "The buffer was destroyed."
+);
+create_exception!(
+    _native,
+    TransportUnavailableError,
+    DualcommError,
+    "The requested transport cannot work here; the message says why."
+);
+create_exception!(
+    _native,
+    ConfigMismatchError,
+    DualcommError,
+    "Ranks of one world were configured differently."
+);
+
+pub fn to_py(e: Error) -> PyErr {
+    let msg = e.to_string();
+    match e {
+        Error::InvalidArgument { .. } => InvalidArgumentError::new_err(msg),
+        Error::Timeout { .. } => CommTimeoutError::new_err(msg),
+        Error::PeerLost { .. } => PeerLostError::new_err(msg),
+        Error::Protocol { .. } => ProtocolError::new_err(msg),
+        Error::Destroyed => BufferDestroyedError::new_err(msg),
+        Error::ConfigMismatch(_) => ConfigMismatchError::new_err(msg),
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("DualcommError", py.get_type::<DualcommError>())?;
+    m.add(
+        "InvalidArgumentError",
+        py.get_type::<InvalidArgumentError>(),
+    )?;
+    m.add("CommTimeoutError", py.get_type::<CommTimeoutError>())?;
+    m.add("PeerLostError", py.get_type::<PeerLostError>())?;
+    m.add("ProtocolError", py.get_type::<ProtocolError>())?;
+    m.add(
+        "BufferDestroyedError",
+        py.get_type::<BufferDestroyedError>(),
+    )?;
+    m.add("ConfigMismatchError", py.get_type::<ConfigMismatchError>())?;
+    m.add(
+        "TransportUnavailableError",
+        py.get_type::<TransportUnavailableError>(),
+    )?;
+    Ok(())
+}
