@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use super::dispatch::DispatchHandle;
 use super::op::{Op, OpKind, Session};
 use super::record::{HEADER_BYTES, Header, Layout};
-use super::reduce::{Dtype, add_into, store};
+use super::reduce::{Dtype, add_into, read_f32s, store};
 use crate::error::{Error, Result};
 use crate::transport::{Tier, TierCounters};
 
@@ -528,13 +528,13 @@ impl Finisher {
                 }
                 Part::Wire(row, w) if dtype == self.out_dtype => {
                     out.copy_from_slice(row);
-                    out_w.copy_from_slice(bytemuck::cast_slice(w));
+                    read_f32s(out_w, w);
                 }
                 Part::Wire(row, w) => {
                     self.acc.fill(0.0);
                     add_into(&mut self.acc[..hidden], row, dtype);
                     store(&self.acc[..hidden], out, self.out_dtype);
-                    out_w.copy_from_slice(bytemuck::cast_slice(w));
+                    read_f32s(out_w, w);
                 }
             }
             self.have[tok] = 1;

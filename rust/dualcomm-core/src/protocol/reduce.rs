@@ -42,6 +42,13 @@ pub fn add_into(acc: &mut [f32], row: &[u8], dtype: Dtype) {
     }
 }
 
+/// Copies little-endian f32s out of bytes that may sit at any alignment (ring records do).
+pub fn read_f32s(dst: &mut [f32], src: &[u8]) {
+    for (d, b) in dst.iter_mut().zip(src.chunks_exact(4)) {
+        *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
+}
+
 /// Writes `acc` as `dtype` (bf16 rounds to nearest even, as torch does).
 pub fn store(acc: &[f32], out: &mut [u8], dtype: Dtype) {
     match dtype {
