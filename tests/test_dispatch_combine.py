@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import reference as ref
 import torch
 
+import reference as ref
 from dualcomm import Buffer
 from dualcomm.testing import run_loopback
 
@@ -29,7 +29,11 @@ def _layout_args(buf: Buffer, inp: ref.RankInput, num_experts: int) -> dict:
 
 def _rows_for_combine(recv_x: torch.Tensor, rank: int) -> torch.Tensor:
     """What a rank's "experts" return: a rank-dependent multiple, exact in bf16."""
-    return recv_x.float().mul(rank % 3 + 1).to(torch.float32 if recv_x.dtype == torch.float32 else torch.bfloat16)
+    return (
+        recv_x.float()
+        .mul(rank % 3 + 1)
+        .to(torch.float32 if recv_x.dtype == torch.float32 else torch.bfloat16)
+    )
 
 
 def _run_case(num_nodes, rpn, tokens, hidden, num_topk, num_experts, dtype, use_topk, alignment, seed):
@@ -136,8 +140,11 @@ def test_every_token_masked():
         idx = torch.full_like(inputs[buf.rank].topk_idx, -1)
         pr, pn, pe, itr, _ = buf.get_dispatch_layout(idx, 8)
         recv_x, _, _, counts, handle, _ = buf.dispatch(
-            inputs[buf.rank].x, is_token_in_rank=itr, num_tokens_per_expert=pe,
-            topk_idx=idx, topk_weights=inputs[buf.rank].topk_weights,
+            inputs[buf.rank].x,
+            is_token_in_rank=itr,
+            num_tokens_per_expert=pe,
+            topk_idx=idx,
+            topk_weights=inputs[buf.rank].topk_weights,
         )
         combined, _, _ = buf.combine(recv_x, handle)
         return recv_x.shape[0], counts, combined

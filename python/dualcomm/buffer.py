@@ -229,11 +229,14 @@ class Buffer:
         """
         data, scales = self._split_x(x)
         t, hidden = data.shape
-        if isinstance(expert_alignment, bool) or not isinstance(expert_alignment, int) or expert_alignment < 1:
+        if (
+            isinstance(expert_alignment, bool)
+            or not isinstance(expert_alignment, int)
+            or expert_alignment < 1
+        ):
             raise _checks.fail("expert_alignment", "an int >= 1", _checks.describe(expert_alignment))
         if handle is not None:
-            if not isinstance(handle, Handle):
-                raise _checks.fail("handle", "a handle returned by dispatch", _checks.describe(handle))
+            self._check_handle(handle)
             if topk_idx is not None or topk_weights is not None:
                 raise _checks.fail(
                     "topk_idx",
@@ -275,9 +278,10 @@ class Buffer:
             expert_alignment,
         )
         n = new_handle.num_recv_tokens
-        recv_x: DispatchInput = _from_bytes(recv, data.dtype, n, hidden)
+        recv_data = _from_bytes(recv, data.dtype, n, hidden)
+        recv_x: DispatchInput = recv_data
         if scales is not None and recv_scales is not None:
-            recv_x = (recv_x, _from_bytes(recv_scales, torch.float32, n, scales.shape[1]))
+            recv_x = (recv_data, _from_bytes(recv_scales, torch.float32, n, scales.shape[1]))
         k = 0 if topk_np is None else topk_np[0].shape[1]
         recv_topk_idx = None if recv_idx is None else torch.from_numpy(recv_idx).reshape(n, k)
         recv_topk_w = None if recv_w is None else torch.from_numpy(recv_w).reshape(n, k)
@@ -289,6 +293,12 @@ class Buffer:
             new_handle if handle is None else handle,
             EventOverlap(),
         )
+
+    def _check_handle(self, handle: object) -> None:
+        if not isinstance(handle, Handle):
+            raise _checks.fail("handle", "a handle returned by dispatch", _checks.describe(handle))
+        if handle.buffer_id != self._ep.id:
+            raise _checks.fail("handle", "a handle made by this buffer", "a handle from another buffer")
 
     def _plan_for(
         self,
@@ -321,7 +331,9 @@ class Buffer:
             want = in_rank.sum(0)
             if not torch.equal(got.to(torch.int64), want.to(torch.int64)):
                 raise _checks.fail(
-                    "num_tokens_per_rank", f"{want.tolist()} (the column sums of is_token_in_rank)", got.tolist()
+                    "num_tokens_per_rank",
+                    f"{want.tolist()} (the column sums of is_token_in_rank)",
+                    got.tolist(),
                 )
         if per_node is not None:
             got = _checks.tensor("num_tokens_per_rdma_rank", per_node, (torch.int32, torch.int64), 1)
@@ -348,8 +360,7 @@ class Buffer:
         it went to (fp32 accumulation; reduced per node, then over nodes).
 
         Returns `(combined_x, combined_topk_weights, event)`."""
-        if not isinstance(handle, Handle):
-            raise _checks.fail("handle", "a handle returned by dispatch", _checks.describe(handle))
+        self._check_handle(handle)
         if isinstance(x, tuple):
             raise _checks.fail("x", "a bfloat16 or float32 tensor (combine does not take FP8)", "a tuple")
         rows = _checks.tensor("x", x, _ROW_DTYPES, 2)

@@ -220,13 +220,13 @@ impl Endpoint {
 
     /// Leaves the world; peers waiting on this rank fail with `PeerLost`.
     pub fn destroy(&mut self) {
-        self.transport.shutdown();
+        self.transport.shutdown(self.seq);
         self.destroyed = true;
     }
 }
 
 impl Drop for Endpoint {
     fn drop(&mut self) {
-        self.transport.shutdown();
+        self.transport.shutdown(self.seq);
     }
 }

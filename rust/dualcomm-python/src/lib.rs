@@ -127,6 +127,8 @@ type DispatchResult<'py> = (
     Handle,
 );
 
+type CombineResult<'py> = (Bound<'py, PyArray1<u8>>, Option<Bound<'py, PyArray1<f32>>>);
+
 #[pymethods]
 impl Endpoint {
     /// Joins `world` as `rank`; blocks (GIL released) until every rank has joined.
@@ -300,7 +302,7 @@ impl Endpoint {
         handle: PyRef<'py, Handle>,
         topk_weights: Option<PyReadonlyArray2<'py, f32>>,
         out_dtype: &str,
-    ) -> PyResult<(Bound<'py, PyArray1<u8>>, Option<Bound<'py, PyArray1<f32>>>)> {
+    ) -> PyResult<CombineResult<'py>> {
         let dtype = Dtype::parse(dtype).map_err(to_py)?;
         let out_dtype = Dtype::parse(out_dtype).map_err(to_py)?;
         let (_, xb) = rows_of(&x);

@@ -101,6 +101,7 @@ pub struct Op<'e> {
     pub topo: Topology,
     pub me: usize,
     pub epoch: u32,
+    seq: u64,
     kind: OpKind,
     timeout: Duration,
     deadline: Instant,
@@ -194,6 +195,7 @@ impl<'e> Op<'e> {
             topo,
             me,
             epoch,
+            seq: s.seq,
             kind,
             timeout: s.timeout,
             deadline: Instant::now() + s.timeout,
@@ -375,16 +377,36 @@ impl<'e> Op<'e> {
             && self.recv.iter().flatten().all(RecvRing::finished)
     }
 
+    /// Whether this rank still waits for something from `peer`. A peer that finished the
+    /// operation legitimately owes nothing, so only a peer that does is lost when it goes.
+    /// (Work this rank has yet to send is not counted: a write to a peer that is gone fails
+    /// by itself.)
     fn needs(&self, peer: usize) -> bool {
         self.metas[peer].is_none()
-            || self.send[peer].as_ref().is_some_and(|r| !r.finished())
-            || self.recv[peer].as_ref().is_some_and(|r| !r.finished())
+            || self.send[peer]
+                .as_ref()
+                .is_some_and(SendRing::awaiting_credit)
+            || self.recv[peer]
+                .as_ref()
+                .is_some_and(RecvRing::awaiting_data)
     }
 
     fn check_peers(&self) -> Result<()> {
         for p in (0..self.topo.world_size()).filter(|&p| p != self.me && self.needs(p)) {
-            if let Some(reason) = self.t.peer_gone(p) {
-                return Err(Error::PeerLost { peer: p, reason });
+            if let Some(d) = self.t.peer_gone(p) {
+                if d.completed_ops.is_some_and(|n| n > self.seq) {
+                    continue; // it finished this operation: all it sent here has arrived
+                }
+                return Err(Error::PeerLost {
+                    peer: p,
+                    reason: format!(
+                        "{}, while rank {} in {} still waited for {}",
+                        d.reason,
+                        self.me,
+                        self.kind.name(),
+                        self.describe_wait()
+                    ),
+                });
             }
         }
         Ok(())

@@ -90,6 +90,11 @@ impl SendRing {
         Ok(())
     }
 
+    /// Records posted that the receiver has not acknowledged yet.
+    pub fn awaiting_credit(&self) -> bool {
+        self.credited < self.tail
+    }
+
     pub fn on_credit(&mut self, n: u64) -> Result<()> {
         if self.credited + n > self.tail {
             return Err(Error::protocol(
@@ -173,6 +178,11 @@ impl RecvRing {
         }
         self.tail += n;
         Ok(())
+    }
+
+    /// Records announced (or not yet announced how many) that have not arrived.
+    pub fn awaiting_data(&self) -> bool {
+        self.expected.is_none_or(|e| self.tail < e)
     }
 
     pub fn available(&self) -> u64 {

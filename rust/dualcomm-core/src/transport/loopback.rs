@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::{Completion, NUM_REGIONS, RegionId, Tier, TierCounters, Transport};
+use super::{Completion, Departure, NUM_REGIONS, RegionId, Tier, TierCounters, Transport};
 use crate::error::{Error, Result};
 
 /// Heap bytes written by peers and read by the owner at disjoint ranges (see `Transport::local`).
@@ -61,7 +61,7 @@ struct Slot {
     regions: OnceLock<[RegionMem; NUM_REGIONS]>,
     queue: Mutex<Queue>,
     ready: Condvar,
-    gone: Mutex<Option<String>>,
+    gone: Mutex<Option<Departure>>,
 }
 
 struct Joined {
@@ -197,8 +197,11 @@ impl Transport for LoopbackTransport {
         if peer >= w {
             return Err(Error::invalid("peer", format!("a rank in [0, {w})"), peer));
         }
-        if let Some(reason) = self.peer_gone(peer) {
-            return Err(Error::PeerLost { peer, reason });
+        if let Some(d) = self.peer_gone(peer) {
+            return Err(Error::PeerLost {
+                peer,
+                reason: d.reason,
+            });
         }
         let len: usize = segments.iter().map(|s| s.len()).sum();
         let mem = &self.regions(peer)[region as usize];
@@ -253,17 +256,20 @@ impl Transport for LoopbackTransport {
         Ok(unsafe { std::slice::from_raw_parts(mem.ptr.add(offset), len) })
     }
 
-    fn peer_gone(&self, peer: usize) -> Option<String> {
+    fn peer_gone(&self, peer: usize) -> Option<Departure> {
         self.slot(peer).gone.lock().unwrap().clone()
     }
 
-    fn shutdown(&self) {
+    fn shutdown(&self, completed_ops: u64) {
         {
             let mut gone = self.slot(self.rank).gone.lock().unwrap();
             if gone.is_some() {
                 return;
             }
-            *gone = Some("its buffer was destroyed".into());
+            *gone = Some(Departure {
+                reason: format!("its buffer was destroyed after {completed_ops} operations"),
+                completed_ops: Some(completed_ops),
+            });
         }
         for slot in &self.fabric.slots {
             slot.queue.lock().unwrap().wakeups += 1;
@@ -278,6 +284,13 @@ impl Transport for LoopbackTransport {
 
 impl Drop for LoopbackTransport {
     fn drop(&mut self) {
-        self.shutdown();
+        // Without a count: a transport dropped without its endpoint's goodbye counts as lost.
+        let mut gone = self.slot(self.rank).gone.lock().unwrap();
+        if gone.is_none() {
+            *gone = Some(Departure {
+                reason: "its transport was dropped".into(),
+                completed_ops: None,
+            });
+        }
     }
 }

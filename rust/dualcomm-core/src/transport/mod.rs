@@ -68,6 +68,15 @@ impl TierCounters {
     }
 }
 
+/// Why and when a peer left. A peer that left after completing the operation a rank is in
+/// owes that rank nothing for it; one that left earlier is lost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Departure {
+    pub reason: String,
+    /// Operations the peer completed, when it said goodbye (unknown if it crashed).
+    pub completed_ops: Option<u64>,
+}
+
 /// One rank's view of the fabric.
 ///
 /// Ordering guarantee (the one RDMA gives with write-with-immediate on a reliable
@@ -101,11 +110,12 @@ pub trait Transport: Send + Sync {
     /// not yet handed back, so no peer writes them concurrently.
     fn local(&self, region: RegionId, offset: usize, len: usize) -> Result<&[u8]>;
 
-    /// Why `peer` can no longer take part, if it cannot. Polls wake up when a peer goes.
-    fn peer_gone(&self, peer: usize) -> Option<String>;
+    /// How `peer` left, if it did. Polls wake up when a peer goes.
+    fn peer_gone(&self, peer: usize) -> Option<Departure>;
 
-    /// Marks this rank as gone; its later calls fail and peers see `peer_gone`.
-    fn shutdown(&self);
+    /// Marks this rank as gone after `completed_ops` operations; its later calls fail and
+    /// peers see `peer_gone`.
+    fn shutdown(&self, completed_ops: u64);
 
     /// Every byte this rank has written, per tier.
     fn wire_bytes(&self) -> &TierCounters;

@@ -1,0 +1,105 @@
+"""Type stub of the native module built from rust/dualcomm-python (kept honest by stubtest)."""
+
+from typing import final
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "BufferDestroyedError",
+    "CommTimeoutError",
+    "ConfigMismatchError",
+    "DualcommError",
+    "Endpoint",
+    "Handle",
+    "InvalidArgumentError",
+    "LoopbackWorld",
+    "PeerLostError",
+    "ProtocolError",
+    "TransportUnavailableError",
+    "__version__",
+]
+
+__version__: str
+
+class DualcommError(Exception): ...
+class InvalidArgumentError(DualcommError): ...
+class CommTimeoutError(DualcommError): ...
+class PeerLostError(DualcommError): ...
+class ProtocolError(DualcommError): ...
+class BufferDestroyedError(DualcommError): ...
+class ConfigMismatchError(DualcommError): ...
+class TransportUnavailableError(DualcommError): ...
+
+@final
+class LoopbackWorld:
+    def __new__(cls, world_size: int) -> LoopbackWorld: ...
+    @property
+    def world_size(self) -> int: ...
+
+@final
+class Handle:
+    @property
+    def num_recv_tokens(self) -> int: ...
+    @property
+    def num_tokens(self) -> int: ...
+    @property
+    def buffer_id(self) -> int: ...
+    def recv_src_rank(self) -> npt.NDArray[np.uint32]: ...
+    def recv_src_idx(self) -> npt.NDArray[np.uint32]: ...
+
+@final
+class Endpoint:
+    @staticmethod
+    def loopback(
+        world: LoopbackWorld,
+        num_nodes: int,
+        ranks_per_node: int,
+        rank: int,
+        num_nvl_bytes: int,
+        num_rdma_bytes: int,
+        timeout_s: float,
+    ) -> Endpoint: ...
+    @property
+    def rank(self) -> int: ...
+    @property
+    def num_nodes(self) -> int: ...
+    @property
+    def ranks_per_node(self) -> int: ...
+    @property
+    def id(self) -> int: ...
+    @property
+    def destroyed(self) -> bool: ...
+    def layout(
+        self, topk_idx: npt.NDArray[np.int64], num_experts: int
+    ) -> tuple[
+        npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.bool_]
+    ]: ...
+    def dispatch(
+        self,
+        x: npt.NDArray[np.uint8],
+        scales: npt.NDArray[np.uint8] | None,
+        is_token_in_rank: npt.NDArray[np.bool_] | None,
+        handle: Handle | None,
+        topk_idx: npt.NDArray[np.int64] | None,
+        topk_weights: npt.NDArray[np.float32] | None,
+        num_experts: int,
+        expert_alignment: int,
+    ) -> tuple[
+        npt.NDArray[np.uint8],
+        npt.NDArray[np.uint8] | None,
+        npt.NDArray[np.int64] | None,
+        npt.NDArray[np.float32] | None,
+        list[int] | None,
+        Handle,
+    ]: ...
+    def combine(
+        self,
+        x: npt.NDArray[np.uint8],
+        dtype: str,
+        handle: Handle,
+        topk_weights: npt.NDArray[np.float32] | None,
+        out_dtype: str,
+    ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32] | None]: ...
+    def stats(self) -> dict[str, int]: ...
+    def destroy(self) -> None: ...
