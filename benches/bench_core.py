@@ -105,6 +105,7 @@ def bench_loopback(worlds, tokens: int, rounds: int):
             start = time.perf_counter()
             for _ in range(rounds):
                 recv_x, _, _, _, handle, _ = buf.dispatch(x, is_token_in_rank=itr)
+                assert isinstance(recv_x, torch.Tensor)
                 buf.combine(recv_x, handle)
             elapsed = time.perf_counter() - start
             after = buf.stats()
@@ -117,11 +118,12 @@ def bench_loopback(worlds, tokens: int, rounds: int):
         ours = moved / secs
         src = torch.empty(moved // rounds, dtype=torch.uint8).fill_(1)
         dst = torch.empty_like(src).fill_(2)
+        threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        memcpy = (moved // rounds) / median_seconds(lambda: dst.copy_(src), 3)
-        torch.set_num_threads(max(1, torch.get_num_threads()))
+        memcpy = (moved // rounds) / median_seconds(lambda d=dst, s=src: d.copy_(s), 3)
+        torch.set_num_threads(threads)
         in_ranks = [o[2] for o in out]
-        base_secs = median_seconds(lambda: torch_dispatch_combine(xs, in_ranks), 2)
+        base_secs = median_seconds(lambda xs=xs, ir=in_ranks: torch_dispatch_combine(xs, ir), 2)
         torch_rate = (moved / rounds) / base_secs
         rows.append((f"{nodes}x{rpn}", ours / 1e9, memcpy / 1e9, torch_rate / 1e9))
         print(
