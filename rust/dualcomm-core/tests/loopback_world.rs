@@ -21,6 +21,20 @@ struct Case {
     experts: usize,
     ring_records: usize,
     seed: u64,
+    /// Rows travel as bf16 (2-byte elements: records at odd alignments) instead of f32.
+    bf16: bool,
+}
+
+fn to_bf16_bytes(x: &[f32]) -> Vec<u8> {
+    x.iter()
+        .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes())
+        .collect()
+}
+
+fn from_bf16_bytes(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(2)
+        .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+        .collect()
 }
 
 struct RankInput {
@@ -76,18 +90,24 @@ fn run(c: &Case) -> Vec<RankResult> {
     let handles: Vec<_> = (0..w)
         .map(|r| {
             let (fabric, ins, config) = (Arc::clone(&fabric), Arc::clone(&ins), config.clone());
-            let (t, k, e, h) = (c.tokens[r], c.topk, c.experts, c.hidden);
+            let (t, k, e, h, bf16) = (c.tokens[r], c.topk, c.experts, c.hidden, c.bf16);
             thread::spawn(move || {
                 let mut ep = Endpoint::loopback(&fabric, topo, r, config).unwrap();
                 let inp = &ins[r];
+                let (dtype, elem) = if bf16 { (Dtype::Bf16, 2) } else { (Dtype::F32, 4) };
+                let x_bytes: Vec<u8> = if bf16 {
+                    to_bf16_bytes(&inp.x)
+                } else {
+                    bytemuck::cast_slice(&inp.x).to_vec()
+                };
                 let layout = ep.layout(&inp.topk_idx, t, k, e).unwrap();
                 let plan = ep.plan(&layout.is_token_in_rank, t).unwrap();
                 let out = ep
                     .dispatch(
                         &DispatchArgs {
                             num_tokens: t,
-                            x: bytemuck::cast_slice(&inp.x),
-                            x_row_bytes: h * 4,
+                            x: &x_bytes,
+                            x_row_bytes: h * elem,
                             scales: &[],
                             scale_row_bytes: 0,
                             topk: Some(TopkArgs {
@@ -101,13 +121,17 @@ fn run(c: &Case) -> Vec<RankResult> {
                         Route::Fresh(plan),
                     )
                     .unwrap();
-                let recv_x: Vec<f32> = bytemuck::pod_collect_to_vec(&out.recv_x);
+                let recv_x: Vec<f32> = if bf16 {
+                    from_bf16_bytes(&out.recv_x)
+                } else {
+                    bytemuck::pod_collect_to_vec(&out.recv_x)
+                };
                 let comb = ep
                     .combine(
                         &CombineArgs {
                             x: &out.recv_x,
                             hidden: h,
-                            dtype: Dtype::F32,
+                            dtype,
                             weights: Some(&out.recv_topk_weights),
                             num_topk: k,
                             out_dtype: Dtype::F32,
@@ -197,7 +221,8 @@ fn check(c: &Case) {
     }
     let rdma: u64 = got.iter().map(|g| g.5[0]).sum();
     // Dispatch and combine each cross the network once per (token, remote node).
-    assert_eq!(rdma, 2 * (rdma_pairs * c.hidden * 4) as u64);
+    let elem = if c.bf16 { 2 } else { 4 };
+    assert_eq!(rdma, 2 * (rdma_pairs * c.hidden * elem) as u64);
 }
 
 #[test]
@@ -211,6 +236,7 @@ fn two_by_two_small_rings_stream() {
         experts: 8,
         ring_records: 1,
         seed: 7,
+        bf16: true,
     });
 }
 
@@ -225,6 +251,7 @@ fn three_by_three() {
         experts: 18,
         ring_records: 3,
         seed: 11,
+        bf16: false,
     });
 }
 
@@ -239,6 +266,7 @@ fn single_rank() {
         experts: 4,
         ring_records: 1,
         seed: 3,
+        bf16: true,
     });
 }
 
@@ -247,11 +275,11 @@ proptest! {
     #[test]
     fn random_worlds(nodes in 1usize..4, rpn in 1usize..4, seed in any::<u64>(),
                      max_t in 0usize..30, hidden in 1usize..6, topk in 1usize..5,
-                     epr in 1usize..3, ring_records in 1usize..4) {
+                     epr in 1usize..3, ring_records in 1usize..4, bf16 in any::<bool>()) {
         let w = nodes * rpn;
         let mut s = seed;
         let tokens = (0..w).map(|_| (lcg(&mut s) as usize) % (max_t + 1)).collect();
-        check(&Case { nodes, rpn, tokens, hidden, topk, experts: epr * w, ring_records, seed });
+        check(&Case { nodes, rpn, tokens, hidden, topk, experts: epr * w, ring_records, seed, bf16 });
     }
 }
 
