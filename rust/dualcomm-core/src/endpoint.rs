@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::protocol::combine::{self, CombineArgs, CombineOutput};
+use crate::protocol::combine::{self, CombineArgs, CombineOutput, Scratch};
 use crate::protocol::dispatch::{self, DispatchArgs, DispatchHandle, DispatchOutput, Route};
 use crate::protocol::op::{Session, meta_region_len};
 use crate::routing::{DispatchLayout, SendPlan, dispatch_layout};
@@ -59,6 +59,7 @@ pub struct Endpoint {
     seq: u64,
     stash: Vec<Completion>,
     payload: TierCounters,
+    scratch: Scratch,
     broken: Option<String>,
     destroyed: bool,
 }
@@ -96,6 +97,7 @@ impl Endpoint {
             seq: 0,
             stash: Vec::new(),
             payload: TierCounters::default(),
+            scratch: Scratch::default(),
             broken: None,
             destroyed: false,
         }
@@ -154,8 +156,9 @@ impl Endpoint {
         )?))
     }
 
-    fn session(&mut self) -> Session<'_> {
-        Session {
+    /// What an operation borrows: the session, the payload counters, the reusable buffers.
+    fn parts(&mut self) -> (Session<'_>, &TierCounters, &mut Scratch) {
+        let session = Session {
             transport: &*self.transport,
             topo: self.topo,
             seq: self.seq,
@@ -163,7 +166,8 @@ impl Endpoint {
             stash: &mut self.stash,
             num_nvl_bytes: self.config.num_nvl_bytes,
             num_rdma_bytes: self.config.num_rdma_bytes,
-        }
+        };
+        (session, &self.payload, &mut self.scratch)
     }
 
     /// Bad arguments are found before anything is sent and leave the endpoint usable; any
@@ -184,9 +188,8 @@ impl Endpoint {
     ) -> Result<DispatchOutput> {
         self.usable()?;
         let id = self.id;
-        let payload = std::mem::take(&mut self.payload);
-        let r = dispatch::run(self.session(), id, &payload, args, route);
-        self.payload = payload;
+        let (session, payload, _) = self.parts();
+        let r = dispatch::run(session, id, payload, args, route);
         self.finish(r)
     }
 
@@ -197,9 +200,8 @@ impl Endpoint {
     ) -> Result<CombineOutput> {
         self.usable()?;
         let id = self.id;
-        let payload = std::mem::take(&mut self.payload);
-        let r = combine::run(self.session(), id, &payload, args, handle);
-        self.payload = payload;
+        let (session, payload, scratch) = self.parts();
+        let r = combine::run(session, id, payload, args, handle, scratch);
         self.finish(r)
     }
 

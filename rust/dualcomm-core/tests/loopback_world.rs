@@ -94,7 +94,11 @@ fn run(c: &Case) -> Vec<RankResult> {
             thread::spawn(move || {
                 let mut ep = Endpoint::loopback(&fabric, topo, r, config).unwrap();
                 let inp = &ins[r];
-                let (dtype, elem) = if bf16 { (Dtype::Bf16, 2) } else { (Dtype::F32, 4) };
+                let (dtype, elem) = if bf16 {
+                    (Dtype::Bf16, 2)
+                } else {
+                    (Dtype::F32, 4)
+                };
                 let x_bytes: Vec<u8> = if bf16 {
                     to_bf16_bytes(&inp.x)
                 } else {

@@ -37,6 +37,23 @@ pub struct CombineOutput {
     pub weights: Vec<f32>,
 }
 
+/// Staging memory kept by the endpoint between combines, so that steady-state training
+/// steps neither fault in fresh pages nor zero them (every byte is written before it is read).
+#[derive(Debug, Default)]
+pub struct Scratch {
+    rows: Vec<u8>,
+    parts: Vec<f32>,
+    bodies: Vec<u8>,
+}
+
+/// `v` with at least `n` elements, reusing its memory; old contents stay (callers overwrite).
+fn at_least<T: Copy + Default>(mut v: Vec<T>, n: usize) -> Vec<T> {
+    if v.len() < n {
+        v.resize(n, T::default());
+    }
+    v
+}
+
 /// One token this rank reduces for its node: (source, index, local ranks that hold a row).
 #[derive(Clone, Copy)]
 struct Entry {
@@ -105,6 +122,7 @@ pub(crate) fn run(
     payload: &TierCounters,
     args: &CombineArgs<'_>,
     handle: &DispatchHandle,
+    scratch: &mut Scratch,
 ) -> Result<CombineOutput> {
     let topo = session.topo;
     let me = session.transport.rank();
@@ -188,14 +206,20 @@ pub(crate) fn run(
     }
     let mut red = Reducer {
         present: vec![0; entries.len()],
-        rows: vec![0; rows_total * (rb + k * 4)],
+        rows: at_least(std::mem::take(&mut scratch.rows), rows_total * (rb + k * 4)),
         entries,
         first_row,
         shape,
         acc: vec![0.0; shape.width()],
     };
     // Partials waiting for credit, per source rank.
-    let mut outgoing: Vec<VecDeque<(u32, Vec<u8>)>> = vec![VecDeque::new(); topo.world_size()];
+    // (token index, entry) per source; the partial itself waits in `bodies` at the entry.
+    let mut outgoing: Vec<VecDeque<(u32, usize)>> = vec![VecDeque::new(); topo.world_size()];
+    let body_bytes = rb + k * 4;
+    let mut bodies = at_least(
+        std::mem::take(&mut scratch.bodies),
+        red.entries.len() * body_bytes,
+    );
     let mut pending_per_src = vec![0usize; topo.world_size()];
     for e in &red.entries {
         pending_per_src[e.src as usize] += 1;
@@ -221,7 +245,7 @@ pub(crate) fn run(
         need,
         have: vec![0; n_tok],
         seen: vec![false; staged],
-        parts: vec![0.0; staged * shape.width()],
+        parts: at_least(std::mem::take(&mut scratch.parts), staged * shape.width()),
         shape,
         out_dtype: args.out_dtype,
         out_x: vec![0u8; n_tok * args.hidden * args.out_dtype.size()],
@@ -283,7 +307,16 @@ pub(crate) fn run(
                 };
                 let [row, w] = my_row(j);
                 if let Some(done) = red.add(me, topo.local_of(me), &h, row, w)? {
-                    route_partial(done, &red, me, my_node, &mut fin, &mut outgoing, plan)?;
+                    route_partial(
+                        done,
+                        &red,
+                        me,
+                        my_node,
+                        &mut fin,
+                        &mut outgoing,
+                        &mut bodies,
+                        plan,
+                    )?;
                 }
             }
         }
@@ -336,7 +369,16 @@ pub(crate) fn run(
                 let h = Header::decode(rec);
                 let secs = layout.split(rec);
                 if let Some(done) = red.add(d, l, &h, secs[0], secs[1])? {
-                    route_partial(done, &red, me, my_node, &mut fin, &mut outgoing, plan)?;
+                    route_partial(
+                        done,
+                        &red,
+                        me,
+                        my_node,
+                        &mut fin,
+                        &mut outgoing,
+                        &mut bodies,
+                        plan,
+                    )?;
                 }
             }
             ring.consume(avail);
@@ -349,7 +391,7 @@ pub(crate) fn run(
             let queue = &mut outgoing[s];
             let m = (ring.free() as usize).min(queue.len());
             if m > 0 {
-                let batch: Vec<(u32, Vec<u8>)> = queue.drain(..m).collect();
+                let batch: Vec<(u32, usize)> = queue.drain(..m).collect();
                 let headers: Vec<[u8; HEADER_BYTES]> = batch
                     .iter()
                     .map(|(idx, _)| {
@@ -362,9 +404,9 @@ pub(crate) fn run(
                     })
                     .collect();
                 let mut segs: Vec<&[u8]> = Vec::with_capacity(2 * m);
-                for (hdr, (_, body)) in headers.iter().zip(&batch) {
+                for (hdr, &(_, e)) in headers.iter().zip(&batch) {
                     segs.push(hdr);
-                    segs.push(body);
+                    segs.push(&bodies[e * body_bytes..(e + 1) * body_bytes]);
                 }
                 ring.post(t, epoch, &segs, 2)?;
                 payload.add(Tier::Rdma, m * rb);
@@ -406,6 +448,9 @@ pub(crate) fn run(
         }
         op.pump(!progress)?;
     }
+    scratch.rows = red.rows;
+    scratch.parts = fin.parts;
+    scratch.bodies = bodies;
     Ok(CombineOutput {
         x: fin.out_x,
         weights: fin.out_w,
@@ -425,7 +470,8 @@ fn route_partial(
     me: usize,
     my_node: usize,
     fin: &mut Finisher,
-    outgoing: &mut [VecDeque<(u32, Vec<u8>)>],
+    outgoing: &mut [VecDeque<(u32, usize)>],
+    bodies: &mut [u8],
     plan: &crate::routing::SendPlan,
 ) -> Result<()> {
     let sum = &red.acc;
@@ -435,14 +481,22 @@ fn route_partial(
     }
     let shape = red.shape;
     let rb = shape.row_bytes();
-    let mut body = vec![0u8; rb + shape.k * 4];
+    let bb = rb + shape.k * 4;
+    let slot = red.index_of(&e);
+    let body = &mut bodies[slot * bb..(slot + 1) * bb];
     store(&sum[..shape.hidden], &mut body[..rb], shape.dtype);
     body[rb..].copy_from_slice(bytemuck::cast_slice(&sum[shape.hidden..]));
-    outgoing[e.src as usize].push_back((e.idx, body));
+    outgoing[e.src as usize].push_back((e.idx, slot));
     Ok(())
 }
 
 impl Reducer {
+    fn index_of(&self, e: &Entry) -> usize {
+        self.entries
+            .binary_search_by_key(&(e.src, e.idx), |x| (x.src, x.idx))
+            .expect("entry exists")
+    }
+
     /// Takes local rank `l`'s row for `h`'s token. When it is the last one, sums all rows
     /// (ascending local rank) into `acc` and returns the entry.
     fn add(
@@ -549,25 +603,39 @@ impl Finisher {
             ));
         }
         self.seen[slot] = true;
-        let dst = &mut self.parts[slot * width..(slot + 1) * width];
-        match part {
-            Part::Own(sum) => dst.copy_from_slice(sum),
-            Part::Wire(row, w) => {
-                dst.fill(0.0);
-                add_into(&mut dst[..hidden], row, dtype);
-                add_into(&mut dst[hidden..], w, Dtype::F32);
-            }
-        }
         self.have[tok] += 1;
-        if self.have[tok] == self.need[tok] {
+        if self.have[tok] < self.need[tok] {
+            let dst = &mut self.parts[slot * width..(slot + 1) * width];
+            match part {
+                Part::Own(sum) => dst.copy_from_slice(sum),
+                Part::Wire(row, w) => {
+                    dst.fill(0.0);
+                    add_into(&mut dst[..hidden], row, dtype);
+                    add_into(&mut dst[hidden..], w, Dtype::F32);
+                }
+            }
+        } else {
+            // The last partial is summed where it is, in node order with the staged ones.
             self.acc.fill(0.0);
             let first = self.first_part[tok];
             for p in 0..self.need[tok] as usize {
-                let at = (first + p) * width;
-                self.acc
-                    .iter_mut()
-                    .zip(&self.parts[at..at + width])
-                    .for_each(|(a, b)| *a += b);
+                if p == pos {
+                    match part {
+                        Part::Own(sum) => {
+                            self.acc.iter_mut().zip(sum).for_each(|(a, b)| *a += b);
+                        }
+                        Part::Wire(row, w) => {
+                            add_into(&mut self.acc[..hidden], row, dtype);
+                            add_into(&mut self.acc[hidden..], w, Dtype::F32);
+                        }
+                    }
+                } else {
+                    let at = (first + p) * width;
+                    self.acc
+                        .iter_mut()
+                        .zip(&self.parts[at..at + width])
+                        .for_each(|(a, b)| *a += b);
+                }
             }
             store(&self.acc[..hidden], out, self.out_dtype);
             out_w.copy_from_slice(&self.acc[hidden..]);
