@@ -108,6 +108,20 @@ struct Finisher {
     acc: Vec<f32>,
 }
 
+/// Partials for sources on other nodes, waiting for ring credit: per source rank a queue of
+/// (token index, entry); the partial itself sits in `bodies` at its entry's slot.
+struct Outgoing {
+    queues: Vec<VecDeque<(u32, usize)>>,
+    bodies: Vec<u8>,
+    body_bytes: usize,
+}
+
+impl Outgoing {
+    fn body(&self, entry: usize) -> &[u8] {
+        &self.bodies[entry * self.body_bytes..(entry + 1) * self.body_bytes]
+    }
+}
+
 /// A partial sum as it reaches the finisher.
 enum Part<'a> {
     /// This node's own partial, still in fp32.
@@ -212,14 +226,15 @@ pub(crate) fn run(
         shape,
         acc: vec![0.0; shape.width()],
     };
-    // Partials waiting for credit, per source rank.
-    // (token index, entry) per source; the partial itself waits in `bodies` at the entry.
-    let mut outgoing: Vec<VecDeque<(u32, usize)>> = vec![VecDeque::new(); topo.world_size()];
     let body_bytes = rb + k * 4;
-    let mut bodies = at_least(
-        std::mem::take(&mut scratch.bodies),
-        red.entries.len() * body_bytes,
-    );
+    let mut outgoing = Outgoing {
+        queues: vec![VecDeque::new(); topo.world_size()],
+        bodies: at_least(
+            std::mem::take(&mut scratch.bodies),
+            red.entries.len() * body_bytes,
+        ),
+        body_bytes,
+    };
     let mut pending_per_src = vec![0usize; topo.world_size()];
     for e in &red.entries {
         pending_per_src[e.src as usize] += 1;
@@ -307,16 +322,7 @@ pub(crate) fn run(
                 };
                 let [row, w] = my_row(j);
                 if let Some(done) = red.add(me, topo.local_of(me), &h, row, w)? {
-                    route_partial(
-                        done,
-                        &red,
-                        me,
-                        my_node,
-                        &mut fin,
-                        &mut outgoing,
-                        &mut bodies,
-                        plan,
-                    )?;
+                    route_partial(done, &red, me, my_node, &mut fin, &mut outgoing, plan)?;
                 }
             }
         }
@@ -369,16 +375,7 @@ pub(crate) fn run(
                 let h = Header::decode(rec);
                 let secs = layout.split(rec);
                 if let Some(done) = red.add(d, l, &h, secs[0], secs[1])? {
-                    route_partial(
-                        done,
-                        &red,
-                        me,
-                        my_node,
-                        &mut fin,
-                        &mut outgoing,
-                        &mut bodies,
-                        plan,
-                    )?;
+                    route_partial(done, &red, me, my_node, &mut fin, &mut outgoing, plan)?;
                 }
             }
             ring.consume(avail);
@@ -388,7 +385,7 @@ pub(crate) fn run(
         for n in (0..nn).filter(|&n| n != my_node) {
             let s = topo.forwarder(me, n);
             let ring = op.send_ring(s);
-            let queue = &mut outgoing[s];
+            let queue = &mut outgoing.queues[s];
             let m = (ring.free() as usize).min(queue.len());
             if m > 0 {
                 let batch: Vec<(u32, usize)> = queue.drain(..m).collect();
@@ -406,7 +403,7 @@ pub(crate) fn run(
                 let mut segs: Vec<&[u8]> = Vec::with_capacity(2 * m);
                 for (hdr, &(_, e)) in headers.iter().zip(&batch) {
                     segs.push(hdr);
-                    segs.push(&bodies[e * body_bytes..(e + 1) * body_bytes]);
+                    segs.push(outgoing.body(e));
                 }
                 ring.post(t, epoch, &segs, 2)?;
                 payload.add(Tier::Rdma, m * rb);
@@ -450,7 +447,7 @@ pub(crate) fn run(
     }
     scratch.rows = red.rows;
     scratch.parts = fin.parts;
-    scratch.bodies = bodies;
+    scratch.bodies = outgoing.bodies;
     Ok(CombineOutput {
         x: fin.out_x,
         weights: fin.out_w,
@@ -470,8 +467,7 @@ fn route_partial(
     me: usize,
     my_node: usize,
     fin: &mut Finisher,
-    outgoing: &mut [VecDeque<(u32, usize)>],
-    bodies: &mut [u8],
+    outgoing: &mut Outgoing,
     plan: &crate::routing::SendPlan,
 ) -> Result<()> {
     let sum = &red.acc;
@@ -481,12 +477,12 @@ fn route_partial(
     }
     let shape = red.shape;
     let rb = shape.row_bytes();
-    let bb = rb + shape.k * 4;
     let slot = red.index_of(&e);
-    let body = &mut bodies[slot * bb..(slot + 1) * bb];
+    let bb = outgoing.body_bytes;
+    let body = &mut outgoing.bodies[slot * bb..(slot + 1) * bb];
     store(&sum[..shape.hidden], &mut body[..rb], shape.dtype);
     body[rb..].copy_from_slice(bytemuck::cast_slice(&sum[shape.hidden..]));
-    outgoing[e.src as usize].push_back((e.idx, slot));
+    outgoing.queues[e.src as usize].push_back((e.idx, slot));
     Ok(())
 }
 
