@@ -11,6 +11,7 @@ use crate::protocol::op::{Session, meta_region_len};
 use crate::routing::{DispatchLayout, SendPlan, dispatch_layout};
 use crate::topology::Topology;
 use crate::transport::loopback::LoopbackFabric;
+use crate::transport::tcp::{SECRET_BYTES, TcpBinding, TcpTransport};
 use crate::transport::{Completion, Tier, TierCounters, Transport};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,6 +86,32 @@ impl Endpoint {
             meta_region_len(topo.world_size()),
         ];
         let t = fabric.join(rank, lens, config.fingerprint(&topo), config.timeout)?;
+        Ok(Self::new(Box::new(t), topo, config))
+    }
+
+    /// Joins a world over TCP: `peers[r]` is rank r's published address (`binding` is this
+    /// rank's own, already bound). Waits until every rank is connected both ways.
+    pub fn tcp(
+        binding: TcpBinding,
+        topo: Topology,
+        rank: usize,
+        peers: &[String],
+        secret: [u8; SECRET_BYTES],
+        config: Config,
+    ) -> Result<Self> {
+        if peers.len() != topo.world_size() {
+            return Err(Error::invalid(
+                "peers",
+                format!("one address per rank ({})", topo.world_size()),
+                peers.len(),
+            ));
+        }
+        let lens = [
+            config.num_nvl_bytes,
+            config.num_rdma_bytes,
+            meta_region_len(topo.world_size()),
+        ];
+        let t = TcpTransport::establish(binding, rank, peers, secret, lens, config.timeout)?;
         Ok(Self::new(Box::new(t), topo, config))
     }
 

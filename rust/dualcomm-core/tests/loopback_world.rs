@@ -7,6 +7,7 @@ use std::thread;
 use std::time::Duration;
 
 use dualcomm_core::transport::loopback::LoopbackFabric;
+use dualcomm_core::transport::tcp::TcpBinding;
 use dualcomm_core::{
     CombineArgs, Config, DispatchArgs, Dtype, Endpoint, Error, Route, TopkArgs, Topology,
 };
@@ -23,6 +24,8 @@ struct Case {
     seed: u64,
     /// Rows travel as bf16 (2-byte elements: records at odd alignments) instead of f32.
     bf16: bool,
+    /// Ranks talk over TCP sockets on 127.0.0.1 instead of the in-memory loopback.
+    tcp: bool,
 }
 
 fn to_bf16_bytes(x: &[f32]) -> Vec<u8> {
@@ -80,6 +83,15 @@ fn run(c: &Case) -> Vec<RankResult> {
     let topo = Topology::new(c.nodes, c.rpn).unwrap();
     let w = topo.world_size();
     let fabric = LoopbackFabric::new(w);
+    let mut bindings: Vec<Option<TcpBinding>> = (0..w)
+        .map(|_| c.tcp.then(|| TcpBinding::bind("127.0.0.1").unwrap()))
+        .collect();
+    let addrs: Vec<String> = bindings
+        .iter()
+        .flatten()
+        .map(|b| b.local_addr().to_string())
+        .collect();
+    let secret = [7u8; 16];
     let ins = Arc::new(inputs(c));
     let rec = record_bytes(c).max(16 + c.hidden * 4 + c.topk * 4);
     let config = Config {
@@ -90,9 +102,13 @@ fn run(c: &Case) -> Vec<RankResult> {
     let handles: Vec<_> = (0..w)
         .map(|r| {
             let (fabric, ins, config) = (Arc::clone(&fabric), Arc::clone(&ins), config.clone());
+            let (binding, addrs) = (bindings[r].take(), addrs.clone());
             let (t, k, e, h, bf16) = (c.tokens[r], c.topk, c.experts, c.hidden, c.bf16);
             thread::spawn(move || {
-                let mut ep = Endpoint::loopback(&fabric, topo, r, config).unwrap();
+                let mut ep = match binding {
+                    Some(b) => Endpoint::tcp(b, topo, r, &addrs, secret, config).unwrap(),
+                    None => Endpoint::loopback(&fabric, topo, r, config).unwrap(),
+                };
                 let inp = &ins[r];
                 let (dtype, elem) = if bf16 {
                     (Dtype::Bf16, 2)
@@ -241,6 +257,7 @@ fn two_by_two_small_rings_stream() {
         ring_records: 1,
         seed: 7,
         bf16: true,
+        tcp: false,
     });
 }
 
@@ -256,6 +273,7 @@ fn three_by_three() {
         ring_records: 3,
         seed: 11,
         bf16: false,
+        tcp: false,
     });
 }
 
@@ -271,6 +289,7 @@ fn single_rank() {
         ring_records: 1,
         seed: 3,
         bf16: true,
+        tcp: false,
     });
 }
 
@@ -283,8 +302,40 @@ proptest! {
         let w = nodes * rpn;
         let mut s = seed;
         let tokens = (0..w).map(|_| (lcg(&mut s) as usize) % (max_t + 1)).collect();
-        check(&Case { nodes, rpn, tokens, hidden, topk, experts: epr * w, ring_records, seed, bf16 });
+        check(&Case { nodes, rpn, tokens, hidden, topk, experts: epr * w, ring_records, seed, bf16, tcp: false });
     }
+}
+
+#[test]
+fn tcp_two_by_two_small_rings() {
+    check(&Case {
+        nodes: 2,
+        rpn: 2,
+        tokens: vec![40, 0, 33, 64],
+        hidden: 7,
+        topk: 3,
+        experts: 8,
+        ring_records: 2,
+        seed: 21,
+        bf16: true,
+        tcp: true,
+    });
+}
+
+#[test]
+fn tcp_four_nodes() {
+    check(&Case {
+        nodes: 4,
+        rpn: 1,
+        tokens: vec![25, 30, 1, 17],
+        hidden: 16,
+        topk: 2,
+        experts: 8,
+        ring_records: 5,
+        seed: 22,
+        bf16: false,
+        tcp: true,
+    });
 }
 
 #[test]

@@ -2,65 +2,16 @@
 //! A write is a memcpy into the peer's region followed by a completion pushed onto the
 //! peer's queue under its lock, which orders the bytes before the immediate.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use super::memory::{CompletionQueue, RegionMem};
 use super::{Completion, Departure, NUM_REGIONS, RegionId, Tier, TierCounters, Transport};
 use crate::error::{Error, Result};
 
-/// Heap bytes written by peers and read by the owner at disjoint ranges (see `Transport::local`).
-struct RegionMem {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the memory is owned for the struct's lifetime; concurrent access is to disjoint
-// ranges, ordered by the completion queue's lock (the protocol's credit rules guarantee it).
-unsafe impl Send for RegionMem {}
-unsafe impl Sync for RegionMem {}
-
-impl RegionMem {
-    fn new(len: usize) -> Self {
-        let mem = vec![0u8; len].into_boxed_slice();
-        let ptr = Box::into_raw(mem) as *mut u8;
-        Self { ptr, len }
-    }
-
-    fn check(&self, offset: usize, len: usize) -> Result<()> {
-        if offset.checked_add(len).is_none_or(|end| end > self.len) {
-            return Err(Error::invalid(
-                "offset + len",
-                format!("within a region of {} bytes", self.len),
-                format!("{offset} + {len}"),
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl Drop for RegionMem {
-    fn drop(&mut self) {
-        // SAFETY: reconstructs exactly the box leaked in `new`.
-        unsafe {
-            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
-                self.ptr, self.len,
-            )))
-        };
-    }
-}
-
-#[derive(Default)]
-struct Queue {
-    completions: VecDeque<Completion>,
-    /// Bumped whenever any rank goes away, so sleeping pollers re-check their peers.
-    wakeups: u64,
-}
-
 struct Slot {
     regions: OnceLock<[RegionMem; NUM_REGIONS]>,
-    queue: Mutex<Queue>,
-    ready: Condvar,
+    queue: CompletionQueue,
     gone: Mutex<Option<Departure>>,
 }
 
@@ -81,8 +32,7 @@ impl LoopbackFabric {
             slots: (0..world_size)
                 .map(|_| Slot {
                     regions: OnceLock::new(),
-                    queue: Mutex::default(),
-                    ready: Condvar::new(),
+                    queue: CompletionQueue::default(),
                     gone: Mutex::new(None),
                 })
                 .collect(),
@@ -178,7 +128,7 @@ impl Transport for LoopbackTransport {
     }
 
     fn region_len(&self, region: RegionId) -> usize {
-        self.regions(self.rank)[region as usize].len
+        self.regions(self.rank)[region as usize].len()
     }
 
     fn write_with_imm(
@@ -204,56 +154,32 @@ impl Transport for LoopbackTransport {
             });
         }
         let len: usize = segments.iter().map(|s| s.len()).sum();
-        let mem = &self.regions(peer)[region as usize];
-        mem.check(offset, len)?;
-        let mut at = offset;
+        // SAFETY: the range is owned by this writer until the peer hands it back (protocol
+        // credits), so nobody reads or writes it now.
+        let dst = unsafe { self.regions(peer)[region as usize].range_mut(offset, len)? };
+        let mut at = 0;
         for s in segments {
-            // SAFETY: bounds checked above; the range is owned by this writer until the
-            // peer hands it back (protocol credits), so nobody reads or writes it now.
-            unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), mem.ptr.add(at), s.len()) };
+            dst[at..at + s.len()].copy_from_slice(s);
             at += s.len();
         }
         self.wire.add(tier, len);
-        let slot = self.slot(peer);
-        slot.queue
-            .lock()
-            .unwrap()
-            .completions
-            .push_back(Completion {
-                src: self.rank,
-                tier,
-                region,
-                offset,
-                len,
-                imm,
-            });
-        slot.ready.notify_all();
+        self.slot(peer).queue.push(Completion {
+            src: self.rank,
+            tier,
+            region,
+            offset,
+            len,
+            imm,
+        });
         Ok(())
     }
 
     fn poll(&self, out: &mut Vec<Completion>, deadline: Instant) -> Result<usize> {
-        let slot = self.slot(self.rank);
-        let mut q = slot.queue.lock().unwrap();
-        let seen_wakeups = q.wakeups;
-        loop {
-            if !q.completions.is_empty() {
-                let n = q.completions.len();
-                out.extend(q.completions.drain(..));
-                return Ok(n);
-            }
-            let now = Instant::now();
-            if now >= deadline || q.wakeups != seen_wakeups {
-                return Ok(0);
-            }
-            q = slot.ready.wait_timeout(q, deadline - now).unwrap().0;
-        }
+        Ok(self.slot(self.rank).queue.poll(out, deadline))
     }
 
     fn local(&self, region: RegionId, offset: usize, len: usize) -> Result<&[u8]> {
-        let mem = &self.regions(self.rank)[region as usize];
-        mem.check(offset, len)?;
-        // SAFETY: bounds checked; see the trait's contract on concurrent access.
-        Ok(unsafe { std::slice::from_raw_parts(mem.ptr.add(offset), len) })
+        self.regions(self.rank)[region as usize].range(offset, len)
     }
 
     fn peer_gone(&self, peer: usize) -> Option<Departure> {
@@ -272,8 +198,7 @@ impl Transport for LoopbackTransport {
             });
         }
         for slot in &self.fabric.slots {
-            slot.queue.lock().unwrap().wakeups += 1;
-            slot.ready.notify_all();
+            slot.queue.wake();
         }
     }
 

@@ -4,6 +4,8 @@
 //! those bytes are visible. Nothing else crosses a transport.
 
 pub mod loopback;
+pub mod memory;
+pub mod tcp;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;

@@ -1,0 +1,123 @@
+//! The pieces every transport that lives in host memory shares: registered regions that
+//! peers write into at disjoint ranges, and the completion queue that orders those bytes
+//! before the immediate that announces them.
+
+use std::collections::VecDeque;
+use std::sync::{Condvar, Mutex};
+use std::time::Instant;
+
+use super::Completion;
+use crate::error::{Error, Result};
+
+/// Heap bytes written by peers and read by the owner at disjoint ranges (see `Transport::local`).
+pub struct RegionMem {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the memory is owned for the struct's lifetime; concurrent access is to disjoint
+// ranges, ordered by the completion queue's lock (the protocol's credit rules guarantee it).
+unsafe impl Send for RegionMem {}
+unsafe impl Sync for RegionMem {}
+
+impl RegionMem {
+    pub fn new(len: usize) -> Self {
+        let mem = vec![0u8; len].into_boxed_slice();
+        let ptr = Box::into_raw(mem) as *mut u8;
+        Self { ptr, len }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn check(&self, offset: usize, len: usize) -> Result<()> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(Error::invalid(
+                "offset + len",
+                format!("within a region of {} bytes", self.len),
+                format!("{offset} + {len}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Mutable access to a checked range.
+    ///
+    /// # Safety
+    /// The caller owns `[offset, offset + len)` (protocol credits): nobody reads or writes it
+    /// concurrently.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn range_mut(&self, offset: usize, len: usize) -> Result<&mut [u8]> {
+        self.check(offset, len)?;
+        // SAFETY: in bounds; exclusivity is the caller's contract.
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset), len) })
+    }
+
+    /// Read access to a checked range (see `Transport::local` for the concurrency contract).
+    pub fn range(&self, offset: usize, len: usize) -> Result<&[u8]> {
+        self.check(offset, len)?;
+        // SAFETY: in bounds; writers only touch ranges the reader does not hold.
+        Ok(unsafe { std::slice::from_raw_parts(self.ptr.add(offset), len) })
+    }
+}
+
+impl Drop for RegionMem {
+    fn drop(&mut self) {
+        // SAFETY: reconstructs exactly the box leaked in `new`.
+        unsafe {
+            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                self.ptr, self.len,
+            )))
+        };
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    completions: VecDeque<Completion>,
+    /// Bumped whenever a peer goes away, so sleeping pollers re-check their peers.
+    wakeups: u64,
+}
+
+/// A rank's incoming completions.
+#[derive(Default)]
+pub struct CompletionQueue {
+    queue: Mutex<Queue>,
+    ready: Condvar,
+}
+
+impl CompletionQueue {
+    pub fn push(&self, c: Completion) {
+        self.queue.lock().unwrap().completions.push_back(c);
+        self.ready.notify_all();
+    }
+
+    /// Wakes pollers without a completion (a peer left).
+    pub fn wake(&self) {
+        self.queue.lock().unwrap().wakeups += 1;
+        self.ready.notify_all();
+    }
+
+    /// Moves completions into `out`; blocks until there is one, a wake-up, or `deadline`.
+    pub fn poll(&self, out: &mut Vec<Completion>, deadline: Instant) -> usize {
+        let mut q = self.queue.lock().unwrap();
+        let seen_wakeups = q.wakeups;
+        loop {
+            if !q.completions.is_empty() {
+                let n = q.completions.len();
+                out.extend(q.completions.drain(..));
+                return n;
+            }
+            let now = Instant::now();
+            if now >= deadline || q.wakeups != seen_wakeups {
+                return 0;
+            }
+            q = self.ready.wait_timeout(q, deadline - now).unwrap().0;
+        }
+    }
+}

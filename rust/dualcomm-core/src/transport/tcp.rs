@@ -1,0 +1,602 @@
+//! TCP: one-sided writes as frames over sockets, for machines without InfiniBand.
+//!
+//! Every ordered pair of ranks has one connection, opened by the writer. A frame is a
+//! 24-byte header `{kind, region, tier, imm, offset, len}` and `len` payload bytes. The
+//! receiving side's reader thread validates the header (known region, range inside it)
+//! before it reads a single payload byte, reads the payload straight into the region, and
+//! only then queues the completion: the RDMA ordering rule, kept by construction.
+//!
+//! A connection must open with the job's magic, protocol version, world size, the claimed
+//! rank and the per-job secret handed out through the bootstrap; anything else is logged and
+//! dropped before it can write a byte. A peer whose connection breaks without saying goodbye
+//! is lost; one that said goodbye reports how many operations it completed.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::memory::{CompletionQueue, RegionMem};
+use super::{Completion, Departure, NUM_REGIONS, RegionId, Tier, TierCounters, Transport};
+use crate::error::{Error, Result};
+
+const MAGIC: [u8; 4] = *b"DCOM";
+const VERSION: u32 = 1;
+pub const SECRET_BYTES: usize = 16;
+const HELLO_BYTES: usize = 4 + 4 + 4 + 4 + SECRET_BYTES;
+pub const FRAME_HEADER_BYTES: usize = 24;
+const KIND_WRITE: u8 = 1;
+const KIND_GOODBYE: u8 = 2;
+/// How long an accepted connection may take to introduce itself.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A bound, not yet serving, listening socket: bind first, publish the port through the
+/// bootstrap, then [`TcpTransport::establish`].
+pub struct TcpBinding {
+    listener: TcpListener,
+}
+
+impl TcpBinding {
+    /// Binds `host` on an ephemeral port. Only that address is listened on.
+    pub fn bind(host: &str) -> Result<Self> {
+        let listener = TcpListener::bind((host, 0)).map_err(|e| {
+            Error::invalid(
+                "host",
+                "an address of this machine to listen on",
+                format!("{host} ({e})"),
+            )
+        })?;
+        Ok(Self { listener })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound socket")
+    }
+}
+
+/// A frame header as it travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub kind: u8,
+    pub region: u8,
+    pub tier: u8,
+    pub imm: u32,
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl FrameHeader {
+    pub fn encode(&self) -> [u8; FRAME_HEADER_BYTES] {
+        let mut b = [0u8; FRAME_HEADER_BYTES];
+        b[0] = self.kind;
+        b[1] = self.region;
+        b[2] = self.tier;
+        b[4..8].copy_from_slice(&self.imm.to_le_bytes());
+        b[8..16].copy_from_slice(&self.offset.to_le_bytes());
+        b[16..24].copy_from_slice(&self.len.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8; FRAME_HEADER_BYTES]) -> Self {
+        Self {
+            kind: b[0],
+            region: b[1],
+            tier: b[2],
+            imm: u32::from_le_bytes(b[4..8].try_into().unwrap()),
+            offset: u64::from_le_bytes(b[8..16].try_into().unwrap()),
+            len: u64::from_le_bytes(b[16..24].try_into().unwrap()),
+        }
+    }
+}
+
+/// What a received frame asks for, after validation against this rank's regions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frame {
+    Write {
+        region: RegionId,
+        tier: Tier,
+        offset: usize,
+        len: usize,
+        imm: u32,
+    },
+    Goodbye {
+        completed_ops: u64,
+    },
+}
+
+/// Checks a header against the receiver's region sizes; the error says what was wrong.
+pub fn validate(
+    h: &FrameHeader,
+    region_lens: &[usize; NUM_REGIONS],
+) -> std::result::Result<Frame, String> {
+    match h.kind {
+        KIND_GOODBYE => Ok(Frame::Goodbye {
+            completed_ops: h.offset,
+        }),
+        KIND_WRITE => {
+            let region = RegionId::from_index(h.region as usize)
+                .ok_or_else(|| format!("unknown region {}", h.region))?;
+            let tier = match h.tier {
+                0 => Tier::Nvl,
+                1 => Tier::Rdma,
+                t => return Err(format!("unknown tier {t}")),
+            };
+            let cap = region_lens[region as usize] as u64;
+            if h.offset.checked_add(h.len).is_none_or(|end| end > cap) {
+                return Err(format!(
+                    "write of {} bytes at offset {} outside a {cap}-byte region",
+                    h.len, h.offset
+                ));
+            }
+            Ok(Frame::Write {
+                region,
+                tier,
+                offset: h.offset as usize,
+                len: h.len as usize,
+                imm: h.imm,
+            })
+        }
+        k => Err(format!("unknown frame kind {k}")),
+    }
+}
+
+struct Shared {
+    rank: usize,
+    world: usize,
+    secret: [u8; SECRET_BYTES],
+    regions: [RegionMem; NUM_REGIONS],
+    cq: CompletionQueue,
+    gone: Vec<Mutex<Option<Departure>>>,
+    stop: AtomicBool,
+    /// Authenticated incoming connections (clones, to unblock their readers at shutdown).
+    inbound: Mutex<Vec<Option<TcpStream>>>,
+    inbound_changed: Condvar,
+    rejected: AtomicU64,
+}
+
+impl Shared {
+    fn region_lens(&self) -> [usize; NUM_REGIONS] {
+        [0, 1, 2].map(|i| self.regions[i].len())
+    }
+
+    fn lose(&self, peer: usize, reason: String) {
+        let mut g = self.gone[peer].lock().unwrap();
+        if g.is_none() {
+            *g = Some(Departure {
+                reason,
+                completed_ops: None,
+            });
+        }
+        drop(g);
+        self.cq.wake();
+    }
+}
+
+pub struct TcpTransport {
+    shared: Arc<Shared>,
+    senders: Vec<Option<Mutex<TcpStream>>>,
+    wire: TierCounters,
+    closed: AtomicBool,
+}
+
+impl TcpTransport {
+    /// Connects to every peer (retrying until `timeout`) and waits until every peer has
+    /// connected here. `peers[r]` is rank r's published address.
+    pub fn establish(
+        binding: TcpBinding,
+        rank: usize,
+        peers: &[String],
+        secret: [u8; SECRET_BYTES],
+        region_lens: [usize; NUM_REGIONS],
+        timeout: Duration,
+    ) -> Result<Self> {
+        let world = peers.len();
+        if rank >= world {
+            return Err(Error::invalid("rank", format!("in [0, {world})"), rank));
+        }
+        let deadline = Instant::now() + timeout;
+        let shared = Arc::new(Shared {
+            rank,
+            world,
+            secret,
+            regions: region_lens.map(RegionMem::new),
+            cq: CompletionQueue::default(),
+            gone: (0..world).map(|_| Mutex::new(None)).collect(),
+            stop: AtomicBool::new(false),
+            inbound: Mutex::new((0..world).map(|_| None).collect()),
+            inbound_changed: Condvar::new(),
+            rejected: AtomicU64::new(0),
+        });
+        binding
+            .listener
+            .set_nonblocking(true)
+            .map_err(|e| io_error("listening socket", e))?;
+        {
+            let shared = Arc::clone(&shared);
+            thread::Builder::new()
+                .name(format!("dualcomm-accept-{rank}"))
+                .spawn(move || accept_loop(shared, binding.listener))
+                .map_err(|e| io_error("acceptor thread", e))?;
+        }
+        let mut senders = Vec::with_capacity(world);
+        for (p, addr) in peers.iter().enumerate() {
+            if p == rank {
+                senders.push(None);
+                continue;
+            }
+            let stream = connect(addr, deadline).map_err(|why| {
+                shared.stop.store(true, Ordering::Relaxed);
+                Error::Timeout {
+                    what: format!("a connection to rank {p} at {addr} ({why})"),
+                    timeout,
+                }
+            })?;
+            let mut hello = Vec::with_capacity(HELLO_BYTES);
+            hello.extend_from_slice(&MAGIC);
+            hello.extend_from_slice(&VERSION.to_le_bytes());
+            hello.extend_from_slice(&(world as u32).to_le_bytes());
+            hello.extend_from_slice(&(rank as u32).to_le_bytes());
+            hello.extend_from_slice(&secret);
+            let mut stream = stream;
+            stream
+                .write_all(&hello)
+                .map_err(|e| io_error(&format!("hello to rank {p}"), e))?;
+            senders.push(Some(Mutex::new(stream)));
+        }
+        let t = TcpTransport {
+            shared,
+            senders,
+            wire: TierCounters::default(),
+            closed: AtomicBool::new(false),
+        };
+        // Every peer must have introduced itself before the first operation.
+        let mut inbound = t.shared.inbound.lock().unwrap();
+        loop {
+            let missing: Vec<usize> = (0..world)
+                .filter(|&p| p != rank && inbound[p].is_none())
+                .collect();
+            if missing.is_empty() {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                drop(inbound);
+                t.shutdown(0);
+                return Err(Error::Timeout {
+                    what: format!("ranks {missing:?} to connect to rank {rank}"),
+                    timeout,
+                });
+            }
+            inbound = t
+                .shared
+                .inbound_changed
+                .wait_timeout(inbound, deadline - now)
+                .unwrap()
+                .0;
+        }
+        drop(inbound);
+        Ok(t)
+    }
+
+    /// Connections refused so far (bad hello, wrong secret, duplicate rank, ...).
+    pub fn rejected_connections(&self) -> u64 {
+        self.shared.rejected.load(Ordering::Relaxed)
+    }
+}
+
+fn io_error(what: &str, e: std::io::Error) -> Error {
+    Error::PeerLost {
+        peer: usize::MAX,
+        reason: format!("{what}: {e}"),
+    }
+}
+
+fn connect(addr: &str, deadline: Instant) -> std::result::Result<TcpStream, String> {
+    let target: SocketAddr = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("bad address: {e}"))?
+        .next()
+        .ok_or("address resolves to nothing")?;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("no answer before the deadline".into());
+        }
+        match TcpStream::connect_timeout(&target, left.min(Duration::from_secs(2))) {
+            Ok(s) => {
+                s.set_nodelay(true).ok();
+                return Ok(s);
+            }
+            // The peer may not listen yet, or its backlog is full: try again shortly.
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    while !shared.stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, from)) => {
+                let shared = Arc::clone(&shared);
+                let _ = thread::Builder::new()
+                    .name(format!("dualcomm-recv-{}", shared.rank))
+                    .spawn(move || serve(shared, stream, from));
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(5)),
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn reject(shared: &Shared, from: SocketAddr, why: &str) {
+    shared.rejected.fetch_add(1, Ordering::Relaxed);
+    eprintln!(
+        "dualcomm: rank {} dropped a connection from {from}: {why}",
+        shared.rank
+    );
+}
+
+/// Checks the hello; returns the authenticated peer rank.
+fn hello(shared: &Shared, stream: &mut TcpStream) -> std::result::Result<usize, String> {
+    let mut b = [0u8; HELLO_BYTES];
+    stream
+        .read_exact(&mut b)
+        .map_err(|e| format!("incomplete hello ({e})"))?;
+    if b[0..4] != MAGIC {
+        return Err("not a dualcomm connection".into());
+    }
+    let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap()) as usize;
+    if u32_at(4) != VERSION as usize {
+        return Err(format!(
+            "protocol version {}, expected {VERSION}",
+            u32_at(4)
+        ));
+    }
+    if u32_at(8) != shared.world {
+        return Err(format!(
+            "world of {} ranks, this one has {}",
+            u32_at(8),
+            shared.world
+        ));
+    }
+    let peer = u32_at(12);
+    if peer >= shared.world || peer == shared.rank {
+        return Err(format!("claims to be rank {peer}"));
+    }
+    // Compare all bytes whatever the first mismatch, so timing tells nothing.
+    let diff = b[16..]
+        .iter()
+        .zip(&shared.secret)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    if diff != 0 {
+        return Err("wrong job secret".into());
+    }
+    Ok(peer)
+}
+
+fn serve(shared: Arc<Shared>, mut stream: TcpStream, from: SocketAddr) {
+    stream.set_nonblocking(false).ok();
+    stream.set_read_timeout(Some(HELLO_TIMEOUT)).ok();
+    let peer = match hello(&shared, &mut stream) {
+        Ok(p) => p,
+        Err(why) => return reject(&shared, from, &why),
+    };
+    {
+        let mut inbound = shared.inbound.lock().unwrap();
+        if inbound[peer].is_some() {
+            drop(inbound);
+            return reject(&shared, from, &format!("rank {peer} is already connected"));
+        }
+        inbound[peer] = stream.try_clone().ok();
+        shared.inbound_changed.notify_all();
+    }
+    stream.set_read_timeout(None).ok();
+    let lens = shared.region_lens();
+    let mut said_goodbye = false;
+    loop {
+        let mut hb = [0u8; FRAME_HEADER_BYTES];
+        if let Err(e) = stream.read_exact(&mut hb) {
+            if !said_goodbye && !shared.stop.load(Ordering::Relaxed) {
+                shared.lose(peer, format!("its connection broke ({e})"));
+            }
+            return;
+        }
+        match validate(&FrameHeader::decode(&hb), &lens) {
+            Ok(Frame::Goodbye { completed_ops }) => {
+                *shared.gone[peer].lock().unwrap() = Some(Departure {
+                    reason: format!("it left after {completed_ops} operations"),
+                    completed_ops: Some(completed_ops),
+                });
+                said_goodbye = true;
+                shared.cq.wake();
+            }
+            Ok(Frame::Write {
+                region,
+                tier,
+                offset,
+                len,
+                imm,
+            }) => {
+                // SAFETY: validated to lie inside the region; the range belongs to this
+                // writer until the owner hands it back (protocol credits).
+                let dst = match unsafe { shared.regions[region as usize].range_mut(offset, len) } {
+                    Ok(d) => d,
+                    Err(e) => return shared.lose(peer, e.to_string()),
+                };
+                if let Err(e) = stream.read_exact(dst) {
+                    return shared.lose(peer, format!("its connection broke mid-write ({e})"));
+                }
+                shared.cq.push(Completion {
+                    src: peer,
+                    tier,
+                    region,
+                    offset,
+                    len,
+                    imm,
+                });
+            }
+            Err(why) => {
+                eprintln!(
+                    "dualcomm: rank {} dropped rank {peer}: invalid frame: {why}",
+                    shared.rank
+                );
+                stream.shutdown(Shutdown::Both).ok();
+                return shared.lose(peer, format!("it sent an invalid frame ({why})"));
+            }
+        }
+    }
+}
+
+impl Transport for TcpTransport {
+    fn rank(&self) -> usize {
+        self.shared.rank
+    }
+
+    fn region_len(&self, region: RegionId) -> usize {
+        self.shared.regions[region as usize].len()
+    }
+
+    fn write_with_imm(
+        &self,
+        peer: usize,
+        tier: Tier,
+        region: RegionId,
+        offset: usize,
+        segments: &[&[u8]],
+        imm: u32,
+    ) -> Result<()> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(Error::Destroyed);
+        }
+        let Some(sender) = self.senders.get(peer).and_then(Option::as_ref) else {
+            return Err(Error::invalid(
+                "peer",
+                format!("another rank in [0, {})", self.shared.world),
+                peer,
+            ));
+        };
+        if let Some(d) = self.peer_gone(peer) {
+            return Err(Error::PeerLost {
+                peer,
+                reason: d.reason,
+            });
+        }
+        let len: usize = segments.iter().map(|s| s.len()).sum();
+        let header = FrameHeader {
+            kind: KIND_WRITE,
+            region: region as u8,
+            tier: tier as u8,
+            imm,
+            offset: offset as u64,
+            len: len as u64,
+        };
+        let mut s = sender.lock().unwrap();
+        let sent = s
+            .write_all(&header.encode())
+            .and_then(|_| segments.iter().try_for_each(|seg| s.write_all(seg)));
+        if let Err(e) = sent {
+            self.shared
+                .lose(peer, format!("a write to it failed ({e})"));
+            return Err(Error::PeerLost {
+                peer,
+                reason: format!("a write to it failed ({e})"),
+            });
+        }
+        self.wire.add(tier, FRAME_HEADER_BYTES + len);
+        Ok(())
+    }
+
+    fn poll(&self, out: &mut Vec<Completion>, deadline: Instant) -> Result<usize> {
+        Ok(self.shared.cq.poll(out, deadline))
+    }
+
+    fn local(&self, region: RegionId, offset: usize, len: usize) -> Result<&[u8]> {
+        self.shared.regions[region as usize].range(offset, len)
+    }
+
+    fn peer_gone(&self, peer: usize) -> Option<Departure> {
+        self.shared.gone.get(peer)?.lock().unwrap().clone()
+    }
+
+    fn shutdown(&self, completed_ops: u64) {
+        if self.closed.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        self.shared.stop.store(true, Ordering::Relaxed);
+        let bye = FrameHeader {
+            kind: KIND_GOODBYE,
+            region: 0,
+            tier: 0,
+            imm: 0,
+            offset: completed_ops,
+            len: 0,
+        }
+        .encode();
+        for sender in self.senders.iter().flatten() {
+            let mut s = sender.lock().unwrap();
+            s.write_all(&bye).ok();
+            s.shutdown(Shutdown::Write).ok();
+        }
+        for s in self.shared.inbound.lock().unwrap().iter().flatten() {
+            s.shutdown(Shutdown::Both).ok();
+        }
+        self.shared.cq.wake();
+    }
+
+    fn wire_bytes(&self) -> &TierCounters {
+        &self.wire
+    }
+}
+
+impl Drop for TcpTransport {
+    fn drop(&mut self) {
+        self.shutdown(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 50_000, ..ProptestConfig::default() })]
+        /// Fuzzes the frame decoder: whatever 24 bytes arrive, validation either refuses them
+        /// or yields a write that lies inside its region.
+        #[test]
+        fn any_header_is_refused_or_in_bounds(bytes in proptest::array::uniform24(any::<u8>()),
+                                              lens in proptest::array::uniform3(0usize..1 << 20)) {
+            let h = FrameHeader::decode(&bytes);
+            if let Ok(Frame::Write { region, offset, len, .. }) = validate(&h, &lens) {
+                prop_assert!(offset + len <= lens[region as usize]);
+            }
+        }
+
+        #[test]
+        fn headers_round_trip(kind in 0u8..4, region in 0u8..4, tier in 0u8..3, imm in any::<u32>(),
+                              offset in any::<u64>(), len in any::<u64>()) {
+            let h = FrameHeader { kind, region, tier, imm, offset, len };
+            prop_assert_eq!(FrameHeader::decode(&h.encode()), h);
+        }
+    }
+
+    #[test]
+    fn refuses_out_of_range_writes() {
+        let lens = [100, 0, 64];
+        let w = |region, offset, len| FrameHeader {
+            kind: KIND_WRITE,
+            region,
+            tier: 1,
+            imm: 0,
+            offset,
+            len,
+        };
+        assert!(validate(&w(0, 90, 10), &lens).is_ok());
+        assert!(validate(&w(0, 90, 11), &lens).is_err());
+        assert!(validate(&w(1, 0, 1), &lens).is_err());
+        assert!(validate(&w(3, 0, 0), &lens).is_err());
+        assert!(validate(&w(0, u64::MAX, 2), &lens).is_err());
+    }
+}
