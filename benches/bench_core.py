@@ -84,9 +84,7 @@ def torch_dispatch_combine(xs, in_ranks):
 def bench_loopback(worlds, tokens: int, rounds: int):
     hidden, k = 7168, 8
     rows = []
-    print(
-        f"\nloopback dispatch + combine: hidden {hidden} bf16, top-{k}, {tokens} tokens/rank, {rounds} rounds"
-    )
+    print(f"\nloopback dispatch + combine: hidden {hidden} bf16, top-{k}, {tokens} tokens/rank, {rounds} rounds")
     print(
         f"  {'world':<6}{'payload MB':>11}{'dualcomm GB/s':>15}{'memcpy GB/s':>13}{'ratio':>8}"
         f"{'torch GB/s':>12}{'vs torch':>10}"

@@ -29,11 +29,7 @@ def _layout_args(buf: Buffer, inp: ref.RankInput, num_experts: int) -> dict:
 
 def _rows_for_combine(recv_x: torch.Tensor, rank: int) -> torch.Tensor:
     """What a rank's "experts" return: a rank-dependent multiple, exact in bf16."""
-    return (
-        recv_x.float()
-        .mul(rank % 3 + 1)
-        .to(torch.float32 if recv_x.dtype == torch.float32 else torch.bfloat16)
-    )
+    return recv_x.float().mul(rank % 3 + 1).to(torch.float32 if recv_x.dtype == torch.float32 else torch.bfloat16)
 
 
 def _run_case(num_nodes, rpn, tokens, hidden, num_topk, num_experts, dtype, use_topk, alignment, seed):
@@ -46,9 +42,7 @@ def _run_case(num_nodes, rpn, tokens, hidden, num_topk, num_experts, dtype, use_
         before = buf.stats()
         if use_topk:
             args.update(topk_idx=inp.topk_idx, topk_weights=inp.topk_weights)
-        recv_x, recv_idx, recv_w, counts, handle, event = buf.dispatch(
-            _x_of(inp), expert_alignment=alignment, **args
-        )
+        recv_x, recv_idx, recv_w, counts, handle, event = buf.dispatch(_x_of(inp), expert_alignment=alignment, **args)
         event.current_stream_wait()
         mid = buf.stats()
         data = recv_x[0] if isinstance(recv_x, tuple) else recv_x
@@ -196,9 +190,7 @@ def test_streams_through_buffers_20x_smaller_than_payload():
     def body(buf: Buffer):
         inp = inputs[buf.rank]
         args = _layout_args(buf, inp, 16)
-        recv_x, _, _, _, handle, _ = buf.dispatch(
-            inp.x, topk_idx=inp.topk_idx, topk_weights=inp.topk_weights, **args
-        )
+        recv_x, _, _, _, handle, _ = buf.dispatch(inp.x, topk_idx=inp.topk_idx, topk_weights=inp.topk_weights, **args)
         combined, _, _ = buf.combine(recv_x, handle)
         return recv_x, combined, buf.stats(), args["is_token_in_rank"]
 

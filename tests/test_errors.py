@@ -48,9 +48,7 @@ def _good_round(buf: Buffer) -> torch.Tensor:
     return combined
 
 
-def _expect_error_then_recover(
-    bad, exc=InvalidArgumentError, match: str | None = None, topology=(2, 2), **kw
-):
+def _expect_error_then_recover(bad, exc=InvalidArgumentError, match: str | None = None, topology=(2, 2), **kw):
     """Runs `bad(buf)` on every rank; each must raise `exc` matching `match`; then a good round."""
 
     def body(buf: Buffer):
@@ -73,9 +71,7 @@ def test_wrong_dtype():
         itr = _layout(buf)[3]
         buf.dispatch(x.to(torch.int32), is_token_in_rank=itr)
 
-    msgs = _expect_error_then_recover(
-        bad, match=r"^x: expected dtype torch.bfloat16 or torch.float32, got torch.int32"
-    )
+    msgs = _expect_error_then_recover(bad, match=r"^x: expected dtype torch.bfloat16 or torch.float32, got torch.int32")
     assert all("x" in m for m in msgs)
 
 
@@ -100,9 +96,7 @@ def test_mismatched_token_counts():
         pr, pn, pe, itr, _ = _layout(buf)
         buf.dispatch(x[:4], is_token_in_rank=itr[:4], num_tokens_per_expert=pe, topk_idx=idx, topk_weights=w)
 
-    _expect_error_then_recover(
-        bad_idx, match=r"^topk_idx: expected 4 rows \(one per token of x\), got 6 rows"
-    )
+    _expect_error_then_recover(bad_idx, match=r"^topk_idx: expected 4 rows \(one per token of x\), got 6 rows")
 
     def bad_w(buf):
         x, idx, w = _inputs(buf.rank)
@@ -115,9 +109,7 @@ def test_mismatched_token_counts():
         x, idx, w = _inputs(buf.rank)
         buf.dispatch(x, is_token_in_rank=_layout(buf)[3][:3])
 
-    _expect_error_then_recover(
-        bad_itr, match=r"^is_token_in_rank: expected shape \[6, 4\], got shape \[3, 4\]"
-    )
+    _expect_error_then_recover(bad_itr, match=r"^is_token_in_rank: expected shape \[6, 4\], got shape \[3, 4\]")
 
 
 @pytest.mark.parametrize("value", [E, -2, 1 << 40])
@@ -140,18 +132,14 @@ def test_expert_index_out_of_range_in_dispatch_itself():
         idx[0, 0] = 99
         buf.dispatch(x, is_token_in_rank=itr, num_tokens_per_expert=pe, topk_idx=idx, topk_weights=w)
 
-    _expect_error_then_recover(
-        bad, match=r"topk_idx\[0, 0\]: expected -1 or an expert index in \[0, 8\), got 99"
-    )
+    _expect_error_then_recover(bad, match=r"topk_idx\[0, 0\]: expected -1 or an expert index in \[0, 8\), got 99")
 
 
 def test_num_experts_not_divisible_by_world_size():
     def bad(buf):
         buf.get_dispatch_layout(torch.zeros(T, K, dtype=torch.int64), 6)
 
-    _expect_error_then_recover(
-        bad, match=r"^num_experts: expected a positive multiple of the world size 4, got 6"
-    )
+    _expect_error_then_recover(bad, match=r"^num_experts: expected a positive multiple of the world size 4, got 6")
 
 
 def test_fp8_hidden_not_divisible_by_128():
@@ -160,9 +148,7 @@ def test_fp8_hidden_not_divisible_by_128():
         x = torch.zeros(T, 100).to(torch.float8_e4m3fn)
         buf.dispatch((x, torch.ones(T, 1)), is_token_in_rank=itr)
 
-    _expect_error_then_recover(
-        bad, match=r"^x\[0\]: expected a hidden size divisible by 128 for FP8, got 100"
-    )
+    _expect_error_then_recover(bad, match=r"^x\[0\]: expected a hidden size divisible by 128 for FP8, got 100")
 
     def bad_scales(buf):
         itr = _layout(buf)[3]
@@ -312,15 +298,15 @@ def test_mismatched_buffer_sizes_are_refused_at_construction():
     assert "num_nvl_bytes=65536" in str(errors[0]) and "num_nvl_bytes=131072" in str(errors[0])
 
 
-def test_process_group_is_reported_as_not_yet_available():
-    class ProcessGroup:  # stands in for torch.distributed's, which needs init_process_group
-        pass
-
-    with pytest.raises(TransportUnavailableError, match="multi-process runtime"):
-        Buffer(ProcessGroup())
-    with pytest.raises(InvalidArgumentError, match=r"^group: expected a dualcomm LoopbackGroup"):
-        Buffer(object())
+def test_bad_group_and_transport_choices():
     with pytest.raises(
-        InvalidArgumentError, match=r"^num_nvl_bytes: expected a non-negative int, got int -1"
+        InvalidArgumentError, match=r"^group: expected a torch.distributed ProcessGroup or a dualcomm LoopbackGroup"
     ):
+        Buffer(object())
+    with pytest.raises(InvalidArgumentError, match=r"^num_nvl_bytes: expected a non-negative int, got int -1"):
         Buffer(object(), num_nvl_bytes=-1)
+    with pytest.raises(InvalidArgumentError, match=r"^transport: expected 'auto', 'tcp', 'shm' or 'loopback'"):
+        Buffer(object(), transport="ib")
+    group = dualcomm.LoopbackGroup(LoopbackWorld(1), 0, 1, 1)
+    with pytest.raises(TransportUnavailableError, match="loopback world runs as threads of one process"):
+        Buffer(group, transport="tcp")

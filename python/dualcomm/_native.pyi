@@ -16,6 +16,7 @@ __all__ = [
     "LoopbackWorld",
     "PeerLostError",
     "ProtocolError",
+    "TcpListener",
     "TransportUnavailableError",
     "__version__",
 ]
@@ -36,6 +37,12 @@ class LoopbackWorld:
     def __new__(cls, world_size: int) -> LoopbackWorld: ...
     @property
     def world_size(self) -> int: ...
+
+@final
+class TcpListener:
+    def __new__(cls, host: str) -> TcpListener: ...
+    @property
+    def address(self) -> str: ...
 
 @final
 class Handle:
@@ -60,6 +67,18 @@ class Endpoint:
         num_rdma_bytes: int,
         timeout_s: float,
     ) -> Endpoint: ...
+    @staticmethod
+    def tcp(
+        listener: TcpListener,
+        num_nodes: int,
+        ranks_per_node: int,
+        rank: int,
+        peers: list[str],
+        secret: bytes,
+        num_nvl_bytes: int,
+        num_rdma_bytes: int,
+        timeout_s: float,
+    ) -> Endpoint: ...
     @property
     def rank(self) -> int: ...
     @property
@@ -70,11 +89,11 @@ class Endpoint:
     def id(self) -> int: ...
     @property
     def destroyed(self) -> bool: ...
+    @property
+    def address(self) -> str | None: ...
     def layout(
         self, topk_idx: npt.NDArray[np.int64], num_experts: int
-    ) -> tuple[
-        npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.bool_]
-    ]: ...
+    ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.bool_]]: ...
     def dispatch(
         self,
         x: npt.NDArray[np.uint8],

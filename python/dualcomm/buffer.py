@@ -58,6 +58,14 @@ class Config:
     num_max_rdma_chunked_recv_tokens: int = 256
 
 
+def _is_process_group(group: object) -> bool:
+    try:
+        import torch.distributed as dist
+    except ImportError:  # a torch build without distributed support
+        return False
+    return dist.is_available() and isinstance(group, dist.ProcessGroup)
+
+
 def _bytes2d(t: torch.Tensor, row_bytes: int) -> np.ndarray:
     """A zero-copy `[rows, row_bytes]` uint8 NumPy view of a contiguous CPU tensor."""
     return t.view(torch.uint8).reshape(t.shape[0], row_bytes).numpy()
@@ -71,13 +79,17 @@ class Buffer:
     """Expert-parallel communication buffer of one rank (DeepEP-compatible).
 
     Args:
-        group: the ranks of the expert-parallel group. A `LoopbackGroup` (threads of this
-            process, see `dualcomm.testing.run_loopback`).
+        group: the ranks of the expert-parallel group: a `torch.distributed` ProcessGroup (one
+            process per rank; endpoints are exchanged through it), or a `LoopbackGroup` (threads
+            of this process, see `dualcomm.testing.run_loopback`).
         num_nvl_bytes: bytes of receive rings for ranks of the same node (split evenly among
             them). Any number of tokens streams through; it must hold one token record.
         num_rdma_bytes: the same for the other nodes.
-        ranks_per_node: overrides the group's layout, so one machine can emulate several nodes.
+        ranks_per_node: overrides the layout found from host names, so one machine can
+            emulate several nodes.
         timeout: seconds any wait may take before it fails with `CommTimeoutError`.
+        transport: "auto" (loopback for a LoopbackGroup, TCP for a process group), "tcp",
+            "loopback"; "shm" is refused with a reason until the shared-memory transport lands.
     """
 
     num_sms: int = 20
@@ -95,48 +107,63 @@ class Buffer:
         *,
         ranks_per_node: int | None = None,
         timeout: float = 300.0,
+        transport: str = "auto",
     ) -> None:
         for name, v in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise _checks.fail(name, "a non-negative int", _checks.describe(v))
         if low_latency_mode:
-            raise _checks.fail(
-                "low_latency_mode", "False (the low-latency kernels are not part of dualcomm yet)", True
-            )
+            raise _checks.fail("low_latency_mode", "False (the low-latency kernels are not part of dualcomm yet)", True)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise _checks.fail("timeout", "a positive number of seconds", _checks.describe(timeout))
-        if not isinstance(group, LoopbackGroup):
-            if type(group).__name__ in ("ProcessGroup", "ProcessGroupGloo", "ProcessGroupNCCL"):
-                raise TransportUnavailableError(
-                    "group: torch.distributed process groups need the multi-process runtime "
-                    "(shared memory and TCP transports), which this version does not ship yet; "
-                    "use dualcomm.testing.run_loopback for an in-process world"
-                )
-            raise _checks.fail("group", "a dualcomm LoopbackGroup", _checks.describe(group))
-        rpn = group.ranks_per_node if ranks_per_node is None else ranks_per_node
-        if rpn != group.ranks_per_node:
-            raise _checks.fail(
-                "ranks_per_node",
-                f"{group.ranks_per_node} (the loopback world's layout)",
-                ranks_per_node,
-            )
+        if transport not in ("auto", "loopback", "tcp", "shm"):
+            raise _checks.fail("transport", "'auto', 'tcp', 'shm' or 'loopback'", repr(transport))
         self.group = group
-        self.rank: int = group.rank
-        self.group_size: int = group.size()
         self.num_nvl_bytes = num_nvl_bytes
         self.num_rdma_bytes = num_rdma_bytes
-        self.num_nodes: int = group.num_nodes
-        self.ranks_per_node: int = rpn
         self.explicitly_destroy = explicitly_destroy
-        self._ep = Endpoint.loopback(
-            group.world,
-            group.num_nodes,
-            rpn,
-            group.rank,
-            num_nvl_bytes,
-            num_rdma_bytes,
-            float(timeout),
-        )
+        if isinstance(group, LoopbackGroup):
+            if transport not in ("auto", "loopback"):
+                raise TransportUnavailableError(
+                    f"transport={transport!r}: a loopback world runs as threads of one process; "
+                    "sockets and shared memory need a torch.distributed process group"
+                )
+            if ranks_per_node is not None and ranks_per_node != group.ranks_per_node:
+                raise _checks.fail(
+                    "ranks_per_node", f"{group.ranks_per_node} (the loopback world's layout)", ranks_per_node
+                )
+            self.transport = "loopback"
+            self._ep = Endpoint.loopback(
+                group.world,
+                group.num_nodes,
+                group.ranks_per_node,
+                group.rank,
+                num_nvl_bytes,
+                num_rdma_bytes,
+                float(timeout),
+            )
+        elif _is_process_group(group):
+            if transport == "loopback":
+                raise TransportUnavailableError(
+                    "transport='loopback': a process group's ranks are separate processes; use 'tcp' or 'auto'"
+                )
+            if transport == "shm":
+                raise TransportUnavailableError(
+                    "transport='shm': the shared-memory transport is not part of this version yet; "
+                    "'auto' and 'tcp' use TCP for both tiers"
+                )
+            from dualcomm._bootstrap import tcp_endpoint
+
+            self.transport = "tcp"
+            self._ep = tcp_endpoint(group, num_nvl_bytes, num_rdma_bytes, ranks_per_node, float(timeout))
+        else:
+            raise _checks.fail(
+                "group", "a torch.distributed ProcessGroup or a dualcomm LoopbackGroup", _checks.describe(group)
+            )
+        self.rank: int = self._ep.rank
+        self.num_nodes: int = self._ep.num_nodes
+        self.ranks_per_node: int = self._ep.ranks_per_node
+        self.group_size: int = self.num_nodes * self.ranks_per_node
 
     # ---- DeepEP class-level helpers -------------------------------------------------------
 
@@ -168,9 +195,7 @@ class Buffer:
         if isinstance(num_experts, bool) or not isinstance(num_experts, int):
             raise _checks.fail("num_experts", "an int", _checks.describe(num_experts))
         if num_experts <= 0 or num_experts % self.group_size:
-            raise _checks.fail(
-                "num_experts", f"a positive multiple of the world size {self.group_size}", num_experts
-            )
+            raise _checks.fail("num_experts", f"a positive multiple of the world size {self.group_size}", num_experts)
         per_rank, per_node, per_expert, in_rank = self._ep.layout(topk.numpy(), num_experts)
         t = topk.shape[0]
         return (
@@ -229,11 +254,7 @@ class Buffer:
         """
         data, scales = self._split_x(x)
         t, hidden = data.shape
-        if (
-            isinstance(expert_alignment, bool)
-            or not isinstance(expert_alignment, int)
-            or expert_alignment < 1
-        ):
+        if isinstance(expert_alignment, bool) or not isinstance(expert_alignment, int) or expert_alignment < 1:
             raise _checks.fail("expert_alignment", "an int >= 1", _checks.describe(expert_alignment))
         if handle is not None:
             self._check_handle(handle)
@@ -258,9 +279,7 @@ class Buffer:
             w = _checks.tensor("topk_weights", topk_weights, (torch.float32,), 2)
             _checks.shape("topk_weights", w, idx.shape)
             if num_tokens_per_expert is None:
-                raise _checks.fail(
-                    "num_tokens_per_expert", "a tensor (its length is the number of experts)", None
-                )
+                raise _checks.fail("num_tokens_per_expert", "a tensor (its length is the number of experts)", None)
             num_experts = int(num_tokens_per_expert.numel())
             topk_np = (idx.numpy(), w.numpy())
         elif handle is None and topk_weights is not None:
@@ -339,9 +358,7 @@ class Buffer:
             got = _checks.tensor("num_tokens_per_rdma_rank", per_node, (torch.int32, torch.int64), 1)
             want = in_rank.reshape(-1, self.num_nodes, self.ranks_per_node).any(2).sum(0)
             if not torch.equal(got.to(torch.int64), want.to(torch.int64)):
-                raise _checks.fail(
-                    "num_tokens_per_rdma_rank", f"{want.tolist()} (tokens per node)", got.tolist()
-                )
+                raise _checks.fail("num_tokens_per_rdma_rank", f"{want.tolist()} (tokens per node)", got.tolist())
 
     # ---- combine ----------------------------------------------------------------------------
 
@@ -374,9 +391,7 @@ class Buffer:
         name = _COMBINE_NAMES[rows.dtype]
         out_name = "float32" if biases else name
         hidden = rows.shape[1]
-        out, out_w = self._ep.combine(
-            _bytes2d(rows, hidden * rows.element_size()), name, handle, w_np, out_name
-        )
+        out, out_w = self._ep.combine(_bytes2d(rows, hidden * rows.element_size()), name, handle, w_np, out_name)
         t = handle.num_tokens
         combined = _from_bytes(out, torch.float32 if biases else rows.dtype, t, hidden)
         if biases:
@@ -416,6 +431,11 @@ class Buffer:
         """Leaves the world; later calls raise `BufferDestroyedError`. Peers waiting on this
         rank fail with `PeerLostError`."""
         self._ep.destroy()
+
+    @property
+    def address(self) -> str | None:
+        """Where peers reach this rank (`host:port` over TCP; None in a loopback world)."""
+        return self._ep.address
 
     @property
     def destroyed(self) -> bool:

@@ -94,9 +94,7 @@ def dispatch(
 ) -> DispatchResult:
     """Differentiable dispatch: gradients flow to `x` and `topk_weights`."""
     box = _HandleBox()
-    recv_x, recv_idx, recv_w = _Dispatch.apply(
-        x, topk_weights, buffer, topk_idx, num_experts, expert_alignment, box
-    )
+    recv_x, recv_idx, recv_w = _Dispatch.apply(x, topk_weights, buffer, topk_idx, num_experts, expert_alignment, box)
     assert box.handle is not None and box.per_expert is not None
     return DispatchResult(recv_x, recv_idx, recv_w, box.per_expert, box.handle)
 

@@ -63,8 +63,7 @@ def run_loopback(
                 buffer.destroy()
 
     threads = [
-        threading.Thread(target=rank_main, args=(r,), name=f"dualcomm-rank-{r}", daemon=True)
-        for r in range(world_size)
+        threading.Thread(target=rank_main, args=(r,), name=f"dualcomm-rank-{r}", daemon=True) for r in range(world_size)
     ]
     for t in threads:
         t.start()

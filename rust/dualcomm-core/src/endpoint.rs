@@ -48,6 +48,8 @@ pub struct Stats {
     pub rdma_wire_bytes: u64,
     /// Operations completed.
     pub operations: u64,
+    /// Incoming connections the transport refused (TCP: bad hello or wrong secret).
+    pub rejected_connections: u64,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -240,7 +242,13 @@ impl Endpoint {
             nvl_wire_bytes: wire.get(Tier::Nvl),
             rdma_wire_bytes: wire.get(Tier::Rdma),
             operations: self.seq,
+            rejected_connections: self.transport.rejected_connections(),
         }
+    }
+
+    /// Where peers reach this rank (TCP: `host:port`).
+    pub fn address(&self) -> Option<String> {
+        self.transport.address()
     }
 
     pub fn is_destroyed(&self) -> bool {

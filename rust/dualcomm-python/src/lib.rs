@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use dualcomm_core::transport::loopback::LoopbackFabric;
+use dualcomm_core::transport::tcp::{SECRET_BYTES, TcpBinding};
 use dualcomm_core::{
     CombineArgs, Config, DispatchArgs, DispatchHandle, Dtype, Endpoint as CoreEndpoint, Error,
     Route, TopkArgs, Topology,
@@ -25,6 +26,21 @@ fn slice<'a, T: numpy::Element>(arr: &'a PyReadonlyArray2<'_, T>, name: &str) ->
             "a C-contiguous array",
             "a strided view",
         ))
+    })
+}
+
+fn config(num_nvl_bytes: usize, num_rdma_bytes: usize, timeout_s: f64) -> PyResult<Config> {
+    if !(timeout_s.is_finite() && timeout_s > 0.0) {
+        return Err(to_py(Error::invalid(
+            "timeout",
+            "a positive number of seconds",
+            timeout_s,
+        )));
+    }
+    Ok(Config {
+        num_nvl_bytes,
+        num_rdma_bytes,
+        timeout: Duration::from_secs_f64(timeout_s),
     })
 }
 
@@ -54,6 +70,32 @@ impl LoopbackWorld {
     #[getter]
     fn world_size(&self) -> usize {
         self.fabric.world_size()
+    }
+}
+
+/// A bound listening socket for the TCP transport; its address is published through the
+/// bootstrap before `Endpoint.tcp` connects everybody.
+#[pyclass(module = "dualcomm._native", frozen)]
+struct TcpListener {
+    inner: Mutex<Option<TcpBinding>>,
+    address: String,
+}
+
+#[pymethods]
+impl TcpListener {
+    #[new]
+    fn new(host: &str) -> PyResult<Self> {
+        let b = TcpBinding::bind(host).map_err(to_py)?;
+        Ok(Self {
+            address: b.local_addr().to_string(),
+            inner: Mutex::new(Some(b)),
+        })
+    }
+
+    /// `host:port` this listener accepts connections on.
+    #[getter]
+    fn address(&self) -> String {
+        self.address.clone()
     }
 }
 
@@ -145,22 +187,55 @@ impl Endpoint {
         num_rdma_bytes: usize,
         timeout_s: f64,
     ) -> PyResult<Self> {
-        if !(timeout_s.is_finite() && timeout_s > 0.0) {
-            return Err(to_py(Error::invalid(
-                "timeout",
-                "a positive number of seconds",
-                timeout_s,
-            )));
-        }
+        let config = config(num_nvl_bytes, num_rdma_bytes, timeout_s)?;
         let topo = Topology::new(num_nodes, ranks_per_node).map_err(to_py)?;
-        let config = Config {
-            num_nvl_bytes,
-            num_rdma_bytes,
-            timeout: Duration::from_secs_f64(timeout_s),
-        };
         let fabric = Arc::clone(&world.fabric);
         let ep = py
             .detach(move || CoreEndpoint::loopback(&fabric, topo, rank, config))
+            .map_err(to_py)?;
+        Ok(Self {
+            rank,
+            num_nodes,
+            ranks_per_node,
+            id: ep.id(),
+            inner: Mutex::new(ep),
+        })
+    }
+
+    /// Joins a world over TCP; blocks (GIL released) until every rank is connected.
+    #[staticmethod]
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (listener, num_nodes, ranks_per_node, rank, peers, secret, num_nvl_bytes, num_rdma_bytes, timeout_s))]
+    fn tcp(
+        py: Python<'_>,
+        listener: &TcpListener,
+        num_nodes: usize,
+        ranks_per_node: usize,
+        rank: usize,
+        peers: Vec<String>,
+        secret: Vec<u8>,
+        num_nvl_bytes: usize,
+        num_rdma_bytes: usize,
+        timeout_s: f64,
+    ) -> PyResult<Self> {
+        let config = config(num_nvl_bytes, num_rdma_bytes, timeout_s)?;
+        let topo = Topology::new(num_nodes, ranks_per_node).map_err(to_py)?;
+        let secret: [u8; SECRET_BYTES] = secret.as_slice().try_into().map_err(|_| {
+            to_py(Error::invalid(
+                "secret",
+                format!("{SECRET_BYTES} bytes"),
+                format!("{} bytes", secret.len()),
+            ))
+        })?;
+        let binding = listener.inner.lock().unwrap().take().ok_or_else(|| {
+            to_py(Error::invalid(
+                "listener",
+                "a listener not used by another endpoint",
+                "one already used",
+            ))
+        })?;
+        let ep = py
+            .detach(move || CoreEndpoint::tcp(binding, topo, rank, &peers, secret, config))
             .map_err(to_py)?;
         Ok(Self {
             rank,
@@ -345,11 +420,18 @@ impl Endpoint {
         d.set_item("nvl_wire_bytes", s.nvl_wire_bytes)?;
         d.set_item("rdma_wire_bytes", s.rdma_wire_bytes)?;
         d.set_item("operations", s.operations)?;
+        d.set_item("rejected_connections", s.rejected_connections)?;
         Ok(d)
     }
 
     fn destroy(&self, py: Python<'_>) {
         py.detach(|| self.lock().destroy());
+    }
+
+    /// Where peers reach this rank (`host:port` over TCP; None in a loopback world).
+    #[getter]
+    fn address(&self) -> Option<String> {
+        self.lock().address()
     }
 
     #[getter]
@@ -363,6 +445,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<LoopbackWorld>()?;
     m.add_class::<Endpoint>()?;
     m.add_class::<Handle>()?;
+    m.add_class::<TcpListener>()?;
     errors::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

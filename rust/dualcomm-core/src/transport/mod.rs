@@ -121,4 +121,14 @@ pub trait Transport: Send + Sync {
 
     /// Every byte this rank has written, per tier.
     fn wire_bytes(&self) -> &TierCounters;
+
+    /// Where peers reach this rank, for transports with addresses.
+    fn address(&self) -> Option<String> {
+        None
+    }
+
+    /// Incoming connections refused (failed authentication or malformed), where that applies.
+    fn rejected_connections(&self) -> u64 {
+        0
+    }
 }

@@ -154,6 +154,7 @@ struct Shared {
     inbound: Mutex<Vec<Option<TcpStream>>>,
     inbound_changed: Condvar,
     rejected: AtomicU64,
+    address: String,
 }
 
 impl Shared {
@@ -208,6 +209,7 @@ impl TcpTransport {
             inbound: Mutex::new((0..world).map(|_| None).collect()),
             inbound_changed: Condvar::new(),
             rejected: AtomicU64::new(0),
+            address: binding.local_addr().to_string(),
         });
         binding
             .listener
@@ -278,11 +280,6 @@ impl TcpTransport {
         }
         drop(inbound);
         Ok(t)
-    }
-
-    /// Connections refused so far (bad hello, wrong secret, duplicate rank, ...).
-    pub fn rejected_connections(&self) -> u64 {
-        self.shared.rejected.load(Ordering::Relaxed)
     }
 }
 
@@ -547,6 +544,15 @@ impl Transport for TcpTransport {
 
     fn wire_bytes(&self) -> &TierCounters {
         &self.wire
+    }
+
+    fn address(&self) -> Option<String> {
+        Some(self.shared.address.clone())
+    }
+
+    /// Connections refused so far (bad hello, wrong secret, duplicate rank, ...).
+    fn rejected_connections(&self) -> u64 {
+        self.shared.rejected.load(Ordering::Relaxed)
     }
 }
 

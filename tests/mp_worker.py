@@ -1,0 +1,157 @@
+"""Rank programs for the multi-process tests: each runs in its own process (spawned by
+tests/test_multiprocess.py), joins a gloo process group and builds a `dualcomm.Buffer`
+from it, then saves what it saw for the parent to check."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import reference as ref
+from dualcomm import Buffer, DualcommError
+
+
+def _buffer(p: dict[str, Any]) -> Buffer:
+    return Buffer(
+        dist.group.WORLD,
+        num_nvl_bytes=p.get("nvl", 1 << 20),
+        num_rdma_bytes=p.get("rdma", 1 << 20),
+        ranks_per_node=p["rpn"],
+        timeout=p.get("timeout", 60.0),
+    )
+
+
+def _round(buf: Buffer, inp: ref.RankInput, num_experts: int) -> dict[str, Any]:
+    _, _, pe, itr, _ = buf.get_dispatch_layout(inp.topk_idx, num_experts)
+    recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
+        inp.x,
+        is_token_in_rank=itr,
+        num_tokens_per_expert=pe,
+        topk_idx=inp.topk_idx,
+        topk_weights=inp.topk_weights,
+    )
+    assert isinstance(recv_x, torch.Tensor)
+    combined, combined_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
+    return dict(
+        recv_x=recv_x,
+        recv_idx=recv_idx,
+        recv_w=recv_w,
+        counts=counts,
+        combined=combined,
+        combined_w=combined_w,
+        in_rank=itr,
+    )
+
+
+def _inputs(p: dict[str, Any]) -> list[ref.RankInput]:
+    world = p["nodes"] * p["rpn"]
+    return ref.random_inputs(world, p["tokens"], p["hidden"], p["k"], p["experts"], p["dtype"], p["seed"])
+
+
+def scenario_match(rank: int, p: dict[str, Any]) -> dict[str, Any]:
+    buf = _buffer(p)
+    out = _round(buf, _inputs(p)[rank], p["experts"])
+    out["stats"] = buf.stats()
+    out["address"] = buf.address
+    buf.destroy()
+    return out
+
+
+def scenario_killed(rank: int, p: dict[str, Any]) -> dict[str, Any]:
+    buf = _buffer(p)
+    inp = _inputs(p)[rank]
+    _round(buf, inp, p["experts"])
+    dist.barrier()
+    if rank == p["victim"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    start = time.monotonic()
+    try:
+        _round(buf, inp, p["experts"])
+        return dict(error=None, elapsed=time.monotonic() - start)
+    except DualcommError as e:
+        return dict(error=type(e).__name__, message=str(e), elapsed=time.monotonic() - start)
+
+
+def _hostile(address: str) -> None:
+    host, port = address.rsplit(":", 1)
+    hello = b"DCOM" + (1).to_bytes(4, "little") + (2).to_bytes(4, "little") + (0).to_bytes(4, "little")
+    frame = (
+        bytes([1, 0, 1, 0]) + (0).to_bytes(4, "little") + (1 << 40).to_bytes(8, "little") + (64).to_bytes(8, "little")
+    )
+    attempts = [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",  # garbage
+        hello[:9],  # truncated hello
+        hello + b"\x00" * 16 + frame + b"\xff" * 64,  # wrong secret, then an out-of-range write
+        b"DCOM" + (7).to_bytes(4, "little") + b"\x00" * 24,  # wrong protocol version
+    ]
+    for payload in attempts:
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            try:
+                s.recv(1)  # wait until the rank drops us
+            except OSError:
+                pass
+
+
+def scenario_hostile(rank: int, p: dict[str, Any]) -> dict[str, Any]:
+    buf = _buffer(p)
+    addresses: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(addresses, buf.address)
+    if rank == 0:
+        _hostile(addresses[1])
+    dist.barrier()
+    out = _round(buf, _inputs(p)[rank], p["experts"])
+    out["stats"] = buf.stats()
+    return out
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def scenario_soak(rank: int, p: dict[str, Any]) -> dict[str, Any]:
+    buf = _buffer(p)
+    inp = _inputs(p)[rank]
+    rss = []
+    for i in range(p["rounds"]):
+        _round(buf, inp, p["experts"])
+        if i in (p["rounds"] // 10, p["rounds"] - 1):
+            rss.append(_rss_bytes())
+    return dict(rss=rss, operations=buf.stats()["operations"])
+
+
+SCENARIOS = {
+    "match": scenario_match,
+    "killed": scenario_killed,
+    "hostile": scenario_hostile,
+    "soak": scenario_soak,
+}
+
+
+def run_rank(rank: int, world: int, port: int, scenario: str, params: dict[str, Any], out_dir: str) -> None:
+    torch.set_num_threads(1)
+    result: dict[str, Any]
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=90),
+        )
+        result = SCENARIOS[scenario](rank, params)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        result = {"error": type(e).__name__, "message": str(e)}
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    # Skip gloo's teardown: after a peer was killed it could wait on that peer.
+    os._exit(0)

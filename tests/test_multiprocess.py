@@ -1,0 +1,150 @@
+"""One process per rank, a real gloo process group, real sockets: results equal the
+plain-PyTorch reference and the in-process loopback world bitwise; a killed rank turns into
+errors on the others within the timeout; hostile connections change nothing; memory stays
+flat over a long run."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import mp_worker
+import pytest
+import torch
+
+import reference as ref
+from dualcomm import Buffer
+from dualcomm.testing import run_loopback
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(world: int, scenario: str, params: dict[str, Any], tmp_path: Path, timeout: float = 120) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [
+        ctx.Process(target=mp_worker.run_rank, args=(r, world, port, scenario, params, str(tmp_path)), daemon=True)
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    alive = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not alive, f"ranks {alive} did not finish within {timeout}s"
+    results = []
+    for r in range(world):
+        f = tmp_path / f"rank{r}.pt"
+        results.append(
+            torch.load(f, weights_only=False) if f.exists() else {"error": "no result", "exitcode": procs[r].exitcode}
+        )
+    return results
+
+
+def _params(nodes: int, rpn: int, **kw) -> dict[str, Any]:
+    world = nodes * rpn
+    p = dict(
+        nodes=nodes,
+        rpn=rpn,
+        tokens=[(5 * r + 7) % 19 for r in range(world)],
+        hidden=40,
+        k=3,
+        experts=3 * world,
+        dtype=torch.bfloat16,
+        seed=nodes * 10 + rpn,
+        nvl=4096,
+        rdma=4096,
+    )
+    p.update(kw)
+    return p
+
+
+@pytest.mark.parametrize("topology", [(1, 2), (1, 4), (2, 2), (4, 1)], ids=lambda t: f"{t[0]}x{t[1]}")
+def test_processes_match_reference_and_loopback(topology, tmp_path):
+    nodes, rpn = topology
+    world = nodes * rpn
+    p = _params(nodes, rpn)
+    got = launch(world, "match", p, tmp_path)
+    for g in got:
+        assert "error" not in g, g
+    inputs = mp_worker._inputs(p)
+
+    def loop(buf: Buffer):
+        return mp_worker._round(buf, inputs[buf.rank], p["experts"])
+
+    loopback = run_loopback(nodes, rpn, loop, num_nvl_bytes=p["nvl"], num_rdma_bytes=p["rdma"])
+    origins = []
+    for d in range(world):
+        want_x, _, want_idx, want_w, want_counts, origin = ref.dispatch(inputs, p["experts"], world, d)
+        origins.append(origin)
+        assert torch.equal(got[d]["recv_x"], want_x)
+        assert torch.equal(got[d]["recv_idx"], want_idx)
+        assert torch.equal(got[d]["recv_w"], want_w)
+        assert got[d]["counts"] == want_counts
+        for key in ("recv_x", "recv_idx", "recv_w", "combined", "combined_w"):
+            assert torch.equal(got[d][key], loopback[d][key]), f"{key} of rank {d} differs from loopback"
+        assert got[d]["address"].startswith("127.0.0.1:")
+    for s in range(world):
+        want = ref.combine([g["recv_x"] for g in got], origins, s, p["tokens"][s])
+        assert torch.equal(got[s]["combined"].float(), want)
+    # Byte accounting over real sockets: one crossing per (token, remote node) each way.
+    pairs = 0
+    for s, inp in enumerate(inputs):
+        in_rank = ref.layout(inp.topk_idx, p["experts"], nodes, rpn)[3]
+        node_hit = in_rank.view(-1, nodes, rpn).any(2)
+        node_hit[:, s // rpn] = False
+        pairs += int(node_hit.sum())
+    rdma = sum(g["stats"]["rdma_payload_bytes"] for g in got)
+    assert rdma == 2 * pairs * p["hidden"] * 2
+
+
+def test_killed_rank_fails_the_others_quickly(tmp_path):
+    p = _params(2, 2, victim=1, timeout=30.0)
+    got = launch(4, "killed", p, tmp_path)
+    assert got[1].get("error") == "no result"  # SIGKILLed: it saved nothing
+    for r in (0, 2, 3):
+        assert got[r]["error"] in ("PeerLostError", "CommTimeoutError"), got[r]
+        assert got[r]["elapsed"] < 30.0
+    # At least the ranks linked to the victim notice the broken connection, long before the timeout.
+    assert any(got[r]["error"] == "PeerLostError" and "rank 1" in got[r]["message"] for r in (0, 2, 3))
+    assert min(got[r]["elapsed"] for r in (0, 2, 3)) < 10.0
+    # A fresh job afterwards works.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    again = launch(4, "match", _params(2, 2), fresh)
+    assert all("error" not in g for g in again)
+
+
+def test_hostile_connections_are_dropped_and_the_job_is_unaffected(tmp_path, capfd):
+    p = _params(1, 2)
+    got = launch(2, "hostile", p, tmp_path)
+    for g in got:
+        assert "error" not in g, g
+    assert got[1]["stats"]["rejected_connections"] == 4
+    assert got[0]["stats"]["rejected_connections"] == 0
+    inputs = mp_worker._inputs(p)
+    for d in range(2):
+        assert torch.equal(got[d]["recv_x"], ref.dispatch(inputs, p["experts"], 2, d)[0])
+    err = capfd.readouterr().err
+    assert "dropped a connection" in err and "wrong job secret" in err
+
+
+def test_soak_2000_rounds_without_memory_growth(tmp_path):
+    p = _params(1, 2, tokens=[16, 16], hidden=64, rounds=2000)
+    got = launch(2, "soak", p, tmp_path, timeout=240)
+    for g in got:
+        assert "error" not in g, g
+        assert g["operations"] == 4000
+        early, late = g["rss"]
+        assert late - early < 8 << 20, f"resident memory grew by {(late - early) >> 20} MiB"
