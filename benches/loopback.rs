@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use dualcomm_core::transport::loopback::LoopbackFabric;
 use dualcomm_core::{
-    CombineArgs, Config, DispatchArgs, Dtype, Endpoint, Route, TopkArgs, Topology,
+    CombineArgs, CombineOut, Config, DispatchArgs, Dtype, Endpoint, Route, TopkArgs, Topology,
+    VecSink,
 };
 
 const HIDDEN: usize = 7168;
@@ -59,6 +60,7 @@ fn world(nodes: usize, rpn: usize, tokens: usize) -> Timing {
                 for _ in 0..ROUNDS {
                     barrier.wait();
                     let (start, before) = (Instant::now(), payload(&ep));
+                    let mut recv = VecSink::default();
                     let out = ep
                         .dispatch(
                             &DispatchArgs {
@@ -76,26 +78,31 @@ fn world(nodes: usize, rpn: usize, tokens: usize) -> Timing {
                                 expert_alignment: 1,
                             },
                             Route::Fresh(Arc::clone(&plan)),
+                            &mut recv,
                         )
                         .unwrap();
                     timing[0].0 += start.elapsed().as_secs_f64();
                     timing[0].1 += payload(&ep) - before;
                     barrier.wait();
                     let (start, before) = (Instant::now(), payload(&ep));
-                    black_box(
-                        ep.combine(
-                            &CombineArgs {
-                                x: &out.recv_x,
-                                hidden: HIDDEN,
-                                dtype: Dtype::Bf16,
-                                weights: None,
-                                num_topk: 0,
-                                out_dtype: Dtype::Bf16,
-                            },
-                            &out.handle,
-                        )
-                        .unwrap(),
-                    );
+                    let mut combined = vec![0u8; tokens * HIDDEN * 2];
+                    ep.combine(
+                        &CombineArgs {
+                            x: &recv.x,
+                            hidden: HIDDEN,
+                            dtype: Dtype::Bf16,
+                            weights: None,
+                            num_topk: 0,
+                            out_dtype: Dtype::Bf16,
+                        },
+                        &out.handle,
+                        CombineOut {
+                            x: &mut combined,
+                            weights: &mut [],
+                        },
+                    )
+                    .unwrap();
+                    black_box(&combined);
                     timing[1].0 += start.elapsed().as_secs_f64();
                     timing[1].1 += payload(&ep) - before;
                 }

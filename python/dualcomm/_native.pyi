@@ -11,6 +11,7 @@ __all__ = [
     "ConfigMismatchError",
     "DualcommError",
     "Endpoint",
+    "Event",
     "Handle",
     "InvalidArgumentError",
     "LoopbackWorld",
@@ -54,6 +55,13 @@ class Handle:
     def buffer_id(self) -> int: ...
     def recv_src_rank(self) -> npt.NDArray[np.uint32]: ...
     def recv_src_idx(self) -> npt.NDArray[np.uint32]: ...
+
+@final
+class Event:
+    def wait(self) -> list[int] | None: ...
+    @property
+    def done(self) -> bool: ...
+    def timestamps(self) -> tuple[float, float]: ...
 
 @final
 class Endpoint:
@@ -109,8 +117,8 @@ class Endpoint:
         npt.NDArray[np.uint8] | None,
         npt.NDArray[np.int64] | None,
         npt.NDArray[np.float32] | None,
-        list[int] | None,
         Handle,
+        Event,
     ]: ...
     def combine(
         self,
@@ -119,6 +127,6 @@ class Endpoint:
         handle: Handle,
         topk_weights: npt.NDArray[np.float32] | None,
         out_dtype: str,
-    ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32] | None]: ...
+    ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32] | None, Event]: ...
     def stats(self) -> dict[str, int]: ...
     def destroy(self) -> None: ...

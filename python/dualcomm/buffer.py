@@ -286,7 +286,7 @@ class Buffer:
             raise _checks.fail("topk_idx", "a tensor when topk_weights is given", None)
 
         elem = data.element_size()
-        recv, recv_scales, recv_idx, recv_w, per_expert, new_handle = self._ep.dispatch(
+        recv, recv_scales, recv_idx, recv_w, new_handle, native_event = self._ep.dispatch(
             _bytes2d(data, hidden * elem),
             None if scales is None else _bytes2d(scales, scales.shape[1] * 4),
             in_rank_np,
@@ -304,13 +304,22 @@ class Buffer:
         k = 0 if topk_np is None else topk_np[0].shape[1]
         recv_topk_idx = None if recv_idx is None else torch.from_numpy(recv_idx).reshape(n, k)
         recv_topk_w = None if recv_w is None else torch.from_numpy(recv_w).reshape(n, k)
+        per_expert: list[int] | None = None if topk_np is None else []
+        event = EventOverlap(
+            native_event,
+            extra_tensors=(recv_data,),
+            # Known when the data has arrived; an async caller's list fills in at the wait.
+            on_done=None if per_expert is None else per_expert.extend,
+        )
+        if not async_finish:
+            event.current_stream_wait()
         return (
             recv_x,
             recv_topk_idx,
             recv_topk_w,
             per_expert,
             new_handle if handle is None else handle,
-            EventOverlap(),
+            event,
         )
 
     def _check_handle(self, handle: object) -> None:
@@ -391,17 +400,30 @@ class Buffer:
         name = _COMBINE_NAMES[rows.dtype]
         out_name = "float32" if biases else name
         hidden = rows.shape[1]
-        out, out_w = self._ep.combine(_bytes2d(rows, hidden * rows.element_size()), name, handle, w_np, out_name)
+        out, out_w, native_event = self._ep.combine(
+            _bytes2d(rows, hidden * rows.element_size()), name, handle, w_np, out_name
+        )
         t = handle.num_tokens
-        combined = _from_bytes(out, torch.float32 if biases else rows.dtype, t, hidden)
+        summed = _from_bytes(out, torch.float32 if biases else rows.dtype, t, hidden)
+        combined = summed
+        on_done = None
         if biases:
-            for b in biases:
-                combined = combined + b.float()
-            combined = combined.to(rows.dtype)
+            # The sum arrives in fp32; the biases are added to it when it is complete.
+            combined = torch.empty(t, hidden, dtype=rows.dtype)
+
+            def on_done(_: object) -> None:
+                total = summed
+                for b in biases:
+                    total = total + b.float()
+                combined.copy_(total)
+
         combined_w = None
         if out_w is not None and w_np is not None:
             combined_w = torch.from_numpy(out_w).reshape(t, w_np.shape[1])
-        return combined, combined_w, EventOverlap()
+        event = EventOverlap(native_event, extra_tensors=(combined,), on_done=on_done)
+        if not async_finish:
+            event.current_stream_wait()
+        return combined, combined_w, event
 
     @staticmethod
     def _biases(bias: object, t: int, hidden: int) -> list[torch.Tensor]:
@@ -428,8 +450,8 @@ class Buffer:
         return dict(self._ep.stats())
 
     def destroy(self) -> None:
-        """Leaves the world; later calls raise `BufferDestroyedError`. Peers waiting on this
-        rank fail with `PeerLostError`."""
+        """Leaves the world at once: operations in flight fail, later calls raise
+        `BufferDestroyedError`, and peers waiting on this rank fail with `PeerLostError`."""
         self._ep.destroy()
 
     @property

@@ -5,8 +5,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::protocol::combine::{self, CombineArgs, CombineOutput, Scratch};
-use crate::protocol::dispatch::{self, DispatchArgs, DispatchHandle, DispatchOutput, Route};
+use crate::protocol::combine::{self, CombineArgs, CombineOut, Scratch};
+use crate::protocol::dispatch::{
+    self, DispatchArgs, DispatchHandle, DispatchOutput, RecvSink, Route,
+};
 use crate::protocol::op::{Session, meta_region_len};
 use crate::routing::{DispatchLayout, SendPlan, dispatch_layout};
 use crate::topology::Topology;
@@ -56,7 +58,9 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 pub struct Endpoint {
     id: u64,
-    transport: Box<dyn Transport>,
+    transport: Arc<dyn Transport>,
+    /// Operations completed, readable from other threads (the goodbye count).
+    completed: Arc<AtomicU64>,
     topo: Topology,
     config: Config,
     seq: u64,
@@ -120,7 +124,8 @@ impl Endpoint {
     pub fn new(transport: Box<dyn Transport>, topo: Topology, config: Config) -> Self {
         Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            transport,
+            transport: Arc::from(transport),
+            completed: Arc::new(AtomicU64::new(0)),
             topo,
             config,
             seq: 0,
@@ -203,34 +208,41 @@ impl Endpoint {
     /// other failure leaves the ranks out of step, so the endpoint refuses further work.
     fn finish<T>(&mut self, r: Result<T>) -> Result<T> {
         match &r {
-            Ok(_) => self.seq += 1,
+            Ok(_) => {
+                self.seq += 1;
+                self.completed.store(self.seq, Ordering::Relaxed);
+            }
             Err(Error::InvalidArgument { .. }) => {}
             Err(e) => self.broken = Some(e.to_string()),
         }
         r
     }
 
+    /// Dispatches; received rows go to the buffers `sink` supplies once their size is known.
     pub fn dispatch(
         &mut self,
         args: &DispatchArgs<'_>,
         route: Route<'_>,
+        sink: &mut dyn RecvSink,
     ) -> Result<DispatchOutput> {
         self.usable()?;
         let id = self.id;
         let (session, payload, _) = self.parts();
-        let r = dispatch::run(session, id, payload, args, route);
+        let r = dispatch::run(session, id, payload, args, route, sink);
         self.finish(r)
     }
 
+    /// Combines into `out` (`[num_tokens, hidden]` rows and `[num_tokens, num_topk]` weights).
     pub fn combine(
         &mut self,
         args: &CombineArgs<'_>,
         handle: &DispatchHandle,
-    ) -> Result<CombineOutput> {
+        out: CombineOut<'_>,
+    ) -> Result<()> {
         self.usable()?;
         let id = self.id;
         let (session, payload, scratch) = self.parts();
-        let r = combine::run(session, id, payload, args, handle, scratch);
+        let r = combine::run(session, id, payload, args, handle, scratch, out);
         self.finish(r)
     }
 
@@ -249,6 +261,21 @@ impl Endpoint {
     /// Where peers reach this rank (TCP: `host:port`).
     pub fn address(&self) -> Option<String> {
         self.transport.address()
+    }
+
+    /// The transport, for leaving the world from another thread (see `Engine::stop`).
+    pub fn transport_handle(&self) -> Arc<dyn Transport> {
+        Arc::clone(&self.transport)
+    }
+
+    /// The count of completed operations, shared with other threads.
+    pub fn completed_ops_handle(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.completed)
+    }
+
+    /// Refuses further work (after a failure that left the ranks out of step).
+    pub fn mark_broken(&mut self, why: &str) {
+        self.broken.get_or_insert_with(|| why.to_string());
     }
 
     pub fn is_destroyed(&self) -> bool {

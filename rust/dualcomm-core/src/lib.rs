@@ -3,6 +3,7 @@
 //! then forwarding inside the node), over pluggable RDMA-shaped transports. No Python here.
 
 pub mod endpoint;
+pub mod engine;
 pub mod error;
 pub mod protocol;
 pub mod routing;
@@ -10,9 +11,13 @@ pub mod topology;
 pub mod transport;
 
 pub use endpoint::{Config, Endpoint, Stats};
+pub use engine::{Engine, Ticket};
 pub use error::{Error, Result};
-pub use protocol::combine::{CombineArgs, CombineOutput};
-pub use protocol::dispatch::{DispatchArgs, DispatchHandle, DispatchOutput, Route, TopkArgs};
+pub use protocol::combine::{CombineArgs, CombineOut};
+pub use protocol::dispatch::{
+    DispatchArgs, DispatchHandle, DispatchOutput, RecvBuffers, RecvShape, RecvSink, Route,
+    TopkArgs, VecSink,
+};
 pub use protocol::reduce::Dtype;
 pub use routing::{DispatchLayout, SendPlan};
 pub use topology::Topology;

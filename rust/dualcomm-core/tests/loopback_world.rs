@@ -9,7 +9,8 @@ use std::time::Duration;
 use dualcomm_core::transport::loopback::LoopbackFabric;
 use dualcomm_core::transport::tcp::TcpBinding;
 use dualcomm_core::{
-    CombineArgs, Config, DispatchArgs, Dtype, Endpoint, Error, Route, TopkArgs, Topology,
+    CombineArgs, CombineOut, Config, DispatchArgs, Dtype, Endpoint, Error, Route, TopkArgs,
+    Topology, VecSink,
 };
 use proptest::prelude::*;
 
@@ -122,6 +123,7 @@ fn run(c: &Case) -> Vec<RankResult> {
                 };
                 let layout = ep.layout(&inp.topk_idx, t, k, e).unwrap();
                 let plan = ep.plan(&layout.is_token_in_rank, t).unwrap();
+                let mut recv = VecSink::default();
                 let out = ep
                     .dispatch(
                         &DispatchArgs {
@@ -139,33 +141,40 @@ fn run(c: &Case) -> Vec<RankResult> {
                             expert_alignment: 1,
                         },
                         Route::Fresh(plan),
+                        &mut recv,
                     )
                     .unwrap();
                 let recv_x: Vec<f32> = if bf16 {
-                    from_bf16_bytes(&out.recv_x)
+                    from_bf16_bytes(&recv.x)
                 } else {
-                    bytemuck::pod_collect_to_vec(&out.recv_x)
+                    bytemuck::pod_collect_to_vec(&recv.x)
                 };
-                let comb = ep
-                    .combine(
-                        &CombineArgs {
-                            x: &out.recv_x,
-                            hidden: h,
-                            dtype,
-                            weights: Some(&out.recv_topk_weights),
-                            num_topk: k,
-                            out_dtype: Dtype::F32,
-                        },
-                        &out.handle,
-                    )
-                    .unwrap();
+                // Garbage in the output buffers: combine must write every element.
+                let mut comb_x = vec![0xAAu8; t * h * 4];
+                let mut comb_w = vec![f32::NAN; t * k];
+                ep.combine(
+                    &CombineArgs {
+                        x: &recv.x,
+                        hidden: h,
+                        dtype,
+                        weights: Some(&recv.topk_weights),
+                        num_topk: k,
+                        out_dtype: Dtype::F32,
+                    },
+                    &out.handle,
+                    CombineOut {
+                        x: &mut comb_x,
+                        weights: &mut comb_w,
+                    },
+                )
+                .unwrap();
                 let st = ep.stats();
                 (
                     recv_x,
-                    out.recv_topk_idx,
-                    out.recv_topk_weights,
-                    bytemuck::pod_collect_to_vec(&comb.x),
-                    comb.weights,
+                    recv.topk_idx,
+                    recv.topk_weights,
+                    bytemuck::pod_collect_to_vec(&comb_x),
+                    comb_w,
                     [st.rdma_payload_bytes, st.nvl_payload_bytes],
                 )
             })
@@ -370,6 +379,7 @@ fn vanished_peer_is_an_error_not_a_hang() {
                 expert_alignment: 1,
             },
             Route::Fresh(plan),
+            &mut VecSink::default(),
         )
         .unwrap_err();
     assert!(matches!(err, Error::PeerLost { peer: 1, .. }), "{err}");

@@ -1,33 +1,27 @@
-//! `dualcomm._native`: converts NumPy views of tensors into slices, releases the GIL around
-//! every call into the core, and turns core errors into Python exceptions. No logic lives
-//! here; the Python package validates tensors and shapes the results.
+//! `dualcomm._native`: takes NumPy views of tensors, runs every operation on the buffer's
+//! progress engine with the GIL released, and turns core errors into Python exceptions. No
+//! protocol logic lives here; the Python package validates tensors and shapes the results.
 
 mod errors;
+mod jobs;
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::Duration;
 
+use dualcomm_core::routing::{SendPlan, dispatch_layout};
 use dualcomm_core::transport::loopback::LoopbackFabric;
 use dualcomm_core::transport::tcp::{SECRET_BYTES, TcpBinding};
 use dualcomm_core::{
-    CombineArgs, Config, DispatchArgs, DispatchHandle, Dtype, Endpoint as CoreEndpoint, Error,
-    Route, TopkArgs, Topology,
+    CombineArgs, CombineOut, Config, DispatchArgs, DispatchHandle, Dtype, Endpoint as CoreEndpoint,
+    Engine, Error, Route, Ticket, TopkArgs, Topology,
 };
 use numpy::{PyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use errors::to_py;
-
-fn slice<'a, T: numpy::Element>(arr: &'a PyReadonlyArray2<'_, T>, name: &str) -> PyResult<&'a [T]> {
-    arr.as_slice().map_err(|_| {
-        to_py(Error::invalid(
-            name,
-            "a C-contiguous array",
-            "a strided view",
-        ))
-    })
-}
+use jobs::{ChannelSink, Raw, RecvRaw, input, now, output};
 
 fn config(num_nvl_bytes: usize, num_rdma_bytes: usize, timeout_s: f64) -> PyResult<Config> {
     if !(timeout_s.is_finite() && timeout_s > 0.0) {
@@ -99,64 +93,175 @@ impl TcpListener {
     }
 }
 
-/// The layout of one dispatch, passed back to combine and cached dispatch.
+/// The layout of one dispatch, passed back to combine and cached dispatch. It is complete
+/// once its dispatch has finished; operations queued behind that dispatch can use it at once.
 #[pyclass(module = "dualcomm._native", frozen)]
 struct Handle {
-    inner: Arc<DispatchHandle>,
+    cell: HandleCell,
+    num_recv: usize,
+    num_tokens: usize,
+    buffer_id: u64,
+}
+
+impl Handle {
+    fn done(&self) -> PyResult<&Arc<DispatchHandle>> {
+        self.cell.get().ok_or_else(|| {
+            to_py(Error::invalid(
+                "handle",
+                "the handle of a finished dispatch (wait for its event first)",
+                "one whose dispatch is still running or failed",
+            ))
+        })
+    }
 }
 
 #[pymethods]
 impl Handle {
     #[getter]
     fn num_recv_tokens(&self) -> usize {
-        self.inner.num_recv
+        self.num_recv
     }
 
     #[getter]
     fn num_tokens(&self) -> usize {
-        self.inner.plan.num_tokens()
+        self.num_tokens
     }
 
     #[getter]
     fn buffer_id(&self) -> u64 {
-        self.inner.endpoint_id
+        self.buffer_id
     }
 
     /// Source rank of every received row, in receive order.
-    fn recv_src_rank<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u32>> {
-        PyArray1::from_slice(py, &self.inner.recv_src_rank)
+    fn recv_src_rank<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<u32>>> {
+        Ok(PyArray1::from_slice(py, &self.done()?.recv_src_rank))
     }
 
     /// Index in its source rank's `x` of every received row.
-    fn recv_src_idx<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u32>> {
-        PyArray1::from_slice(py, &self.inner.recv_src_idx)
+    fn recv_src_idx<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<u32>>> {
+        Ok(PyArray1::from_slice(py, &self.done()?.recv_src_idx))
     }
 
     fn __repr__(&self) -> String {
         format!(
-            "Handle(num_tokens={}, num_recv_tokens={}, dispatch=#{})",
-            self.inner.plan.num_tokens(),
-            self.inner.num_recv,
-            self.inner.tag
+            "Handle(num_tokens={}, num_recv_tokens={}, complete={})",
+            self.num_tokens,
+            self.num_recv,
+            self.cell.get().is_some()
         )
     }
 }
 
-/// One rank of a world.
+/// Filled when the dispatch that made the handle finishes.
+type HandleCell = Arc<OnceLock<Arc<DispatchHandle>>>;
+
+/// Where a queued dispatch sends its tokens: a plan made at submission, or the handle of an
+/// earlier dispatch, resolved when the job runs (after that dispatch, by queue order).
+enum JobRoute {
+    Fresh(Arc<SendPlan>),
+    Cached(HandleCell),
+}
+
+/// What a finished job reports: per-expert counts (dispatch with top-k), and when it ran.
+struct Finished {
+    result: Result<Option<Vec<i64>>, Error>,
+    started: f64,
+    ended: f64,
+}
+
+/// An operation running on the progress engine.
+#[pyclass(module = "dualcomm._native", frozen)]
+struct Event {
+    ticket: Mutex<Option<Ticket<Finished>>>,
+    outcome: Mutex<Option<Finished>>,
+}
+
+impl Event {
+    fn new(ticket: Ticket<Finished>) -> Self {
+        Self {
+            ticket: Mutex::new(Some(ticket)),
+            outcome: Mutex::new(None),
+        }
+    }
+
+    fn settle(&self, py: Python<'_>) {
+        let ticket = self.ticket.lock().unwrap().take();
+        if let Some(t) = ticket {
+            let f = py.detach(|| t.wait()).unwrap_or_else(|e| Finished {
+                result: Err(e),
+                started: 0.0,
+                ended: 0.0,
+            });
+            *self.outcome.lock().unwrap() = Some(f);
+        }
+    }
+}
+
+#[pymethods]
+impl Event {
+    /// Blocks (GIL released) until the operation is done; raises its error if it failed.
+    /// Returns the per-expert receive counts of a dispatch with top-k, else None.
+    fn wait(&self, py: Python<'_>) -> PyResult<Option<Vec<i64>>> {
+        self.settle(py);
+        let o = self.outcome.lock().unwrap();
+        match &o.as_ref().expect("settled").result {
+            Ok(v) => Ok(v.clone()),
+            Err(e) => Err(to_py(e.clone())),
+        }
+    }
+
+    /// Whether the operation has finished (successfully or not).
+    #[getter]
+    fn done(&self) -> bool {
+        self.outcome.lock().unwrap().is_some()
+            || self
+                .ticket
+                .lock()
+                .unwrap()
+                .as_ref()
+                .is_none_or(Ticket::is_done)
+    }
+
+    /// (start, end) of the operation on the engine, in seconds since the Unix epoch
+    /// (comparable with `time.time()`); waits for it.
+    fn timestamps(&self, py: Python<'_>) -> (f64, f64) {
+        self.settle(py);
+        let o = self.outcome.lock().unwrap();
+        let f = o.as_ref().expect("settled");
+        (f.started, f.ended)
+    }
+}
+
+/// One rank of a world; its operations run on a progress thread of their own.
 #[pyclass(module = "dualcomm._native", frozen)]
 struct Endpoint {
-    inner: Mutex<CoreEndpoint>,
+    engine: Engine,
+    topo: Topology,
     rank: usize,
-    num_nodes: usize,
-    ranks_per_node: usize,
     id: u64,
+    address: Option<String>,
+    timeout: Duration,
+    destroyed: AtomicBool,
 }
 
 impl Endpoint {
-    fn lock(&self) -> MutexGuard<'_, CoreEndpoint> {
-        // A panic inside the core would poison this; the endpoint state is still coherent
-        // enough to report errors, so keep going.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn start(ep: CoreEndpoint) -> PyResult<Self> {
+        Ok(Self {
+            topo: *ep.topology(),
+            rank: ep.rank(),
+            id: ep.id(),
+            address: ep.address(),
+            timeout: ep.config().timeout,
+            destroyed: AtomicBool::new(false),
+            engine: Engine::start(ep).map_err(to_py)?,
+        })
+    }
+
+    fn usable(&self) -> PyResult<()> {
+        if self.destroyed.load(Ordering::Relaxed) {
+            return Err(to_py(Error::Destroyed));
+        }
+        Ok(())
     }
 }
 
@@ -165,11 +270,15 @@ type DispatchResult<'py> = (
     Option<Bound<'py, PyArray1<u8>>>,
     Option<Bound<'py, PyArray1<i64>>>,
     Option<Bound<'py, PyArray1<f32>>>,
-    Option<Vec<i64>>,
     Handle,
+    Event,
 );
 
-type CombineResult<'py> = (Bound<'py, PyArray1<u8>>, Option<Bound<'py, PyArray1<f32>>>);
+type CombineResult<'py> = (
+    Bound<'py, PyArray1<u8>>,
+    Option<Bound<'py, PyArray1<f32>>>,
+    Event,
+);
 
 #[pymethods]
 impl Endpoint {
@@ -193,13 +302,7 @@ impl Endpoint {
         let ep = py
             .detach(move || CoreEndpoint::loopback(&fabric, topo, rank, config))
             .map_err(to_py)?;
-        Ok(Self {
-            rank,
-            num_nodes,
-            ranks_per_node,
-            id: ep.id(),
-            inner: Mutex::new(ep),
-        })
+        Self::start(ep)
     }
 
     /// Joins a world over TCP; blocks (GIL released) until every rank is connected.
@@ -237,13 +340,7 @@ impl Endpoint {
         let ep = py
             .detach(move || CoreEndpoint::tcp(binding, topo, rank, &peers, secret, config))
             .map_err(to_py)?;
-        Ok(Self {
-            rank,
-            num_nodes,
-            ranks_per_node,
-            id: ep.id(),
-            inner: Mutex::new(ep),
-        })
+        Self::start(ep)
     }
 
     #[getter]
@@ -253,12 +350,12 @@ impl Endpoint {
 
     #[getter]
     fn num_nodes(&self) -> usize {
-        self.num_nodes
+        self.topo.num_nodes()
     }
 
     #[getter]
     fn ranks_per_node(&self) -> usize {
-        self.ranks_per_node
+        self.topo.ranks_per_node()
     }
 
     #[getter]
@@ -266,7 +363,19 @@ impl Endpoint {
         self.id
     }
 
-    /// Routing tables: (per rank, per node, per expert, is_token_in_rank flattened).
+    /// Where peers reach this rank (`host:port` over TCP; None in a loopback world).
+    #[getter]
+    fn address(&self) -> Option<String> {
+        self.address.clone()
+    }
+
+    #[getter]
+    fn destroyed(&self) -> bool {
+        self.destroyed.load(Ordering::Relaxed)
+    }
+
+    /// Routing tables: (per rank, per node, per expert, is_token_in_rank flattened). Computed
+    /// here, at once: it needs no communication.
     #[allow(clippy::type_complexity)]
     fn layout<'py>(
         &self,
@@ -279,10 +388,18 @@ impl Endpoint {
         Bound<'py, PyArray1<i32>>,
         Bound<'py, PyArray1<bool>>,
     )> {
+        self.usable()?;
         let (t, k) = rows_of(&topk_idx);
-        let idx = slice(&topk_idx, "topk_idx")?;
+        let idx = topk_idx.as_slice().map_err(|_| {
+            to_py(Error::invalid(
+                "topk_idx",
+                "a C-contiguous array",
+                "a strided view",
+            ))
+        })?;
+        let topo = self.topo;
         let l = py
-            .detach(|| self.lock().layout(idx, t, k, num_experts))
+            .detach(|| dispatch_layout(&topo, idx, t, k, num_experts))
             .map_err(to_py)?;
         Ok((
             PyArray1::from_vec(py, l.num_tokens_per_rank),
@@ -292,8 +409,9 @@ impl Endpoint {
         ))
     }
 
-    /// Dispatches `x` (rows of opaque bytes). Exactly one of `is_token_in_rank` and
-    /// `handle` is given.
+    /// Starts a dispatch of `x` (rows of opaque bytes) on the engine and returns once the
+    /// receive counts are known, with the receive arrays (filled when the event completes),
+    /// the handle and the event. Exactly one of `is_token_in_rank` and `handle` is given.
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (x, scales, is_token_in_rank, handle, topk_idx, topk_weights, num_experts, expert_alignment))]
     fn dispatch<'py>(
@@ -308,66 +426,164 @@ impl Endpoint {
         num_experts: usize,
         expert_alignment: usize,
     ) -> PyResult<DispatchResult<'py>> {
+        self.usable()?;
         let (t, xb) = rows_of(&x);
-        let x_s = slice(&x, "x")?;
-        let (scales_s, sb) = match &scales {
-            Some(s) => (slice(s, "x scales")?, rows_of(s).1),
-            None => (&[][..], 0),
+        let mut keep: Vec<Py<PyAny>> = Vec::new();
+        let (x_raw, k0) = input(&x, "x")?;
+        keep.push(k0);
+        let (scales_raw, sb) = match &scales {
+            Some(s) => {
+                let (r, k) = input(s, "x scales")?;
+                keep.push(k);
+                (r, rows_of(s).1)
+            }
+            None => (Raw::empty(), 0),
         };
         let topk = match (&topk_idx, &topk_weights) {
-            (Some(i), Some(w)) => Some(TopkArgs {
-                idx: slice(i, "topk_idx")?,
-                weights: slice(w, "topk_weights")?,
-                num_topk: rows_of(i).1,
-                num_experts,
-            }),
+            (Some(i), Some(w)) => {
+                let (ir, ik) = input(i, "topk_idx")?;
+                let (wr, wk) = input(w, "topk_weights")?;
+                keep.extend([ik, wk]);
+                Some((ir, wr, rows_of(i).1))
+            }
             _ => None,
         };
         let has_topk = topk.is_some();
-        let args = DispatchArgs {
-            num_tokens: t,
-            x: x_s,
-            x_row_bytes: xb,
-            scales: scales_s,
-            scale_row_bytes: sb,
-            topk,
-            expert_alignment,
-        };
-        let cached = handle.as_ref().map(|h| Arc::clone(&h.inner));
-        let itr = match &is_token_in_rank {
-            Some(a) => Some(slice(a, "is_token_in_rank")?),
-            None => None,
-        };
-        let out = py
-            .detach(|| {
-                let mut ep = self.lock();
-                match (&cached, itr) {
-                    (Some(h), _) => ep.dispatch(&args, Route::Cached(h)),
-                    (None, Some(itr)) => {
-                        let plan = ep.plan(itr, t)?;
-                        ep.dispatch(&args, Route::Fresh(plan))
-                    }
-                    (None, None) => Err(Error::invalid(
+        // The route: a new plan (computed here, so bad input fails in the caller), or the
+        // handle of an earlier dispatch (resolved when the job runs, after that dispatch).
+        let route = match (&handle, &is_token_in_rank) {
+            (Some(h), _) => {
+                if h.buffer_id != self.id {
+                    return Err(to_py(Error::invalid(
+                        "handle",
+                        "a handle made by this buffer",
+                        "a handle from another buffer",
+                    )));
+                }
+                JobRoute::Cached(Arc::clone(&h.cell))
+            }
+            (None, Some(itr)) => {
+                let itr = itr.as_slice().map_err(|_| {
+                    to_py(Error::invalid(
                         "is_token_in_rank",
-                        "a [num_tokens, world_size] bool tensor (or a handle)",
-                        "None",
-                    )),
+                        "a C-contiguous array",
+                        "a strided view",
+                    ))
+                })?;
+                JobRoute::Fresh(Arc::new(
+                    SendPlan::from_is_token_in_rank(&self.topo, itr, t).map_err(to_py)?,
+                ))
+            }
+            (None, None) => {
+                return Err(to_py(Error::invalid(
+                    "is_token_in_rank",
+                    "a [num_tokens, world_size] bool tensor (or a handle)",
+                    "None",
+                )));
+            }
+        };
+        let (shape_tx, shape_rx) = mpsc::channel();
+        let (buf_tx, buf_rx) = mpsc::channel::<RecvRaw>();
+        let cell: HandleCell = match &route {
+            JobRoute::Cached(c) => Arc::clone(c),
+            JobRoute::Fresh(_) => Arc::new(OnceLock::new()),
+        };
+        let job_cell = Arc::clone(&cell);
+        let timeout = self.timeout;
+        let ticket = self
+            .engine
+            .submit(move |ep: &mut CoreEndpoint| {
+                let started = now();
+                let mut sink = ChannelSink {
+                    shapes: Some(shape_tx),
+                    buffers: buf_rx,
+                    timeout,
+                    held: keep,
+                };
+                // SAFETY: `sink.held` keeps the input arrays alive until this job ends.
+                let args = unsafe {
+                    DispatchArgs {
+                        num_tokens: t,
+                        x: x_raw.slice(),
+                        x_row_bytes: xb,
+                        scales: scales_raw.slice(),
+                        scale_row_bytes: sb,
+                        topk: topk.map(|(i, w, k)| TopkArgs {
+                            idx: i.slice(),
+                            weights: w.slice(),
+                            num_topk: k,
+                            num_experts,
+                        }),
+                        expert_alignment,
+                    }
+                };
+                let result = match route {
+                    JobRoute::Fresh(plan) => ep.dispatch(&args, Route::Fresh(plan), &mut sink),
+                    JobRoute::Cached(c) => match c.get() {
+                        Some(h) => ep.dispatch(&args, Route::Cached(h), &mut sink),
+                        None => Err(Error::invalid(
+                            "handle",
+                            "the handle of a dispatch that succeeded",
+                            "one whose dispatch failed",
+                        )),
+                    },
+                };
+                let result = result.map(|out| {
+                    let _ = job_cell.set(Arc::clone(&out.handle));
+                    has_topk.then_some(out.num_recv_tokens_per_expert)
+                });
+                Finished {
+                    result,
+                    started,
+                    ended: now(),
                 }
             })
             .map_err(to_py)?;
+        // Wait (GIL released) for the receive counts, or for the job to end without them.
+        let shape = py.detach(move || shape_rx.recv());
+        let Ok(shape) = shape else {
+            let err = match py.detach(|| ticket.wait()) {
+                Ok(Finished { result: Err(e), .. }) | Err(e) => e,
+                Ok(_) => Error::protocol(self.rank, "dispatch ended without receive counts"),
+            };
+            return Err(to_py(err));
+        };
+        let n = shape.num_recv;
+        let (recv_x, x_out) = output::<u8>(py, n * shape.x_row_bytes);
+        let (recv_scales, s_out) = output::<u8>(py, n * shape.scale_row_bytes);
+        let (recv_idx, i_out) = output::<i64>(py, n * shape.num_topk);
+        let (recv_w, w_out) = output::<f32>(py, n * shape.num_topk);
+        let keep_out = vec![
+            recv_x.as_any().clone().unbind(),
+            recv_scales.as_any().clone().unbind(),
+            recv_idx.as_any().clone().unbind(),
+            recv_w.as_any().clone().unbind(),
+        ];
+        // If the job gave up waiting, its error arrives through the event.
+        let _ = buf_tx.send(RecvRaw {
+            x: x_out,
+            scales: s_out,
+            topk_idx: i_out,
+            topk_weights: w_out,
+            keep: keep_out,
+        });
         Ok((
-            PyArray1::from_vec(py, out.recv_x),
-            scales
-                .is_some()
-                .then(|| PyArray1::from_vec(py, out.recv_scales)),
-            has_topk.then(|| PyArray1::from_vec(py, out.recv_topk_idx)),
-            has_topk.then(|| PyArray1::from_vec(py, out.recv_topk_weights)),
-            has_topk.then_some(out.num_recv_tokens_per_expert),
-            Handle { inner: out.handle },
+            recv_x,
+            scales.is_some().then_some(recv_scales),
+            has_topk.then_some(recv_idx),
+            has_topk.then_some(recv_w),
+            Handle {
+                cell,
+                num_recv: n,
+                num_tokens: t,
+                buffer_id: self.id,
+            },
+            Event::new(ticket),
         ))
     }
 
-    /// Combines rows (`dtype` "bfloat16" or "float32", as raw bytes) back to their sources.
+    /// Starts a combine of rows (`dtype` "bfloat16" or "float32", as raw bytes) on the engine;
+    /// returns the output arrays (filled when the event completes) and the event.
     #[pyo3(signature = (x, dtype, handle, topk_weights, out_dtype))]
     fn combine<'py>(
         &self,
@@ -378,6 +594,7 @@ impl Endpoint {
         topk_weights: Option<PyReadonlyArray2<'py, f32>>,
         out_dtype: &str,
     ) -> PyResult<CombineResult<'py>> {
+        self.usable()?;
         let dtype = Dtype::parse(dtype).map_err(to_py)?;
         let out_dtype = Dtype::parse(out_dtype).map_err(to_py)?;
         let (_, xb) = rows_of(&x);
@@ -388,32 +605,83 @@ impl Endpoint {
                 format!("{xb}-byte rows"),
             )));
         }
+        if handle.buffer_id != self.id {
+            return Err(to_py(Error::invalid(
+                "handle",
+                "a handle made by this buffer",
+                "a handle from another buffer",
+            )));
+        }
+        let hidden = xb / dtype.size();
+        let mut keep: Vec<Py<PyAny>> = Vec::new();
+        let (x_raw, k0) = input(&x, "x")?;
+        keep.push(k0);
         let weights = match &topk_weights {
-            Some(w) => Some((slice(w, "topk_weights")?, rows_of(w).1)),
+            Some(w) => {
+                let (r, k) = input(w, "topk_weights")?;
+                keep.push(k);
+                Some((r, rows_of(w).1))
+            }
             None => None,
         };
-        let args = CombineArgs {
-            x: slice(&x, "x")?,
-            hidden: xb / dtype.size(),
-            dtype,
-            weights: weights.map(|w| w.0),
-            num_topk: weights.map_or(0, |w| w.1),
-            out_dtype,
-        };
-        let h = Arc::clone(&handle.inner);
-        let out = py
-            .detach(|| self.lock().combine(&args, &h))
+        let k = weights.map_or(0, |w| w.1);
+        let t = handle.num_tokens;
+        let (out_x, ox) = output::<u8>(py, t * hidden * out_dtype.size());
+        let (out_w, ow) = output::<f32>(py, t * k);
+        keep.push(out_x.as_any().clone().unbind());
+        keep.push(out_w.as_any().clone().unbind());
+        let cell = Arc::clone(&handle.cell);
+        let ticket = self
+            .engine
+            .submit(move |ep: &mut CoreEndpoint| {
+                let _held = keep;
+                let started = now();
+                let result = match cell.get() {
+                    // SAFETY: `_held` keeps every array alive until this job ends; the
+                    // outputs were made for this job alone.
+                    Some(h) => unsafe {
+                        ep.combine(
+                            &CombineArgs {
+                                x: x_raw.slice(),
+                                hidden,
+                                dtype,
+                                weights: weights.map(|w| w.0.slice()),
+                                num_topk: k,
+                                out_dtype,
+                            },
+                            h,
+                            CombineOut {
+                                x: ox.slice_mut(),
+                                weights: ow.slice_mut(),
+                            },
+                        )
+                    },
+                    None => Err(Error::invalid(
+                        "handle",
+                        "the handle of a dispatch that succeeded",
+                        "one whose dispatch failed",
+                    )),
+                };
+                Finished {
+                    result: result.map(|()| None),
+                    started,
+                    ended: now(),
+                }
+            })
             .map_err(to_py)?;
-        let has_w = weights.is_some();
         Ok((
-            PyArray1::from_vec(py, out.x),
-            has_w.then(|| PyArray1::from_vec(py, out.weights)),
+            out_x,
+            weights.is_some().then_some(out_w),
+            Event::new(ticket),
         ))
     }
 
-    /// Bytes sent per tier (payload and wire) and operations completed.
+    /// Bytes sent per tier (payload and wire), operations completed, refused connections.
+    /// Waits for the operations in flight.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.lock().stats();
+        let s = py
+            .detach(|| self.engine.call(|ep: &mut CoreEndpoint| ep.stats()))
+            .map_err(to_py)?;
         let d = PyDict::new(py);
         d.set_item("nvl_payload_bytes", s.nvl_payload_bytes)?;
         d.set_item("rdma_payload_bytes", s.rdma_payload_bytes)?;
@@ -424,19 +692,10 @@ impl Endpoint {
         Ok(d)
     }
 
+    /// Leaves the world at once (operations in flight fail); later calls raise.
     fn destroy(&self, py: Python<'_>) {
-        py.detach(|| self.lock().destroy());
-    }
-
-    /// Where peers reach this rank (`host:port` over TCP; None in a loopback world).
-    #[getter]
-    fn address(&self) -> Option<String> {
-        self.lock().address()
-    }
-
-    #[getter]
-    fn destroyed(&self) -> bool {
-        self.lock().is_destroyed()
+        self.destroyed.store(true, Ordering::Relaxed);
+        py.detach(|| self.engine.stop());
     }
 }
 
@@ -445,6 +704,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<LoopbackWorld>()?;
     m.add_class::<Endpoint>()?;
     m.add_class::<Handle>()?;
+    m.add_class::<Event>()?;
     m.add_class::<TcpListener>()?;
     errors::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

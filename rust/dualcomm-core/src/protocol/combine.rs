@@ -29,12 +29,11 @@ pub struct CombineArgs<'a> {
     pub out_dtype: Dtype,
 }
 
-#[derive(Debug)]
-pub struct CombineOutput {
-    /// `[num_tokens, hidden]` in `out_dtype`.
-    pub x: Vec<u8>,
-    /// `[num_tokens, num_topk]`; empty without weights.
-    pub weights: Vec<f32>,
+/// Where combine writes: `[num_tokens, hidden]` in `out_dtype`, and `[num_tokens,
+/// num_topk]` weights (empty without weights). Every element is written.
+pub struct CombineOut<'a> {
+    pub x: &'a mut [u8],
+    pub weights: &'a mut [f32],
 }
 
 /// Staging memory kept by the endpoint between combines, so that steady-state training
@@ -94,7 +93,7 @@ struct Reducer {
 
 /// Source side: each token's partial sums per destination node. A token that went to one
 /// node is written out directly; others wait until every node's partial is in.
-struct Finisher {
+struct Finisher<'o> {
     first_part: Vec<usize>,
     need: Vec<u32>,
     have: Vec<u32>,
@@ -102,8 +101,8 @@ struct Finisher {
     parts: Vec<f32>,
     shape: Shape,
     out_dtype: Dtype,
-    out_x: Vec<u8>,
-    out_w: Vec<f32>,
+    out_x: &'o mut [u8],
+    out_w: &'o mut [f32],
     done: usize,
     acc: Vec<f32>,
 }
@@ -137,7 +136,8 @@ pub(crate) fn run(
     args: &CombineArgs<'_>,
     handle: &DispatchHandle,
     scratch: &mut Scratch,
-) -> Result<CombineOutput> {
+    out: CombineOut<'_>,
+) -> Result<()> {
     let topo = session.topo;
     let me = session.transport.rank();
     let (nn, rpn, my_node) = (topo.num_nodes(), topo.ranks_per_node(), topo.node_of(me));
@@ -181,6 +181,14 @@ pub(crate) fn run(
         k,
         dtype: args.dtype,
     };
+    let out_rb = args.hidden * args.out_dtype.size();
+    if out.x.len() != n_tok * out_rb || out.weights.len() != n_tok * k {
+        return Err(Error::invalid(
+            "combine output",
+            format!("{n_tok} rows of {out_rb} bytes and {n_tok} x {k} weights"),
+            format!("{} bytes and {} weights", out.x.len(), out.weights.len()),
+        ));
+    }
     let layout = Layout::new(&[rb, k * 4]);
     let w_bytes: &[u8] = args.weights.map(bytemuck::cast_slice).unwrap_or(&[]);
     let my_row = |j: usize| -> [&[u8]; 2] {
@@ -253,8 +261,12 @@ pub(crate) fn run(
             staged += nodes;
         }
     }
-    // Tokens that went nowhere are finished (zero) from the start.
+    // Tokens that went nowhere are finished from the start: zeros.
     let done = need.iter().filter(|&&n| n == 0).count();
+    for tok in (0..n_tok).filter(|&t| need[t] == 0) {
+        out.x[tok * out_rb..(tok + 1) * out_rb].fill(0);
+        out.weights[tok * k..(tok + 1) * k].fill(0.0);
+    }
     let mut fin = Finisher {
         first_part,
         need,
@@ -263,8 +275,8 @@ pub(crate) fn run(
         parts: at_least(std::mem::take(&mut scratch.parts), staged * shape.width()),
         shape,
         out_dtype: args.out_dtype,
-        out_x: vec![0u8; n_tok * args.hidden * args.out_dtype.size()],
-        out_w: vec![0f32; n_tok * k],
+        out_x: out.x,
+        out_w: out.weights,
         done,
         acc: vec![0.0; shape.width()],
     };
@@ -448,10 +460,7 @@ pub(crate) fn run(
     scratch.rows = red.rows;
     scratch.parts = fin.parts;
     scratch.bodies = outgoing.bodies;
-    Ok(CombineOutput {
-        x: fin.out_x,
-        weights: fin.out_w,
-    })
+    Ok(())
 }
 
 /// Position of `node` among the nodes `tok` went to.
@@ -556,7 +565,7 @@ impl Reducer {
     }
 }
 
-impl Finisher {
+impl Finisher<'_> {
     /// Takes the partial of the `pos`-th node of `tok`; writes the token out once complete.
     fn put(&mut self, via: usize, tok: usize, pos: usize, part: Part<'_>) -> Result<()> {
         let Shape { hidden, k, dtype } = self.shape;

@@ -68,13 +68,57 @@ pub struct DispatchHandle {
 #[derive(Debug)]
 pub struct DispatchOutput {
     pub num_recv: usize,
-    pub recv_x: Vec<u8>,
-    pub recv_scales: Vec<u8>,
-    pub recv_topk_idx: Vec<i64>,
-    pub recv_topk_weights: Vec<f32>,
     /// Per local expert, rounded up to `expert_alignment`; empty without top-k.
     pub num_recv_tokens_per_expert: Vec<i64>,
     pub handle: Arc<DispatchHandle>,
+}
+
+/// How much a rank receives, known once every rank has announced its counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecvShape {
+    pub num_recv: usize,
+    pub x_row_bytes: usize,
+    pub scale_row_bytes: usize,
+    pub num_topk: usize,
+}
+
+/// Where received tokens are written: exactly `num_recv` rows of each.
+pub struct RecvBuffers<'a> {
+    pub x: &'a mut [u8],
+    pub scales: &'a mut [u8],
+    pub topk_idx: &'a mut [i64],
+    pub topk_weights: &'a mut [f32],
+}
+
+/// Supplies the receive buffers once their size is known (the caller may allocate them
+/// then, as DeepEP does after its notify step). Every element is written before dispatch
+/// returns successfully.
+pub trait RecvSink {
+    fn prepare(&mut self, shape: RecvShape) -> Result<RecvBuffers<'_>>;
+}
+
+/// A sink that owns its buffers.
+#[derive(Debug, Default)]
+pub struct VecSink {
+    pub x: Vec<u8>,
+    pub scales: Vec<u8>,
+    pub topk_idx: Vec<i64>,
+    pub topk_weights: Vec<f32>,
+}
+
+impl RecvSink for VecSink {
+    fn prepare(&mut self, s: RecvShape) -> Result<RecvBuffers<'_>> {
+        self.x = vec![0; s.num_recv * s.x_row_bytes];
+        self.scales = vec![0; s.num_recv * s.scale_row_bytes];
+        self.topk_idx = vec![0; s.num_recv * s.num_topk];
+        self.topk_weights = vec![0.0; s.num_recv * s.num_topk];
+        Ok(RecvBuffers {
+            x: &mut self.x,
+            scales: &mut self.scales,
+            topk_idx: &mut self.topk_idx,
+            topk_weights: &mut self.topk_weights,
+        })
+    }
 }
 
 fn check_len(arg: &str, got: usize, rows: usize, row: usize) -> Result<()> {
@@ -89,15 +133,15 @@ fn check_len(arg: &str, got: usize, rows: usize, row: usize) -> Result<()> {
 }
 
 /// The receiving side's output buffers and the order check.
-struct Receiver {
+struct Receiver<'o> {
     counts: Vec<u64>,
     prefix: Vec<usize>,
     got: Vec<u64>,
     order: SourceOrder,
-    x: Vec<u8>,
-    scales: Vec<u8>,
-    topk_idx: Vec<i64>,
-    topk_w: Vec<f32>,
+    x: &'o mut [u8],
+    scales: &'o mut [u8],
+    topk_idx: &'o mut [i64],
+    topk_w: &'o mut [f32],
     src_rank: Vec<u32>,
     src_idx: Vec<u32>,
     xb: usize,
@@ -107,7 +151,7 @@ struct Receiver {
     experts: (i64, i64),
 }
 
-impl Receiver {
+impl Receiver<'_> {
     fn deliver(&mut self, via: usize, h: &Header, secs: &[&[u8]]) -> Result<()> {
         self.order.accept(via, h)?;
         let s = h.src_rank as usize;
@@ -152,6 +196,7 @@ pub(crate) fn run(
     payload: &TierCounters,
     args: &DispatchArgs<'_>,
     route: Route<'_>,
+    sink: &mut dyn RecvSink,
 ) -> Result<DispatchOutput> {
     let topo = session.topo;
     let t = session.transport;
@@ -290,15 +335,33 @@ pub(crate) fn run(
                 prefix[s + 1] = prefix[s] + counts[s] as usize;
             }
             let total = prefix[w];
+            let shape = RecvShape {
+                num_recv: total,
+                x_row_bytes: xb,
+                scale_row_bytes: sb,
+                num_topk: k,
+            };
+            let bufs = sink.prepare(shape)?;
+            if bufs.x.len() != total * xb
+                || bufs.scales.len() != total * sb
+                || bufs.topk_idx.len() != total * k
+                || bufs.topk_weights.len() != total * k
+            {
+                return Err(Error::invalid(
+                    "receive buffers",
+                    format!("{total} rows of each output"),
+                    "buffers of other sizes",
+                ));
+            }
             let mut r = Receiver {
                 counts,
                 prefix,
                 got: vec![0; w],
                 order: SourceOrder::new(src_tokens.clone()),
-                x: vec![0; total * xb],
-                scales: vec![0; total * sb],
-                topk_idx: vec![0; total * k],
-                topk_w: vec![0.0; total * k],
+                x: bufs.x,
+                scales: bufs.scales,
+                topk_idx: bufs.topk_idx,
+                topk_w: bufs.topk_weights,
                 src_rank: vec![0; total],
                 src_idx: vec![0; total],
                 xb,
@@ -463,10 +526,6 @@ pub(crate) fn run(
     };
     Ok(DispatchOutput {
         num_recv,
-        recv_x: r.x,
-        recv_scales: r.scales,
-        recv_topk_idx: r.topk_idx,
-        recv_topk_weights: r.topk_w,
         num_recv_tokens_per_expert: per_expert,
         handle,
     })

@@ -276,6 +276,9 @@ impl<'e> Op<'e> {
         }
         self.inbox = inbox;
         if block && n == 0 {
+            if self.t.peer_gone(self.me).is_some() {
+                return Err(Error::Destroyed); // this rank was told to leave
+            }
             self.check_peers()?;
             if Instant::now() >= self.deadline {
                 return Err(Error::Timeout {

@@ -514,6 +514,12 @@ impl Transport for TcpTransport {
     }
 
     fn peer_gone(&self, peer: usize) -> Option<Departure> {
+        if peer == self.shared.rank && self.closed.load(Ordering::Relaxed) {
+            return Some(Departure {
+                reason: "this rank left".into(),
+                completed_ops: None,
+            });
+        }
         self.shared.gone.get(peer)?.lock().unwrap().clone()
     }
 

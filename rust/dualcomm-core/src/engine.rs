@@ -1,0 +1,185 @@
+//! The progress engine: one thread per endpoint that runs its operations, in the order they
+//! were issued, while the caller goes on computing (the CPU proxy of DeepEP's successors:
+//! "a virtual DPU on the GPU"). The caller gets a [`Ticket`] per operation and waits on it
+//! only when it needs the result.
+//!
+//! The thread sleeps on its job queue when idle and on the transport's completion queue while
+//! an operation waits for peers, so an idle or blocked engine burns no core, which is what an
+//! oversubscribed box (many ranks on few cores) needs.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::{self, JoinHandle};
+
+use crate::endpoint::Endpoint;
+use crate::error::{Error, Result};
+use crate::transport::Transport;
+
+type Job = Box<dyn FnOnce(&mut Endpoint) + Send>;
+
+enum State<T> {
+    Pending,
+    Done(T),
+    Taken,
+    /// The job never ran to the end (the engine stopped, or the job panicked).
+    Abandoned(String),
+}
+
+struct Slot<T> {
+    state: Mutex<State<T>>,
+    changed: Condvar,
+}
+
+/// The result of one submitted operation, available once the engine has run it.
+pub struct Ticket<T> {
+    slot: Arc<Slot<T>>,
+}
+
+impl<T> Ticket<T> {
+    pub fn is_done(&self) -> bool {
+        !matches!(*self.slot.state.lock().unwrap(), State::Pending)
+    }
+
+    /// Blocks until the job has run, then hands over its result (once).
+    ///
+    /// Needs no deadline of its own: every operation has one, so each job ends in bounded
+    /// time, and a job that cannot run is marked abandoned.
+    pub fn wait(&self) -> Result<T> {
+        let mut s = self.slot.state.lock().unwrap();
+        loop {
+            match std::mem::replace(&mut *s, State::Taken) {
+                State::Pending => {
+                    *s = State::Pending;
+                    s = self.slot.changed.wait(s).unwrap();
+                }
+                State::Done(v) => return Ok(v),
+                State::Taken => {
+                    return Err(Error::invalid(
+                        "event",
+                        "an event not waited on before",
+                        "one whose result was already taken",
+                    ));
+                }
+                State::Abandoned(why) => {
+                    *s = State::Abandoned(why.clone());
+                    return Err(Error::PeerLost {
+                        peer: usize::MAX,
+                        reason: why,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Completes a ticket; if dropped unused (a panic, a stopped engine) it marks it abandoned.
+struct Completer<T> {
+    slot: Option<Arc<Slot<T>>>,
+}
+
+impl<T> Completer<T> {
+    fn complete(mut self, v: T) {
+        if let Some(slot) = self.slot.take() {
+            *slot.state.lock().unwrap() = State::Done(v);
+            slot.changed.notify_all();
+        }
+    }
+}
+
+impl<T> Drop for Completer<T> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            *slot.state.lock().unwrap() =
+                State::Abandoned("the operation was abandoned: its progress engine stopped".into());
+            slot.changed.notify_all();
+        }
+    }
+}
+
+pub struct Engine {
+    jobs: Mutex<Option<Sender<Job>>>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+    transport: Arc<dyn Transport>,
+    completed_ops: Arc<AtomicU64>,
+}
+
+impl Engine {
+    /// Moves `ep` onto its own progress thread.
+    pub fn start(ep: Endpoint) -> Result<Self> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let transport = ep.transport_handle();
+        let completed_ops = ep.completed_ops_handle();
+        let worker = thread::Builder::new()
+            .name(format!("dualcomm-progress-{}", ep.rank()))
+            .spawn(move || {
+                let mut ep = ep;
+                for job in rx {
+                    // A panicking job abandons its ticket (Completer) and leaves the
+                    // endpoint refusing work; the thread itself keeps serving.
+                    if catch_unwind(AssertUnwindSafe(|| job(&mut ep))).is_err() {
+                        ep.mark_broken("an operation panicked");
+                    }
+                }
+            })
+            .map_err(|e| Error::PeerLost {
+                peer: usize::MAX,
+                reason: format!("cannot start the progress thread: {e}"),
+            })?;
+        Ok(Self {
+            jobs: Mutex::new(Some(tx)),
+            worker: Mutex::new(Some(worker)),
+            transport,
+            completed_ops,
+        })
+    }
+
+    /// Queues `f` behind the operations already submitted.
+    pub fn submit<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Endpoint) -> T + Send + 'static,
+    ) -> Result<Ticket<T>> {
+        let slot = Arc::new(Slot {
+            state: Mutex::new(State::Pending),
+            changed: Condvar::new(),
+        });
+        let completer = Completer {
+            slot: Some(Arc::clone(&slot)),
+        };
+        let job: Job = Box::new(move |ep| completer.complete(f(ep)));
+        let jobs = self.jobs.lock().unwrap();
+        match jobs.as_ref() {
+            Some(tx) if tx.send(job).is_ok() => Ok(Ticket { slot }),
+            _ => Err(Error::Destroyed),
+        }
+    }
+
+    /// Runs `f` on the engine and waits for it.
+    pub fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Endpoint) -> T + Send + 'static,
+    ) -> Result<T> {
+        self.submit(f)?.wait()
+    }
+
+    /// Leaves the world at once: operations in flight fail now instead of at their deadline,
+    /// peers see this rank gone; then the thread drains its queue and exits.
+    pub fn stop(&self) {
+        self.transport
+            .shutdown(self.completed_ops.load(Ordering::Relaxed));
+        let tx = self.jobs.lock().unwrap().take();
+        if let Some(tx) = tx {
+            let _ = tx.send(Box::new(|ep: &mut Endpoint| ep.destroy()));
+        }
+        if let Some(worker) = self.worker.lock().unwrap().take() {
+            let _ = worker.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
