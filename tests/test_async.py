@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import time
 
-import reference as ref
 import torch
 
+import reference as ref
 from dualcomm import Buffer
 from dualcomm.testing import run_loopback
 
@@ -80,8 +80,12 @@ def test_async_counts_fill_in_at_wait():
         inp = inputs[buf.rank]
         _, _, pe, itr, _ = buf.get_dispatch_layout(inp.topk_idx, 4)
         _, _, _, counts, _, event = buf.dispatch(
-            inp.x, is_token_in_rank=itr, num_tokens_per_expert=pe,
-            topk_idx=inp.topk_idx, topk_weights=inp.topk_weights, async_finish=True,
+            inp.x,
+            is_token_in_rank=itr,
+            num_tokens_per_expert=pe,
+            topk_idx=inp.topk_idx,
+            topk_weights=inp.topk_weights,
+            async_finish=True,
         )
         with event:
             pass
