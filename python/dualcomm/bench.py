@@ -76,7 +76,7 @@ def _rank_main(rank: int, world: int, port: int, nodes: int, tokens: int, rounds
         assert isinstance(recv_x, torch.Tensor)
         return buf.combine(recv_x, handle)[0]
 
-    results = {}
+    results: dict[str, Any] = {}
     for name, fn in (("dualcomm", ours), ("gloo", lambda: _gloo_dispatch_combine(x, in_rank))):
         fn()  # warm-up
         times = []
