@@ -138,13 +138,15 @@ SCENARIOS = {
 }
 
 
-def run_rank(rank: int, world: int, port: int, scenario: str, params: dict[str, Any], out_dir: str) -> None:
+def run_rank(
+    rank: int, world: int, port: int, scenario: str, params: dict[str, Any], out_dir: str, master: str = "127.0.0.1"
+) -> None:
     torch.set_num_threads(1)
     result: dict[str, Any]
     try:
         dist.init_process_group(
             "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
+            init_method=f"tcp://{master}:{port}",
             rank=rank,
             world_size=world,
             timeout=timedelta(seconds=90),
@@ -155,3 +157,12 @@ def run_rank(rank: int, world: int, port: int, scenario: str, params: dict[str, 
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     # Skip gloo's teardown: after a peer was killed it could wait on that peer.
     os._exit(0)
+
+
+if __name__ == "__main__":
+    # python mp_worker.py RANK WORLD PORT SCENARIO PARAMS.pt OUT_DIR MASTER (for ranks started
+    # inside other network namespaces, where multiprocessing cannot reach).
+    import sys
+
+    r, w, port, scenario, params_file, out, master = sys.argv[1:8]
+    run_rank(int(r), int(w), int(port), scenario, torch.load(params_file, weights_only=False), out, master)
