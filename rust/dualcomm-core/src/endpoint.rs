@@ -13,6 +13,7 @@ use crate::protocol::op::{Session, meta_region_len};
 use crate::routing::{DispatchLayout, SendPlan, dispatch_layout};
 use crate::topology::Topology;
 use crate::transport::loopback::LoopbackFabric;
+use crate::transport::shm::{ShmSegment, ShmTransport};
 use crate::transport::tcp::{SECRET_BYTES, TcpBinding, TcpTransport};
 use crate::transport::{Completion, Tier, TierCounters, Transport};
 
@@ -119,6 +120,22 @@ impl Endpoint {
         ];
         let t = TcpTransport::establish(binding, rank, peers, secret, lens, config.timeout)?;
         Ok(Self::new(Box::new(t), topo, config))
+    }
+
+    /// Joins a world of one host over shared memory: `segment` is this rank's own, created
+    /// on every rank before any rank calls this (`job` names the job's segments).
+    pub fn shm(segment: ShmSegment, job: &str, topo: Topology, config: Config) -> Result<Self> {
+        let t = ShmTransport::attach(segment, job)?;
+        Ok(Self::new(Box::new(t), topo, config))
+    }
+
+    /// The region sizes every rank of a world registers, for a transport made outside.
+    pub fn region_lens(topo: &Topology, config: &Config) -> [usize; 3] {
+        [
+            config.num_nvl_bytes,
+            config.num_rdma_bytes,
+            meta_region_len(topo.world_size()),
+        ]
     }
 
     pub fn new(transport: Box<dyn Transport>, topo: Topology, config: Config) -> Self {

@@ -7,6 +7,7 @@ use std::thread;
 use std::time::Duration;
 
 use dualcomm_core::transport::loopback::LoopbackFabric;
+use dualcomm_core::transport::shm::ShmSegment;
 use dualcomm_core::transport::tcp::TcpBinding;
 use dualcomm_core::{
     CombineArgs, CombineOut, Config, DispatchArgs, Dtype, Endpoint, Error, Route, TopkArgs,
@@ -27,6 +28,8 @@ struct Case {
     bf16: bool,
     /// Ranks talk over TCP sockets on 127.0.0.1 instead of the in-memory loopback.
     tcp: bool,
+    /// Ranks talk through shared-memory segments instead (wins over `tcp`).
+    shm: bool,
 }
 
 fn to_bf16_bytes(x: &[f32]) -> Vec<u8> {
@@ -100,15 +103,31 @@ fn run(c: &Case) -> Vec<RankResult> {
         num_rdma_bytes: c.nodes * rec * c.ring_records,
         timeout: Duration::from_secs(30),
     };
+    static JOBS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let job = format!(
+        "test{}x{}",
+        std::process::id(),
+        JOBS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let mut segments: Vec<Option<ShmSegment>> = (0..w)
+        .map(|r| {
+            c.shm.then(|| {
+                let lens = Endpoint::region_lens(&topo, &config);
+                ShmSegment::create(&job, r, w, lens).unwrap()
+            })
+        })
+        .collect();
     let handles: Vec<_> = (0..w)
         .map(|r| {
             let (fabric, ins, config) = (Arc::clone(&fabric), Arc::clone(&ins), config.clone());
             let (binding, addrs) = (bindings[r].take(), addrs.clone());
+            let (segment, job) = (segments[r].take(), job.clone());
             let (t, k, e, h, bf16) = (c.tokens[r], c.topk, c.experts, c.hidden, c.bf16);
             thread::spawn(move || {
-                let mut ep = match binding {
-                    Some(b) => Endpoint::tcp(b, topo, r, &addrs, secret, config).unwrap(),
-                    None => Endpoint::loopback(&fabric, topo, r, config).unwrap(),
+                let mut ep = match (segment, binding) {
+                    (Some(seg), _) => Endpoint::shm(seg, &job, topo, config).unwrap(),
+                    (None, Some(b)) => Endpoint::tcp(b, topo, r, &addrs, secret, config).unwrap(),
+                    (None, None) => Endpoint::loopback(&fabric, topo, r, config).unwrap(),
                 };
                 let inp = &ins[r];
                 let (dtype, elem) = if bf16 {
@@ -267,6 +286,7 @@ fn two_by_two_small_rings_stream() {
         seed: 7,
         bf16: true,
         tcp: false,
+        shm: false,
     });
 }
 
@@ -283,6 +303,7 @@ fn three_by_three() {
         seed: 11,
         bf16: false,
         tcp: false,
+        shm: false,
     });
 }
 
@@ -299,6 +320,7 @@ fn single_rank() {
         seed: 3,
         bf16: true,
         tcp: false,
+        shm: false,
     });
 }
 
@@ -311,7 +333,7 @@ proptest! {
         let w = nodes * rpn;
         let mut s = seed;
         let tokens = (0..w).map(|_| (lcg(&mut s) as usize) % (max_t + 1)).collect();
-        check(&Case { nodes, rpn, tokens, hidden, topk, experts: epr * w, ring_records, seed, bf16, tcp: false });
+        check(&Case { nodes, rpn, tokens, hidden, topk, experts: epr * w, ring_records, seed, bf16, tcp: false, shm: false });
     }
 }
 
@@ -328,6 +350,7 @@ fn tcp_two_by_two_small_rings() {
         seed: 21,
         bf16: true,
         tcp: true,
+        shm: false,
     });
 }
 
@@ -344,7 +367,48 @@ fn tcp_four_nodes() {
         seed: 22,
         bf16: false,
         tcp: true,
+        shm: false,
     });
+}
+
+#[test]
+fn shm_two_by_two_small_rings() {
+    check(&Case {
+        nodes: 2,
+        rpn: 2,
+        tokens: vec![40, 0, 33, 64],
+        hidden: 7,
+        topk: 3,
+        experts: 8,
+        ring_records: 2,
+        seed: 23,
+        bf16: true,
+        tcp: false,
+        shm: true,
+    });
+    check(&Case {
+        nodes: 1,
+        rpn: 3,
+        tokens: vec![60, 10, 0],
+        hidden: 33,
+        topk: 2,
+        experts: 6,
+        ring_records: 1,
+        seed: 24,
+        bf16: false,
+        tcp: false,
+        shm: true,
+    });
+    let residue: Vec<_> = std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("dualcomm-test{}x", std::process::id()))
+        })
+        .collect();
+    assert!(residue.is_empty(), "segments left in /dev/shm: {residue:?}");
 }
 
 #[test]

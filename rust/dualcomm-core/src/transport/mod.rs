@@ -5,6 +5,7 @@
 
 pub mod loopback;
 pub mod memory;
+pub mod shm;
 pub mod tcp;
 
 use std::sync::atomic::{AtomicU64, Ordering};
