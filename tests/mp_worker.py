@@ -26,6 +26,7 @@ def _buffer(p: dict[str, Any]) -> Buffer:
         num_rdma_bytes=p.get("rdma", 1 << 20),
         ranks_per_node=p["rpn"],
         timeout=p.get("timeout", 60.0),
+        transport=p.get("transport", "auto"),
     )
 
 
@@ -61,6 +62,7 @@ def scenario_match(rank: int, p: dict[str, Any]) -> dict[str, Any]:
     out = _round(buf, _inputs(p)[rank], p["experts"])
     out["stats"] = buf.stats()
     out["address"] = buf.address
+    out["transport"] = buf.transport
     buf.destroy()
     return out
 

@@ -70,11 +70,17 @@ def _params(nodes: int, rpn: int, **kw) -> dict[str, Any]:
     return p
 
 
+def _shm_names() -> set[str]:
+    return {f.name for f in Path("/dev/shm").glob("dualcomm-*")}
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
 @pytest.mark.parametrize("topology", [(1, 2), (1, 4), (2, 2), (4, 1)], ids=lambda t: f"{t[0]}x{t[1]}")
-def test_processes_match_reference_and_loopback(topology, tmp_path):
+def test_processes_match_reference_and_loopback(topology, transport, tmp_path):
     nodes, rpn = topology
     world = nodes * rpn
-    p = _params(nodes, rpn)
+    p = _params(nodes, rpn, transport=transport)
+    before = _shm_names()
     got = launch(world, "match", p, tmp_path)
     for g in got:
         assert "error" not in g, g
@@ -94,7 +100,10 @@ def test_processes_match_reference_and_loopback(topology, tmp_path):
         assert got[d]["counts"] == want_counts
         for key in ("recv_x", "recv_idx", "recv_w", "combined", "combined_w"):
             assert torch.equal(got[d][key], loopback[d][key]), f"{key} of rank {d} differs from loopback"
-        assert got[d]["address"].startswith("127.0.0.1:")
+        assert got[d]["transport"] == transport
+        if transport == "tcp":
+            assert got[d]["address"].startswith("127.0.0.1:")
+    assert _shm_names() == before, "no segment names stay in /dev/shm"
     for s in range(world):
         want = ref.combine([g["recv_x"] for g in got], origins, s, p["tokens"][s])
         assert torch.equal(got[s]["combined"].float(), want)
@@ -109,9 +118,12 @@ def test_processes_match_reference_and_loopback(topology, tmp_path):
     assert rdma == 2 * pairs * p["hidden"] * 2
 
 
-def test_killed_rank_fails_the_others_quickly(tmp_path):
-    p = _params(2, 2, victim=1, timeout=30.0)
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_killed_rank_fails_the_others_quickly(transport, tmp_path):
+    p = _params(2, 2, victim=1, timeout=30.0, transport=transport)
+    before = _shm_names()
     got = launch(4, "killed", p, tmp_path)
+    assert _shm_names() == before, "a SIGKILL leaves nothing in /dev/shm"
     assert got[1].get("error") == "no result"  # SIGKILLed: it saved nothing
     for r in (0, 2, 3):
         assert got[r]["error"] in ("PeerLostError", "CommTimeoutError"), got[r]
@@ -122,12 +134,12 @@ def test_killed_rank_fails_the_others_quickly(tmp_path):
     # A fresh job afterwards works.
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    again = launch(4, "match", _params(2, 2), fresh)
+    again = launch(4, "match", _params(2, 2, transport=transport), fresh)
     assert all("error" not in g for g in again)
 
 
 def test_hostile_connections_are_dropped_and_the_job_is_unaffected(tmp_path, capfd):
-    p = _params(1, 2)
+    p = _params(1, 2, transport="tcp")
     got = launch(2, "hostile", p, tmp_path)
     for g in got:
         assert "error" not in g, g

@@ -1,6 +1,7 @@
-"""Bootstrap through a torch.distributed process group: every rank binds a listening socket,
-the addresses, host names and configurations are exchanged through the group, rank 0's
-random job secret is broadcast through it, and then the TCP transport connects everybody."""
+"""Bootstrap through a torch.distributed process group: addresses, host names and
+configurations are exchanged through the group, rank 0's random job secret is broadcast
+through it (it authenticates TCP connections and names the job's shared-memory segments),
+and then the chosen transport connects everybody."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ import socket
 from typing import Any
 
 from dualcomm import _checks
-from dualcomm._native import ConfigMismatchError, Endpoint, TcpListener
+from dualcomm._native import (
+    ConfigMismatchError,
+    Endpoint,
+    ShmSegment,
+    TcpListener,
+    TransportUnavailableError,
+    unlink_segment,
+)
 
 
 def local_address() -> str:
@@ -49,22 +57,27 @@ def _ranks_per_node(infos: list[dict[str, Any]], override: int | None) -> int:
     return rpn
 
 
-def tcp_endpoint(
+def make_endpoint(
     group: Any,
+    transport: str,
     num_nvl_bytes: int,
     num_rdma_bytes: int,
     ranks_per_node: int | None,
     timeout: float,
-) -> Endpoint:
+) -> tuple[Endpoint, str]:
+    """Exchanges what the ranks need through `group` and joins them; returns the endpoint
+    and the transport used. "auto" takes shared memory when every rank is on this host and
+    no nodes are emulated, TCP otherwise (emulated nodes talk over TCP, as real ones would)."""
     import torch.distributed as dist
 
     rank = dist.get_rank(group)
     world = dist.get_world_size(group)
-    listener = TcpListener(local_address())
+    listener = TcpListener(local_address()) if transport in ("auto", "tcp") else None
     mine = {
-        "address": listener.address,
+        "address": None if listener is None else listener.address,
         "host": socket.gethostname(),
-        "config": f"num_nvl_bytes={num_nvl_bytes}, num_rdma_bytes={num_rdma_bytes}, ranks_per_node={ranks_per_node}",
+        "config": f"num_nvl_bytes={num_nvl_bytes}, num_rdma_bytes={num_rdma_bytes}, "
+        f"ranks_per_node={ranks_per_node}, transport={transport}",
     }
     infos: list[Any] = [None] * world
     dist.all_gather_object(infos, mine, group=group)
@@ -79,7 +92,24 @@ def tcp_endpoint(
     rpn = _ranks_per_node(infos, ranks_per_node)
     secret = secret_box[0]
     assert isinstance(secret, bytes)
-    return Endpoint.tcp(
+    one_host = len({i["host"] for i in infos}) == 1
+    if transport == "shm" and not one_host:
+        raise TransportUnavailableError(
+            "transport='shm': the ranks run on several hosts "
+            f"({sorted({i['host'] for i in infos})}); use 'tcp' or 'auto'"
+        )
+    if transport == "shm" or (transport == "auto" and one_host and rpn == world):
+        job = secret.hex()[:16]
+        segment = ShmSegment(job, rank, world // rpn, rpn, num_nvl_bytes, num_rdma_bytes)
+        dist.barrier(group)  # every segment exists
+        try:
+            ep = Endpoint.shm(segment, job, world // rpn, rpn, num_nvl_bytes, num_rdma_bytes, float(timeout))
+        finally:
+            dist.barrier(group)  # every segment is mapped (or failed): the names can go
+            unlink_segment(job, rank)
+        return ep, "shm"
+    assert listener is not None
+    ep = Endpoint.tcp(
         listener,
         world // rpn,
         rpn,
@@ -90,3 +120,4 @@ def tcp_endpoint(
         num_rdma_bytes,
         float(timeout),
     )
+    return ep, "tcp"

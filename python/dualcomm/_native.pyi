@@ -17,9 +17,11 @@ __all__ = [
     "LoopbackWorld",
     "PeerLostError",
     "ProtocolError",
+    "ShmSegment",
     "TcpListener",
     "TransportUnavailableError",
     "__version__",
+    "unlink_segment",
 ]
 
 __version__: str
@@ -38,6 +40,20 @@ class LoopbackWorld:
     def __new__(cls, world_size: int) -> LoopbackWorld: ...
     @property
     def world_size(self) -> int: ...
+
+@final
+class ShmSegment:
+    def __new__(
+        cls,
+        job: str,
+        rank: int,
+        num_nodes: int,
+        ranks_per_node: int,
+        num_nvl_bytes: int,
+        num_rdma_bytes: int,
+    ) -> ShmSegment: ...
+
+def unlink_segment(job: str, rank: int) -> None: ...
 
 @final
 class TcpListener:
@@ -71,6 +87,16 @@ class Endpoint:
         num_nodes: int,
         ranks_per_node: int,
         rank: int,
+        num_nvl_bytes: int,
+        num_rdma_bytes: int,
+        timeout_s: float,
+    ) -> Endpoint: ...
+    @staticmethod
+    def shm(
+        segment: ShmSegment,
+        job: str,
+        num_nodes: int,
+        ranks_per_node: int,
         num_nvl_bytes: int,
         num_rdma_bytes: int,
         timeout_s: float,

@@ -88,8 +88,9 @@ class Buffer:
         ranks_per_node: overrides the layout found from host names, so one machine can
             emulate several nodes.
         timeout: seconds any wait may take before it fails with `CommTimeoutError`.
-        transport: "auto" (loopback for a LoopbackGroup, TCP for a process group), "tcp",
-            "loopback"; "shm" is refused with a reason until the shared-memory transport lands.
+        transport: "auto" (loopback for a LoopbackGroup; for a process group, shared memory
+            when all ranks share this host and no nodes are emulated, else TCP), "shm" (every
+            tier through shared memory, one host only), "tcp", or "loopback".
     """
 
     num_sms: int = 20
@@ -147,15 +148,11 @@ class Buffer:
                 raise TransportUnavailableError(
                     "transport='loopback': a process group's ranks are separate processes; use 'tcp' or 'auto'"
                 )
-            if transport == "shm":
-                raise TransportUnavailableError(
-                    "transport='shm': the shared-memory transport is not part of this version yet; "
-                    "'auto' and 'tcp' use TCP for both tiers"
-                )
-            from dualcomm._bootstrap import tcp_endpoint
+            from dualcomm._bootstrap import make_endpoint
 
-            self.transport = "tcp"
-            self._ep = tcp_endpoint(group, num_nvl_bytes, num_rdma_bytes, ranks_per_node, float(timeout))
+            self._ep, self.transport = make_endpoint(
+                group, transport, num_nvl_bytes, num_rdma_bytes, ranks_per_node, float(timeout)
+            )
         else:
             raise _checks.fail(
                 "group", "a torch.distributed ProcessGroup or a dualcomm LoopbackGroup", _checks.describe(group)

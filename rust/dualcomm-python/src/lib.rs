@@ -93,6 +93,42 @@ impl TcpListener {
     }
 }
 
+/// This rank's shared-memory segment, created before any rank maps the others'.
+#[pyclass(module = "dualcomm._native", frozen)]
+struct ShmSegment {
+    inner: Mutex<Option<dualcomm_core::transport::shm::ShmSegment>>,
+}
+
+#[pymethods]
+impl ShmSegment {
+    #[new]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        job: &str,
+        rank: usize,
+        num_nodes: usize,
+        ranks_per_node: usize,
+        num_nvl_bytes: usize,
+        num_rdma_bytes: usize,
+    ) -> PyResult<Self> {
+        let topo = Topology::new(num_nodes, ranks_per_node).map_err(to_py)?;
+        let config = config(num_nvl_bytes, num_rdma_bytes, 1.0)?;
+        let lens = CoreEndpoint::region_lens(&topo, &config);
+        let seg =
+            dualcomm_core::transport::shm::ShmSegment::create(job, rank, topo.world_size(), lens)
+                .map_err(to_py)?;
+        Ok(Self {
+            inner: Mutex::new(Some(seg)),
+        })
+    }
+}
+
+/// Removes the name of `rank`'s segment of `job` from /dev/shm (mappings stay valid).
+#[pyfunction]
+fn unlink_segment(job: &str, rank: usize) {
+    dualcomm_core::transport::shm::unlink(&dualcomm_core::transport::shm::segment_name(job, rank));
+}
+
 /// The layout of one dispatch, passed back to combine and cached dispatch. It is complete
 /// once its dispatch has finished; operations queued behind that dispatch can use it at once.
 #[pyclass(module = "dualcomm._native", frozen)]
@@ -339,6 +375,35 @@ impl Endpoint {
         })?;
         let ep = py
             .detach(move || CoreEndpoint::tcp(binding, topo, rank, &peers, secret, config))
+            .map_err(to_py)?;
+        Self::start(ep)
+    }
+
+    /// Joins a world of one host over shared memory; every rank created its segment first.
+    #[staticmethod]
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (segment, job, num_nodes, ranks_per_node, num_nvl_bytes, num_rdma_bytes, timeout_s))]
+    fn shm(
+        py: Python<'_>,
+        segment: &ShmSegment,
+        job: String,
+        num_nodes: usize,
+        ranks_per_node: usize,
+        num_nvl_bytes: usize,
+        num_rdma_bytes: usize,
+        timeout_s: f64,
+    ) -> PyResult<Self> {
+        let config = config(num_nvl_bytes, num_rdma_bytes, timeout_s)?;
+        let topo = Topology::new(num_nodes, ranks_per_node).map_err(to_py)?;
+        let seg = segment.inner.lock().unwrap().take().ok_or_else(|| {
+            to_py(Error::invalid(
+                "segment",
+                "a segment not used by another endpoint",
+                "one already used",
+            ))
+        })?;
+        let ep = py
+            .detach(move || CoreEndpoint::shm(seg, &job, topo, config))
             .map_err(to_py)?;
         Self::start(ep)
     }
@@ -706,6 +771,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Handle>()?;
     m.add_class::<Event>()?;
     m.add_class::<TcpListener>()?;
+    m.add_class::<ShmSegment>()?;
+    m.add_function(wrap_pyfunction!(unlink_segment, m)?)?;
     errors::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -357,9 +357,20 @@ impl ShmTransport {
         })
     }
 
+    /// Whether the process exists and has not exited (a zombie waiting for its parent to
+    /// reap it still answers `kill(pid, 0)`, so its state is read from /proc too).
     fn alive(pid: u64) -> bool {
         // SAFETY: signal 0 only checks that the process exists.
-        pid != 0 && (unsafe { libc::kill(pid as libc::pid_t, 0) } == 0)
+        if pid == 0 || unsafe { libc::kill(pid as libc::pid_t, 0) } != 0 {
+            return false;
+        }
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // The state follows the parenthesised command name: "pid (comm) S ...".
+            Ok(stat) => {
+                !matches!(stat.rsplit(')').next().map(str::trim_start), Some(s) if s.starts_with('Z') || s.starts_with('X'))
+            }
+            Err(_) => true,
+        }
     }
 }
 
