@@ -11,6 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use dualcomm_core::transport::loopback::LoopbackFabric;
+use dualcomm_core::transport::shm::{ShmSegment, ShmTransport};
 use dualcomm_core::transport::tcp::{TcpBinding, TcpTransport};
 use dualcomm_core::transport::{RegionId, Tier, Transport};
 
@@ -33,6 +34,18 @@ fn tcp_pair() -> (TcpTransport, TcpTransport) {
     let t0 =
         TcpTransport::establish(b0, 0, &peers, [1; 16], lens, Duration::from_secs(10)).unwrap();
     (t0, t1.join().unwrap())
+}
+
+fn shm_pair() -> (ShmTransport, ShmTransport) {
+    let job = format!("bench{}", std::process::id());
+    let lens = [REGION, REGION, 64];
+    let s0 = ShmSegment::create(&job, 0, 2, lens).unwrap();
+    let s1 = ShmSegment::create(&job, 1, 2, lens).unwrap();
+    let t0 = ShmTransport::attach(s0, &job).unwrap();
+    let t1 = ShmTransport::attach(s1, &job).unwrap();
+    t0.unlink();
+    t1.unlink();
+    (t0, t1)
 }
 
 fn loopback_pair() -> (Box<dyn Transport>, Box<dyn Transport>) {
@@ -188,6 +201,8 @@ fn main() {
     let (l0, l1) = loopback_pair();
     let lb = stream(l0.as_ref(), l1.as_ref());
     let mem = memcpy_rate();
+    let (s0, s1) = shm_pair();
+    let shm = stream(&s0, &s1);
     println!(
         "{:<34} {:>10} {:>12} {:>8}",
         "throughput", "GB/s", "baseline", "ratio"
@@ -206,8 +221,16 @@ fn main() {
         mem / 1e9,
         100.0 * lb / mem
     );
+    println!(
+        "{:<34} {:>10.2} {:>12.2} {:>7.1}%",
+        "shm write vs memcpy",
+        shm / 1e9,
+        mem / 1e9,
+        100.0 * shm / mem
+    );
     let rt = ping_pong(&t0, &t1);
     let raw_rt = raw_ping_pong();
+    let shm_rt = ping_pong(&s0, &s1);
     println!(
         "{:<34} {:>10} {:>12} {:>8}",
         "latency (median round trip)", "us", "baseline", "ratio"
@@ -218,5 +241,12 @@ fn main() {
         rt.as_secs_f64() * 1e6,
         raw_rt.as_secs_f64() * 1e6,
         rt.as_secs_f64() / raw_rt.as_secs_f64()
+    );
+    println!(
+        "{:<34} {:>10.1} {:>12.1} {:>7.2}x",
+        "shm 64 B write + answer vs raw tcp",
+        shm_rt.as_secs_f64() * 1e6,
+        raw_rt.as_secs_f64() * 1e6,
+        shm_rt.as_secs_f64() / raw_rt.as_secs_f64()
     );
 }
