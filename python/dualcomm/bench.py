@@ -89,6 +89,7 @@ def _rank_main(rank: int, world: int, port: int, nodes: int, tokens: int, rounds
         want = (x.float() * in_rank.sum(1, keepdim=True)).bfloat16()
         results[name + "_ok"] = bool(torch.allclose(out.float(), want.float(), rtol=2e-2, atol=2e-2))
     results["moved"] = moved
+    results["transport"] = buf.transport
     results["stats"] = buf.stats()
     queue.put((rank, results))
     buf.destroy()
@@ -121,6 +122,7 @@ def run_world(procs: int, nodes: int, tokens: int, rounds: int) -> dict[str, Any
         ratio=base / ours,
         correct=all(g["dualcomm_ok"] and g["gloo_ok"] for g in got.values()),
         rdma_payload_bytes=sum(g["stats"]["rdma_payload_bytes"] for g in got.values()),
+        transport=got[0]["transport"],
     )
 
 
@@ -136,7 +138,7 @@ def _plot(rows: list[dict[str, Any]], out: Path) -> None:
     labels = [f"{r['procs']}p/{r['nodes']}n" for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = range(len(rows))
-    ax.bar([i - 0.2 for i in xs], [r["dualcomm_gbps"] for r in rows], 0.4, label="dualcomm (tcp)")
+    ax.bar([i - 0.2 for i in xs], [r["dualcomm_gbps"] for r in rows], 0.4, label="dualcomm (shm on one node, tcp across)")
     ax.bar([i + 0.2 for i in xs], [r["gloo_gbps"] for r in rows], 0.4, label="gloo all_to_all_single")
     ax.set_xticks(list(xs), labels)
     ax.set_xlabel("processes / emulated nodes")
@@ -157,13 +159,16 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     worlds = [(2, 1), (2, 2), (4, 1), (4, 2)]
     print(f"dispatch + combine, hidden {HIDDEN} bf16, top-{TOPK} of {EXPERTS}, {a.tokens} tokens/rank")
-    print(f"{'procs':>5} {'nodes':>5} {'payload MB':>11} {'dualcomm GB/s':>14} {'gloo GB/s':>10} {'ratio':>7}  ok")
+    print(
+        f"{'procs':>5} {'nodes':>5} {'transport':>9} {'payload MB':>11} {'dualcomm GB/s':>14} {'gloo GB/s':>10}"
+        f" {'ratio':>7}  ok"
+    )
     rows = []
     for i, (procs, nodes) in enumerate(worlds, 1):
         r = run_world(procs, nodes, a.tokens, a.rounds)
         rows.append(r)
         print(
-            f"{procs:>5} {nodes:>5} {r['payload_mb']:>11.1f} {r['dualcomm_gbps']:>14.2f} {r['gloo_gbps']:>10.2f}"
+            f"{procs:>5} {nodes:>5} {r['transport']:>9} {r['payload_mb']:>11.1f} {r['dualcomm_gbps']:>14.2f} {r['gloo_gbps']:>10.2f}"
             f" {r['ratio']:>6.2f}x  {'yes' if r['correct'] else 'NO'}   [{i}/{len(worlds)}]",
             flush=True,
         )
