@@ -138,7 +138,8 @@ def _plot(rows: list[dict[str, Any]], out: Path) -> None:
     labels = [f"{r['procs']}p/{r['nodes']}n" for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = range(len(rows))
-    ax.bar([i - 0.2 for i in xs], [r["dualcomm_gbps"] for r in rows], 0.4, label="dualcomm (shm on one node, tcp across)")
+    ours = [r["dualcomm_gbps"] for r in rows]
+    ax.bar([i - 0.2 for i in xs], ours, 0.4, label="dualcomm (shm on one node, tcp across)")
     ax.bar([i + 0.2 for i in xs], [r["gloo_gbps"] for r in rows], 0.4, label="gloo all_to_all_single")
     ax.set_xticks(list(xs), labels)
     ax.set_xlabel("processes / emulated nodes")
@@ -168,7 +169,8 @@ def main() -> None:
         r = run_world(procs, nodes, a.tokens, a.rounds)
         rows.append(r)
         print(
-            f"{procs:>5} {nodes:>5} {r['transport']:>9} {r['payload_mb']:>11.1f} {r['dualcomm_gbps']:>14.2f} {r['gloo_gbps']:>10.2f}"
+            f"{procs:>5} {nodes:>5} {r['transport']:>9} {r['payload_mb']:>11.1f}"
+            f" {r['dualcomm_gbps']:>14.2f} {r['gloo_gbps']:>10.2f}"
             f" {r['ratio']:>6.2f}x  {'yes' if r['correct'] else 'NO'}   [{i}/{len(worlds)}]",
             flush=True,
         )
