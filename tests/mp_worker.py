@@ -132,7 +132,17 @@ def scenario_soak(rank: int, p: dict[str, Any]) -> dict[str, Any]:
     return dict(rss=rss, operations=buf.stats()["operations"])
 
 
+def scenario_mismatch(rank: int, p: dict[str, Any]) -> dict[str, Any]:
+    p = dict(p, nvl=p["nvl"] * (2 if rank == 1 else 1))
+    try:
+        _buffer(p)
+    except DualcommError as e:
+        return dict(error=type(e).__name__, message=str(e))
+    return dict(error=None)
+
+
 SCENARIOS = {
+    "mismatch": scenario_mismatch,
     "match": scenario_match,
     "killed": scenario_killed,
     "hostile": scenario_hostile,

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -160,3 +162,28 @@ def test_soak_2000_rounds_without_memory_growth(tmp_path):
         assert g["operations"] == 4000
         early, late = g["rss"]
         assert late - early < 8 << 20, f"resident memory grew by {(late - early) >> 20} MiB"
+
+
+def test_mismatched_configurations_fail_on_every_rank(tmp_path):
+    got = launch(3, "mismatch", _params(1, 3), tmp_path)
+    for g in got:
+        assert g["error"] == "ConfigMismatchError", g
+        assert "num_nvl_bytes=4096" in g["message"] and "num_nvl_bytes=8192" in g["message"]
+
+
+def test_torchrun_launch(tmp_path):
+    script = Path(__file__).with_name("torchrun_worker.py")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "3",
+        "--master-port",
+        str(_free_port()),
+        str(script),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=150, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for r in range(3):
+        assert f"rank {r}/3 ok over shm (1x3)" in done.stdout
