@@ -347,10 +347,10 @@ pub(crate) fn run(
                 || bufs.topk_idx.len() != total * k
                 || bufs.topk_weights.len() != total * k
             {
-                return Err(Error::invalid(
-                    "receive buffers",
-                    format!("{total} rows of each output"),
-                    "buffers of other sizes",
+                // Not a bad argument: the operation is under way on every rank.
+                return Err(Error::protocol(
+                    me,
+                    format!("the receive buffers supplied do not hold {total} rows"),
                 ));
             }
             let mut r = Receiver {

@@ -213,9 +213,14 @@ impl RecvRing {
     pub fn return_credits(&mut self, t: &dyn Transport, epoch: u32) -> Result<()> {
         let owed = self.head - self.returned;
         if owed > 0 && (owed * 2 >= self.geo.capacity || self.available() == 0) {
-            let imm = Imm::new(ImmKind::Credit, epoch, owed as u32);
-            // A credit is an immediate without bytes.
-            t.write_with_imm(self.geo.peer, self.geo.tier, self.geo.region, 0, &[], imm.0)?;
+            let mut left = owed;
+            while left > 0 {
+                let n = left.min(Imm::MAX_VALUE as u64);
+                let imm = Imm::new(ImmKind::Credit, epoch, n as u32);
+                // A credit is an immediate without bytes.
+                t.write_with_imm(self.geo.peer, self.geo.tier, self.geo.region, 0, &[], imm.0)?;
+                left -= n;
+            }
             self.returned = self.head;
         }
         Ok(())

@@ -106,10 +106,19 @@ impl Segment {
         }
         // SAFETY: fd is ours.
         let sized = unsafe { libc::ftruncate(fd, len as libc::off_t) };
-        let base = if sized == 0 {
+        // Reserve the pages now: a tmpfs that fills up later would kill a writer with SIGBUS
+        // instead of returning an error here.
+        // SAFETY: fd is ours; the range is the file's size.
+        let reserved =
+            sized == 0 && unsafe { libc::posix_fallocate(fd, 0, len as libc::off_t) } == 0;
+        let base = if reserved {
             Self::map(fd, len)
         } else {
-            Err(os_error("ftruncate"))
+            Err(Error::invalid(
+                "num_nvl_bytes + num_rdma_bytes",
+                "a size /dev/shm has room for",
+                format!("a {len}-byte segment ({})", std::io::Error::last_os_error()),
+            ))
         };
         // SAFETY: the mapping (if any) keeps the memory; the descriptor is not needed.
         unsafe { libc::close(fd) };
@@ -164,11 +173,15 @@ impl Segment {
             region_lens,
             cq_offset,
         };
+        let lens_match = (0..NUM_REGIONS).all(|i| {
+            seg.u64_at(hdr::REGION_LENS + 8 * i).load(Ordering::Relaxed) == region_lens[i] as u64
+        });
         if seg.u64_at(hdr::MAGIC).load(Ordering::Acquire) != MAGIC
             || seg.u64_at(hdr::WORLD).load(Ordering::Relaxed) != world as u64
+            || !lens_match
         {
             return Err(Error::ConfigMismatch(format!(
-                "segment {name} belongs to another job or world size"
+                "segment {name} belongs to another job, world size or buffer sizes"
             )));
         }
         Ok(seg)
@@ -205,8 +218,10 @@ impl Segment {
     }
 
     fn ring(&self) {
-        self.u32_at(hdr::DOORBELL).fetch_add(1, Ordering::Release);
-        if self.u32_at(hdr::SLEEPING).load(Ordering::Acquire) != 0 {
+        // SeqCst on both sides (here and in `poll`): the sleeper's flag store and our
+        // doorbell bump must not both miss each other.
+        self.u32_at(hdr::DOORBELL).fetch_add(1, Ordering::SeqCst);
+        if self.u32_at(hdr::SLEEPING).load(Ordering::SeqCst) != 0 {
             futex_wake(self.u32_at(hdr::DOORBELL));
         }
     }
@@ -304,6 +319,9 @@ pub fn unlink(name: &str) {
 
 pub struct ShmTransport {
     own: ShmSegment,
+    /// Completions taken off our rings while this rank waited to write (see `write_with_imm`),
+    /// handed out first by `poll`.
+    early: std::sync::Mutex<Vec<Completion>>,
     peers: Vec<Option<Segment>>,
     wire: TierCounters,
     left: std::sync::atomic::AtomicBool,
@@ -324,6 +342,7 @@ impl ShmTransport {
         }
         Ok(Self {
             own,
+            early: std::sync::Mutex::new(Vec::new()),
             peers,
             wire: TierCounters::default(),
             left: std::sync::atomic::AtomicBool::new(false),
@@ -333,6 +352,39 @@ impl ShmTransport {
     /// Removes this rank's segment name; the memory stays mapped by everyone who has it.
     pub fn unlink(&self) {
         self.own.unlink();
+    }
+
+    /// Moves every published completion off this rank's rings into `out`.
+    fn take_completions(&self, out: &mut Vec<Completion>) -> Result<usize> {
+        let seg = &self.own.seg;
+        let mut n = 0;
+        for src in (0..self.own.world).filter(|&s| s != self.own.rank) {
+            let (head, tail, slots) = seg.cq(src);
+            let (h, t) = (head.load(Ordering::Relaxed), tail.load(Ordering::Acquire));
+            for i in h..t {
+                // SAFETY: slots in [head, tail) were published by the writer.
+                let b = unsafe {
+                    std::slice::from_raw_parts(
+                        slots.add((i % CQ_SLOTS) as usize * SLOT_BYTES),
+                        SLOT_BYTES,
+                    )
+                };
+                let Some(region) = RegionId::from_index(b[1] as usize) else {
+                    return Err(Error::protocol(src, "malformed completion"));
+                };
+                out.push(Completion {
+                    src,
+                    tier: if b[0] == 0 { Tier::Nvl } else { Tier::Rdma },
+                    region,
+                    offset: u64::from_le_bytes(b[8..16].try_into().unwrap()) as usize,
+                    len: u64::from_le_bytes(b[16..24].try_into().unwrap()) as usize,
+                    imm: u32::from_le_bytes(b[4..8].try_into().unwrap()),
+                });
+                n += 1;
+            }
+            head.store(t, Ordering::Release);
+        }
+        Ok(n)
     }
 
     /// Peers that have left or whose process is gone.
@@ -395,13 +447,15 @@ impl Transport for ShmTransport {
         if self.left.load(Ordering::Relaxed) {
             return Err(Error::Destroyed);
         }
-        if let Some(d) = self.peer_gone(peer) {
+        let seg = self.peer(peer)?;
+        // Only the cheap goodbye flag here; process liveness is checked while polling.
+        if seg.u64_at(hdr::STATE).load(Ordering::Acquire) != 0 {
+            let d = self.peer_gone(peer).expect("left");
             return Err(Error::PeerLost {
                 peer,
                 reason: d.reason,
             });
         }
-        let seg = self.peer(peer)?;
         let len: usize = segments.iter().map(|s| s.len()).sum();
         let at = seg.check(region, offset, len)?;
         let mut w = at;
@@ -415,6 +469,13 @@ impl Transport for ShmTransport {
         let t = tail.load(Ordering::Relaxed);
         let deadline = Instant::now() + Duration::from_secs(60);
         while t - head.load(Ordering::Acquire) >= CQ_SLOTS {
+            // The peer may be waiting the same way on us: keep our own rings draining.
+            let mut early = self.early.lock().unwrap();
+            self.take_completions(&mut early)?;
+            drop(early);
+            if self.left.load(Ordering::Relaxed) {
+                return Err(Error::Destroyed);
+            }
             if self.peer_gone(peer).is_some() || Instant::now() > deadline {
                 return Err(Error::PeerLost {
                     peer,
@@ -452,34 +513,14 @@ impl Transport for ShmTransport {
         let mut departed_before: Option<usize> = None;
         let mut spins = 0;
         loop {
-            let seen = doorbell.load(Ordering::Acquire);
-            let mut n = 0;
-            for src in (0..self.own.world).filter(|&s| s != self.own.rank) {
-                let (head, tail, slots) = seg.cq(src);
-                let (h, t) = (head.load(Ordering::Relaxed), tail.load(Ordering::Acquire));
-                for i in h..t {
-                    // SAFETY: slots in [head, tail) were published by the writer.
-                    let b = unsafe {
-                        std::slice::from_raw_parts(
-                            slots.add((i % CQ_SLOTS) as usize * SLOT_BYTES),
-                            SLOT_BYTES,
-                        )
-                    };
-                    let (Some(region), tier) = (RegionId::from_index(b[1] as usize), b[0]) else {
-                        return Err(Error::protocol(src, "malformed completion"));
-                    };
-                    out.push(Completion {
-                        src,
-                        tier: if tier == 0 { Tier::Nvl } else { Tier::Rdma },
-                        region,
-                        offset: u64::from_le_bytes(b[8..16].try_into().unwrap()) as usize,
-                        len: u64::from_le_bytes(b[16..24].try_into().unwrap()) as usize,
-                        imm: u32::from_le_bytes(b[4..8].try_into().unwrap()),
-                    });
-                    n += 1;
-                }
-                head.store(t, Ordering::Release);
-            }
+            let seen = doorbell.load(Ordering::SeqCst);
+            let mut n = {
+                let mut early = self.early.lock().unwrap();
+                let k = early.len();
+                out.append(&mut early);
+                k
+            };
+            n += self.take_completions(out)?;
             if n > 0 {
                 return Ok(n);
             }

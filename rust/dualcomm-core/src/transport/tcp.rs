@@ -178,6 +178,8 @@ impl Shared {
 pub struct TcpTransport {
     shared: Arc<Shared>,
     senders: Vec<Option<Mutex<TcpStream>>>,
+    /// Clones of the senders, to close a connection whose writer is stuck holding its lock.
+    closers: Vec<Option<TcpStream>>,
     wire: TierCounters,
     closed: AtomicBool,
 }
@@ -223,18 +225,30 @@ impl TcpTransport {
                 .map_err(|e| io_error("acceptor thread", e))?;
         }
         let mut senders = Vec::with_capacity(world);
+        let mut closers = Vec::with_capacity(world);
+        // On any failure below: stop accepting and drop the connections made so far.
+        let fail = |e: Error| {
+            shared.stop.store(true, Ordering::Relaxed);
+            for s in shared.inbound.lock().unwrap().iter().flatten() {
+                s.shutdown(Shutdown::Both).ok();
+            }
+            e
+        };
         for (p, addr) in peers.iter().enumerate() {
             if p == rank {
                 senders.push(None);
+                closers.push(None);
                 continue;
             }
             let stream = connect(addr, deadline).map_err(|why| {
-                shared.stop.store(true, Ordering::Relaxed);
-                Error::Timeout {
+                fail(Error::Timeout {
                     what: format!("a connection to rank {p} at {addr} ({why})"),
                     timeout,
-                }
+                })
             })?;
+            // A peer that stops reading (frozen, partitioned) must not block a write past the
+            // operation deadline.
+            stream.set_write_timeout(Some(timeout)).ok();
             let mut hello = Vec::with_capacity(HELLO_BYTES);
             hello.extend_from_slice(&MAGIC);
             hello.extend_from_slice(&VERSION.to_le_bytes());
@@ -244,12 +258,14 @@ impl TcpTransport {
             let mut stream = stream;
             stream
                 .write_all(&hello)
-                .map_err(|e| io_error(&format!("hello to rank {p}"), e))?;
+                .map_err(|e| fail(io_error(&format!("hello to rank {p}"), e)))?;
+            closers.push(stream.try_clone().ok());
             senders.push(Some(Mutex::new(stream)));
         }
         let t = TcpTransport {
             shared,
             senders,
+            closers,
             wire: TierCounters::default(),
             closed: AtomicBool::new(false),
         };
@@ -312,14 +328,32 @@ fn connect(addr: &str, deadline: Instant) -> std::result::Result<TcpStream, Stri
     }
 }
 
+/// Connections allowed to be introducing themselves at once; more are refused, so a flood
+/// of idle connections cannot exhaust threads.
+const MAX_PENDING_HELLOS: usize = 64;
+
 fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     while !shared.stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, from)) => {
-                let shared = Arc::clone(&shared);
-                let _ = thread::Builder::new()
+                if pending.load(Ordering::Relaxed) >= MAX_PENDING_HELLOS {
+                    reject(
+                        &shared,
+                        from,
+                        "too many connections waiting to introduce themselves",
+                    );
+                    continue;
+                }
+                pending.fetch_add(1, Ordering::Relaxed);
+                let (sh, pend) = (Arc::clone(&shared), Arc::clone(&pending));
+                let spawned = thread::Builder::new()
                     .name(format!("dualcomm-recv-{}", shared.rank))
-                    .spawn(move || serve(shared, stream, from));
+                    .spawn(move || serve(sh, stream, from, pend));
+                if spawned.is_err() {
+                    pending.fetch_sub(1, Ordering::Relaxed);
+                    reject(&shared, from, "no thread could be started for it");
+                }
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(5)),
             Err(_) => thread::sleep(Duration::from_millis(20)),
@@ -373,10 +407,17 @@ fn hello(shared: &Shared, stream: &mut TcpStream) -> std::result::Result<usize, 
     Ok(peer)
 }
 
-fn serve(shared: Arc<Shared>, mut stream: TcpStream, from: SocketAddr) {
+fn serve(
+    shared: Arc<Shared>,
+    mut stream: TcpStream,
+    from: SocketAddr,
+    pending: Arc<std::sync::atomic::AtomicUsize>,
+) {
     stream.set_nonblocking(false).ok();
     stream.set_read_timeout(Some(HELLO_TIMEOUT)).ok();
-    let peer = match hello(&shared, &mut stream) {
+    let introduced = hello(&shared, &mut stream);
+    pending.fetch_sub(1, Ordering::Relaxed);
+    let peer = match introduced {
         Ok(p) => p,
         Err(why) => return reject(&shared, from, &why),
     };
@@ -537,10 +578,19 @@ impl Transport for TcpTransport {
             len: 0,
         }
         .encode();
-        for sender in self.senders.iter().flatten() {
-            let mut s = sender.lock().unwrap();
-            s.write_all(&bye).ok();
-            s.shutdown(Shutdown::Write).ok();
+        for (sender, closer) in self.senders.iter().zip(&self.closers) {
+            match sender.as_ref().map(Mutex::try_lock) {
+                Some(Ok(mut s)) => {
+                    s.write_all(&bye).ok();
+                    s.shutdown(Shutdown::Write).ok();
+                }
+                // A write is in progress (maybe stuck): close under it, without a goodbye.
+                _ => {
+                    if let Some(c) = closer {
+                        c.shutdown(Shutdown::Both).ok();
+                    }
+                }
+            }
         }
         for s in self.shared.inbound.lock().unwrap().iter().flatten() {
             s.shutdown(Shutdown::Both).ok();
