@@ -63,12 +63,12 @@ pub fn input<T: Element>(
     Ok((raw, arr.as_any().clone().unbind()))
 }
 
-/// A fresh 1-D output array of `n` zeros and its memory.
-pub fn output<'py, T: Element + Default + Clone>(
-    py: Python<'py>,
-    n: usize,
-) -> (Bound<'py, PyArray1<T>>, Raw<T>) {
-    let arr = PyArray1::from_vec(py, vec![T::default(); n]);
+/// A fresh 1-D output array of `n` elements and its memory. It is not zeroed: the
+/// operation writes every element before its event completes (NumPy's `empty`).
+pub fn output<'py, T: Element>(py: Python<'py>, n: usize) -> (Bound<'py, PyArray1<T>>, Raw<T>) {
+    // SAFETY: an uninitialised array of a plain numeric dtype; Python code may read garbage
+    // from it only if it ignores a failed event, which is no memory-safety issue.
+    let arr = unsafe { PyArray1::<T>::new(py, n, false) };
     let raw = Raw {
         ptr: arr.data(),
         len: arr.len(),
