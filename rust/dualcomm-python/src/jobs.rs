@@ -68,7 +68,12 @@ pub fn input<T: Element>(
 pub fn output<'py, T: Element>(py: Python<'py>, n: usize) -> (Bound<'py, PyArray1<T>>, Raw<T>) {
     // SAFETY: an uninitialised array of a plain numeric dtype; Python code may read garbage
     // from it only if it ignores a failed event, which is no memory-safety issue.
-    let arr = unsafe { PyArray1::<T>::new(py, n, false) };
+    let arr = if n == 0 {
+        // An empty array made this way has stride 0, which torch cannot view as another dtype.
+        PyArray1::from_vec(py, Vec::new())
+    } else {
+        unsafe { PyArray1::<T>::new(py, n, false) }
+    };
     let raw = Raw {
         ptr: arr.data(),
         len: arr.len(),
