@@ -150,7 +150,7 @@ def plot(rows, out: Path) -> None:
     ax.set_xlabel("world (nodes x ranks per node), loopback")
     ax.set_ylabel("payload GB/s")
     ax.set_title("dispatch + combine throughput, hidden 7168 bf16, top-8")
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, frameon=False)
     out.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(out / "loopback.png", dpi=120)
