@@ -87,11 +87,7 @@ impl Endpoint {
                 topo.world_size(),
             ));
         }
-        let lens = [
-            config.num_nvl_bytes,
-            config.num_rdma_bytes,
-            meta_region_len(topo.world_size()),
-        ];
+        let lens = Self::region_lens(&topo, &config);
         let t = fabric.join(rank, lens, config.fingerprint(&topo), config.timeout)?;
         Ok(Self::new(Box::new(t), topo, config))
     }
@@ -113,11 +109,7 @@ impl Endpoint {
                 peers.len(),
             ));
         }
-        let lens = [
-            config.num_nvl_bytes,
-            config.num_rdma_bytes,
-            meta_region_len(topo.world_size()),
-        ];
+        let lens = Self::region_lens(&topo, &config);
         let t = TcpTransport::establish(binding, rank, peers, secret, lens, config.timeout)?;
         Ok(Self::new(Box::new(t), topo, config))
     }

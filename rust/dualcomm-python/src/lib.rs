@@ -38,6 +38,17 @@ fn config(num_nvl_bytes: usize, num_rdma_bytes: usize, timeout_s: f64) -> PyResu
     })
 }
 
+/// Hands over a resource an endpoint consumes (a bound listener, a created segment) once.
+fn take_once<T>(cell: &Mutex<Option<T>>, name: &str) -> PyResult<T> {
+    cell.lock().unwrap().take().ok_or_else(|| {
+        to_py(Error::invalid(
+            name,
+            format!("a {name} not used by another endpoint"),
+            "one already used",
+        ))
+    })
+}
+
 fn rows_of<T: numpy::Element>(arr: &PyReadonlyArray2<'_, T>) -> (usize, usize) {
     let s = arr.shape();
     (s[0], s[1])
@@ -366,13 +377,7 @@ impl Endpoint {
                 format!("{} bytes", secret.len()),
             ))
         })?;
-        let binding = listener.inner.lock().unwrap().take().ok_or_else(|| {
-            to_py(Error::invalid(
-                "listener",
-                "a listener not used by another endpoint",
-                "one already used",
-            ))
-        })?;
+        let binding = take_once(&listener.inner, "listener")?;
         let ep = py
             .detach(move || CoreEndpoint::tcp(binding, topo, rank, &peers, secret, config))
             .map_err(to_py)?;
@@ -395,13 +400,7 @@ impl Endpoint {
     ) -> PyResult<Self> {
         let config = config(num_nvl_bytes, num_rdma_bytes, timeout_s)?;
         let topo = Topology::new(num_nodes, ranks_per_node).map_err(to_py)?;
-        let seg = segment.inner.lock().unwrap().take().ok_or_else(|| {
-            to_py(Error::invalid(
-                "segment",
-                "a segment not used by another endpoint",
-                "one already used",
-            ))
-        })?;
+        let seg = take_once(&segment.inner, "segment")?;
         let ep = py
             .detach(move || CoreEndpoint::shm(seg, &job, topo, config))
             .map_err(to_py)?;
