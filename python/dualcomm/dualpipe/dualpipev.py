@@ -1,0 +1,44 @@
+"""DualPipeV: DualPipe's schedule on half the ranks, with the two directions folded into a V.
+
+Rank r of n holds stage r (`modules[0]`) and stage 2n-1-r (`modules[1]`) of a 2n-stage
+model: activations run down the ranks through the first stages, turn on the last rank and
+run back up through the second half. Each stage exists once (no mirrored gradients); the
+whole batch enters on rank 0, which also computes the loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.distributed as dist
+import torch.nn as nn
+
+from dualcomm.dualpipe.schedule import LOCAL, PipelineSchedule
+
+
+class DualPipeV(PipelineSchedule):
+    def __init__(
+        self,
+        modules: Sequence[nn.Module],
+        batch_dim: int = 0,
+        process_group: dist.ProcessGroup | None = None,
+        rank_mapping: list[int] | None = None,
+        *,
+        overlap: bool | None = None,
+    ) -> None:
+        if len(modules) != 2:
+            raise ValueError(f"modules: expected two stage modules (stage r and stage 2n-1-r), got {len(modules)}")
+        super().__init__(modules, batch_dim, process_group, rank_mapping, overlap=overlap)
+        prev, nxt = self._neighbour(-1), self._neighbour(1)
+        self._up = [prev, LOCAL if self.is_last_rank else nxt]
+        self._down = [LOCAL if self.is_last_rank else nxt, prev]
+
+    def _check_num_chunks(self, num_chunks: int) -> None:
+        if num_chunks <= 0 or num_chunks < 2 * self.num_ranks:
+            raise ValueError(
+                f"num_chunks: DualPipeV needs at least 2 x pipeline ranks micro-batches "
+                f"(>= {2 * self.num_ranks} here), got {num_chunks}"
+            )
+
+    def _schedule(self, num_chunks: int) -> None:
+        self._dual_schedule(self.num_ranks, self.rank, num_chunks, self.is_last_rank)
