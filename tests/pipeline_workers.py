@@ -83,3 +83,43 @@ def chain_rank(rank: int, world: int, p: dict[str, Any]) -> dict[str, Any]:
     with torch.no_grad():
         inf_loss, inf_out = pipe.step(inp, num_chunks=n, criterion=chain_criterion, labels=(lab,), return_outputs=True)
     return {"held": held, "loss": loss, "outputs": outputs, "grads": grads, "inf_loss": inf_loss, "inf_out": inf_out}
+
+
+def moe_rank(rank: int, world: int, p: dict[str, Any]) -> dict[str, Any]:
+    """One rank of a pp x ep world training the bundled MoE model for one step."""
+    import torch.distributed as dist
+
+    from dualcomm import Buffer
+    from dualcomm.model import ExpertParallel, cross_entropy, global_name, rank_stages
+
+    pp, ep, cfg, schedule = p["pp"], p["ep"], p["cfg"], p["schedule"]
+    pp_rank, ep_rank = divmod(rank, ep)
+    ep_groups = [dist.new_group(list(range(i * ep, (i + 1) * ep))) for i in range(pp)]
+    pp_groups = [dist.new_group([e + i * ep for i in range(pp)]) for e in range(ep)]
+    buffer = Buffer(ep_groups[pp_rank], 1 << 20, 1 << 20, ranks_per_node=p["rpn"]) if ep > 1 else None
+    stages = rank_stages(cfg, schedule, pp, pp_rank, ExpertParallel(buffer, cfg.num_experts))
+    mb, n = p["micro_batch"], p["num_chunks"]
+    set_p2p_tensor_shapes([(mb, cfg.seq_len, cfg.hidden)])
+    set_p2p_tensor_dtype(torch.float32)
+    cls = DualPipe if schedule == "dualpipe" else DualPipeV
+    pipe = cls(stages, process_group=pp_groups[ep_rank], overlap=p.get("overlap"))
+    ids, labels = p["ids"][ep_rank], p["labels"][ep_rank]
+    first, last = pp_rank == 0, pp_rank == pp - 1
+    if schedule == "dualpipe":
+        inp = ids.chunk(2)[0] if first else ids.chunk(2)[1] if last else None
+        lab = labels.chunk(2)[1] if first else labels.chunk(2)[0] if last else None
+    else:
+        inp, lab = (ids, labels) if first else (None, None)
+    loss, _ = pipe.step(inp, num_chunks=n, criterion=cross_entropy, labels=(lab,))
+    grads = []
+    for stage in stages:
+        for name, prm in stage.named_parameters():
+            experts = name.split(".")[-2] == "experts"
+            span = (stage.ep.first_expert, stage.ep.local_experts) if experts else None
+            grads.append((global_name(stage, name), span, prm.grad.clone()))
+    with torch.no_grad():
+        inf_loss, inf_out = pipe.step(inp, num_chunks=n, criterion=cross_entropy, labels=(lab,), return_outputs=True)
+    stats = buffer.stats() if buffer is not None else {}
+    if buffer is not None:
+        buffer.destroy()
+    return {"loss": loss, "grads": grads, "inf_loss": inf_loss, "inf_out": inf_out, "stats": stats}

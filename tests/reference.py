@@ -9,6 +9,7 @@ went to.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -110,3 +111,70 @@ def random_inputs(
             x = torch.randint(-8, 9, (t, hidden), generator=g).to(dtype)
             out.append(RankInput(x, idx, w))
     return out
+
+
+# ---- the bundled MoE model, written out in plain PyTorch ---------------------------------
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+
+def _swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    a, b = (x @ gate_up.T).chunk(2, -1)
+    return (a * torch.sigmoid(a) * b) @ down.T
+
+
+def moe_route(scores: torch.Tensor, groups: int, max_groups: int, k: int) -> torch.Tensor:
+    """Top-k experts of each token among its best `max_groups` groups (group score: sum of
+    its two best affinities)."""
+    t, e = scores.shape
+    per = e // groups
+    chosen = []
+    for i in range(t):
+        g_scores = [
+            sorted(scores[i, g * per : (g + 1) * per].tolist(), reverse=True)[: min(2, per)] for g in range(groups)
+        ]
+        best_groups = sorted(range(groups), key=lambda g: -sum(g_scores[g]))[:max_groups]
+        allowed = [ex for g in best_groups for ex in range(g * per, (g + 1) * per)]
+        allowed.sort(key=lambda ex: -scores[i, ex].item())
+        chosen.append(allowed[:k])
+    return torch.tensor(chosen, dtype=torch.int64)
+
+
+def moe_model_logits(p: dict[str, torch.Tensor], cfg: Any, ids: torch.Tensor) -> torch.Tensor:
+    """The whole model on one process: `p` maps the single-process parameter names
+    (`embed.weight`, `blocks.{layer}.…`, `norm.weight`, `head.weight`) to tensors."""
+    b, s = ids.shape
+    hd = cfg.hidden // cfg.heads
+    h = p["embed.weight"][ids]
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    for layer in range(cfg.num_layers):
+        q = f"blocks.{layer}."
+        x = _rms(h, p[q + "norm1.weight"])
+        qkv = (x @ p[q + "attn.qkv.weight"].T).view(b, s, 3, cfg.heads, hd)
+        qh, kh, vh = (qkv[:, :, j].transpose(1, 2) for j in range(3))
+        att = (qh @ kh.transpose(-1, -2)) / hd**0.5
+        att = att.masked_fill(~causal, float("-inf")).softmax(-1)
+        y = (att @ vh).transpose(1, 2).reshape(b, s, cfg.hidden)
+        h = h + y @ p[q + "attn.out.weight"].T
+        hn = _rms(h, p[q + "norm2.weight"])
+        flat = hn.reshape(-1, cfg.hidden)
+        scores = torch.sigmoid(flat @ p[q + "gate.weight"].T)
+        idx = moe_route(scores.detach(), cfg.expert_groups, cfg.max_groups, cfg.top_k)
+        w = scores.gather(1, idx)
+        w = w / w.sum(-1, keepdim=True) * cfg.route_scale
+        routed = torch.zeros_like(flat)
+        for e in range(cfg.num_experts):
+            rows, slots = (idx == e).nonzero(as_tuple=True)
+            if len(rows):
+                out = _swiglu(flat[rows], p[q + "experts.gate_up"][e], p[q + "experts.down"][e])
+                routed = routed.index_add(0, rows, out * w[rows, slots, None])
+        shared = _swiglu(hn, p[q + "shared.gate_up.weight"], p[q + "shared.down.weight"])
+        h = h + shared + routed.view_as(h)
+    return _rms(h, p["norm.weight"]) @ p["head.weight"].T
+
+
+def moe_model_loss(p: dict[str, torch.Tensor], cfg: Any, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = moe_model_logits(p, cfg, ids)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))

@@ -65,8 +65,7 @@ def run_world(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 3
     out = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_rank_main, args=(fn, r, world, port, timeout, args, out), daemon=True)
-        for r in range(world)
+        ctx.Process(target=_rank_main, args=(fn, r, world, port, timeout, args, out), daemon=True) for r in range(world)
     ]
     for p in procs:
         p.start()
