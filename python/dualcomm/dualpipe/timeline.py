@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 COMPUTE_KINDS = ("F", "B", "W", "FB")
 #: Kinds of communication spans (intervals on the progress engine).
 COMM_KINDS = ("dispatch", "combine")
+#: Python blocked on an all-to-all (starting it, or waiting for its data).
+WAIT = "wait"
 
 
 @dataclass
@@ -25,18 +27,42 @@ class Span:
     end: float
 
 
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for s, e in sorted(intervals):
+        if merged and s <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+        else:
+            merged.append((s, e))
+    return merged
+
+
+def _length(intervals: list[tuple[float, float]]) -> float:
+    return sum(e - s for s, e in intervals)
+
+
+def _intersection(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Length of the overlap of two unions of disjoint, sorted intervals."""
+    total, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        total += max(0.0, hi - lo)
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
 @dataclass
 class Timeline:
     """Spans of one rank, on the `time.time()` clock (the progress engine's clock too)."""
 
     enabled: bool = False
     spans: list[Span] = field(default_factory=list)
-    #: Seconds Python spent blocked on communication it could not hide, per comm kind.
-    exposed: dict[str, float] = field(default_factory=dict)
 
     def clear(self) -> None:
         self.spans = []
-        self.exposed = {}
 
     @contextmanager
     def span(self, kind: str, label: str = "") -> Iterator[None]:
@@ -53,21 +79,26 @@ class Timeline:
         if self.enabled:
             self.spans.append(Span(kind, label, start, end))
 
-    def add_exposed(self, kind: str, seconds: float) -> None:
-        if self.enabled:
-            self.exposed[kind] = self.exposed.get(kind, 0.0) + seconds
-
     def summary(self) -> dict[str, float]:
-        """Busy compute time, communication time on the engine, and how much of it was exposed."""
-        compute = sum(s.end - s.start for s in self.spans if s.kind in COMPUTE_KINDS)
-        comm = sum(s.end - s.start for s in self.spans if s.kind in COMM_KINDS)
-        exposed = sum(self.exposed.values())
-        return {
-            "compute_s": compute,
-            "comm_s": comm,
-            "comm_exposed_s": exposed,
-            "comm_hidden_fraction": (max(0.0, 1.0 - exposed / comm) if comm > 0 else 0.0),
-        }
+        """Busy compute time; all-to-all time on the engine; how much of that Python spent
+        blocked on it (exposed) rather than computing (hidden); and all blocked time, which
+        also counts waiting for slower peers before an all-to-all could start."""
+        return summarize([(s.kind, s.start, s.end) for s in self.spans])
+
+
+def summarize(spans: list[tuple[str, float, float]]) -> dict[str, float]:
+    compute = sum(e - s for k, s, e in spans if k in COMPUTE_KINDS)
+    comm = _union([(s, e) for k, s, e in spans if k in COMM_KINDS])
+    waits = _union([(s, e) for k, s, e in spans if k == WAIT])
+    comm_s = _length(comm)
+    exposed = _intersection(comm, waits)
+    return {
+        "compute_s": compute,
+        "comm_s": comm_s,
+        "comm_exposed_s": exposed,
+        "blocked_s": _length(waits),
+        "comm_hidden_fraction": 1.0 - exposed / comm_s if comm_s > 0 else 0.0,
+    }
 
 
 #: The timeline of this process. Schedules and the bundled model record into it when enabled.

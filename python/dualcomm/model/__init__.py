@@ -4,7 +4,7 @@ pipeline stages that overlap one micro-batch's all-to-alls with another's comput
 
 from dualcomm.model.config import MoEConfig
 from dualcomm.model.expert_parallel import ExpertParallel
-from dualcomm.model.partition import SCHEDULES, build_stage, global_name, num_stages, rank_stages
+from dualcomm.model.partition import SCHEDULES, build_stage, global_name, num_stages, rank_stages, stage_indices
 from dualcomm.model.stage import MoEStage, cross_entropy
 
 __all__ = [
@@ -17,4 +17,5 @@ __all__ = [
     "global_name",
     "num_stages",
     "rank_stages",
+    "stage_indices",
 ]

@@ -14,25 +14,27 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from dualcomm.buffer import Buffer
-from dualcomm.dualpipe.timeline import TIMELINE
+from dualcomm.dualpipe.timeline import TIMELINE, WAIT
 from dualcomm.event import EventOverlap
 
 T = TypeVar("T")
 
 
 class Pending(Generic[T]):
-    def __init__(self, kind: str, label: str, event: EventOverlap | None, blocked: float, finish: Callable[[], T]):
+    def __init__(self, kind: str, label: str, event: EventOverlap | None, started: float, finish: Callable[[], T]):
         self.kind, self.label = kind, label
-        self._event, self._blocked, self._finish = event, blocked, finish
+        self._event, self._finish = event, finish
+        if event is not None:
+            # Starting it blocked Python from `started` until now (a dispatch waits for the counts).
+            TIMELINE.add(WAIT, kind, started, time.time())
 
     def wait(self) -> T:
-        start = time.time()
         if self._event is not None:
-            self._event.current_stream_wait()
+            with TIMELINE.span(WAIT, self.kind):
+                self._event.current_stream_wait()
             stamps = self._event.timestamps()
             if stamps is not None:
                 TIMELINE.add(self.kind, self.label, *stamps)
-        TIMELINE.add_exposed(self.kind, self._blocked + time.time() - start)
         return self._finish()
 
 
@@ -69,14 +71,14 @@ class ExpertParallel:
             async_finish=True,
         )
         # The call itself blocks until every rank's counts are in.
-        return Pending("dispatch", label, event, time.time() - start, lambda: (recv_x, recv_idx, recv_w, handle))
+        return Pending("dispatch", label, event, start, lambda: (recv_x, recv_idx, recv_w, handle))
 
     def combine(self, y: torch.Tensor, handle: Any, label: str = "") -> Pending[torch.Tensor]:
         if self.buffer is None:
             return Pending("combine", label, None, 0.0, lambda: y)
         start = time.time()
         out, _, event = self.buffer.combine(y, handle, async_finish=True)
-        return Pending("combine", label, event, time.time() - start, lambda: out)
+        return Pending("combine", label, event, start, lambda: out)
 
     def combine_backward(self, grad: torch.Tensor, handle: Any, label: str = "") -> Pending[torch.Tensor]:
         """The gradient of every received row: the gradient of the sum it went into."""
@@ -85,7 +87,7 @@ class ExpertParallel:
         start = time.time()
         recv, _, _, _, _, event = self.buffer.dispatch(grad, handle=handle, async_finish=True)
         assert isinstance(recv, torch.Tensor)
-        return Pending("dispatch", label, event, time.time() - start, lambda: recv)
+        return Pending("dispatch", label, event, start, lambda: recv)
 
     def dispatch_backward(
         self, grad_x: torch.Tensor, grad_w: torch.Tensor, recv_idx: torch.Tensor, handle: Any, label: str = ""
@@ -101,4 +103,4 @@ class ExpertParallel:
             grad_x.contiguous(), handle, topk_weights=grad_w.contiguous(), async_finish=True
         )
         assert gw is not None
-        return Pending("combine", label, event, time.time() - start, lambda: (gx, gw))
+        return Pending("combine", label, event, start, lambda: (gx, gw))

@@ -1,0 +1,5 @@
+import sys
+
+from dualcomm.train.cli import main
+
+sys.exit(main())
