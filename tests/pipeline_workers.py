@@ -123,3 +123,45 @@ def moe_rank(rank: int, world: int, p: dict[str, Any]) -> dict[str, Any]:
     if buffer is not None:
         buffer.destroy()
     return {"loss": loss, "grads": grads, "inf_loss": inf_loss, "inf_out": inf_out, "stats": stats}
+
+
+def error_cases(rank: int, world: int, _: Any) -> dict[str, str]:
+    """Runs each bad call on both ranks of a 2-rank pipeline; returns `case -> 'Type: message'`."""
+    import torch.distributed as dist
+
+    from dualcomm.dualpipe import comm
+
+    seen: dict[str, str] = {}
+
+    def expect(case: str, fn: Any) -> None:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - the test inspects type and message
+            seen[case] = f"{type(e).__name__}: {e}"
+        else:
+            seen[case] = "no error"
+
+    stage = lambda: ChainStage(8)  # noqa: E731
+    singles = [dist.new_group([r]) for r in range(world)]
+    x = torch.randn(8, 8)
+    comm.TENSOR_SHAPES, comm.TENSOR_DTYPE = None, None
+    pipe = DualPipe([stage(), stage()])
+    expect("not configured", lambda: pipe.step(x, num_chunks=4, criterion=chain_criterion, labels=(x,)))
+    set_p2p_tensor_shapes([(4, 8)])  # 8 rows per rank, 2 micro-batches each
+    set_p2p_tensor_dtype(torch.float32)
+    expect("three modules", lambda: DualPipe([stage(), stage(), stage()]))
+    expect("odd pipeline", lambda: DualPipe([stage(), stage()], process_group=singles[rank]))
+    expect("bad mapping", lambda: DualPipe([stage(), stage()], rank_mapping=[0, 0]))
+    expect("odd chunks", lambda: pipe.step(x, num_chunks=5, criterion=chain_criterion, labels=(x,)))
+    expect("few chunks", lambda: pipe.step(x, num_chunks=2, criterion=chain_criterion, labels=(x,)))
+    expect("no criterion", lambda: pipe.step(x, num_chunks=4, labels=(x,)))
+    expect("no inputs", lambda: pipe.step(num_chunks=4, criterion=chain_criterion, labels=(x,)))
+    expect("uneven batch", lambda: pipe.step(x[:7], num_chunks=4, criterion=chain_criterion, labels=(x[:7],)))
+    expect("one shape", lambda: set_p2p_tensor_shapes((2, 8)))  # type: ignore[arg-type]
+    vpipe = DualPipeV([stage(), stage()])
+    # Only rank 0 takes inputs in DualPipeV: rank 1 must fail too rather than wait for it.
+    expect("v no inputs", lambda: vpipe.step(None, num_chunks=4, criterion=chain_criterion, labels=(None,)))
+    expect("v few chunks", lambda: vpipe.step(x, num_chunks=3, criterion=chain_criterion, labels=(x,)))
+    # After all that, a good step still works on both ranks.
+    expect("good", lambda: pipe.step(x, num_chunks=4, criterion=chain_criterion, labels=(x,)))
+    return seen

@@ -311,6 +311,34 @@ class PipelineSchedule(nn.Module):
     def _schedule(self, num_chunks: int) -> None:
         raise NotImplementedError
 
+    def _check_step(
+        self,
+        inputs: tuple[torch.Tensor | None, ...],
+        num_chunks: int,
+        criterion: Callable[..., torch.Tensor] | None,
+        labels: Sequence[torch.Tensor | None],
+        forward_only: bool,
+    ) -> None:
+        comm.check_configured()
+        if not _is_int(num_chunks):
+            raise TypeError(f"num_chunks: expected an int, got {type(num_chunks).__name__}")
+        self._check_num_chunks(num_chunks)
+        if not isinstance(labels, (list, tuple)):
+            raise TypeError(f"labels: expected a list or tuple of tensors, got {type(labels).__name__}")
+        phases = range(len(self.module))
+        if any(self._first_stage(p) for p in phases) and (not inputs or all(x is None for x in inputs)):
+            raise ValueError(f"inputs: pipeline rank {self.rank} holds a first stage and needs the batch's inputs")
+        if any(self._last_stage(p) for p in phases) and not forward_only and criterion is None:
+            raise ValueError(f"criterion: pipeline rank {self.rank} holds a last stage and needs a loss function")
+        chunks = self._micro_batches(num_chunks)
+        for name, given in (("inputs", inputs), ("labels", tuple(labels))):
+            for i, x in enumerate(given):
+                if isinstance(x, torch.Tensor) and (x.dim() <= self.batch_dim or x.shape[self.batch_dim] % chunks):
+                    raise ValueError(
+                        f"{name}[{i}]: expected dimension {self.batch_dim} (batch_dim) to split into {chunks} "
+                        f"equal micro-batches, got shape {tuple(x.shape)}"
+                    )
+
     def _micro_batches(self, num_chunks: int) -> int:
         """How many micro-batches one rank's `inputs` split into."""
         return num_chunks
@@ -329,19 +357,22 @@ class PipelineSchedule(nn.Module):
         stacked, and with `return_outputs` the last stage's outputs for the whole batch;
         `(None, None)` elsewhere.
         """
-        comm.check_configured()
-        if not _is_int(num_chunks):
-            raise TypeError(f"num_chunks: expected an int, got {type(num_chunks).__name__}")
-        self._check_num_chunks(num_chunks)
-        if not isinstance(labels, (list, tuple)):
-            raise TypeError(f"labels: expected a list or tuple of tensors, got {type(labels).__name__}")
         forward_only = not torch.is_grad_enabled()
-        holds_first = any(self._first_stage(p) for p in range(len(self.module)))
-        holds_last = any(self._last_stage(p) for p in range(len(self.module)))
-        if holds_first and (not inputs or all(x is None for x in inputs)):
-            raise ValueError(f"inputs: pipeline rank {self.rank} holds a first stage and needs the batch's inputs")
-        if holds_last and not forward_only and criterion is None:
-            raise ValueError(f"criterion: pipeline rank {self.rank} holds a last stage and needs a loss function")
+        try:
+            self._check_step(inputs, num_chunks, criterion, labels, forward_only)
+            problem: Exception | None = None
+        except (TypeError, ValueError, RuntimeError) as e:
+            problem = e
+        # Every rank learns whether any rank rejected its arguments, so a bad argument on one
+        # rank is an error everywhere instead of its neighbours waiting for it forever.
+        flags = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)
+        flags[self.rank] = int(problem is not None)
+        dist.all_reduce(flags, group=self.group)
+        if problem is not None:
+            raise problem
+        if flags.any():
+            bad = [r for r in range(self.num_ranks) if flags[r]]
+            raise RuntimeError(f"step: pipeline rank(s) {bad} rejected their arguments (see the error there)")
 
         self._reset_states()
         self.forward_only = forward_only
