@@ -20,7 +20,15 @@ import torch.distributed as dist
 from dualcomm.buffer import Buffer
 from dualcomm.dualpipe import TIMELINE, DualPipe, DualPipeV, OneFOneB, set_p2p_tensor_dtype, set_p2p_tensor_shapes
 from dualcomm.dualpipe.schedule import PipelineSchedule
-from dualcomm.model import ExpertParallel, MoEConfig, MoEStage, cross_entropy, rank_stages, stage_indices
+from dualcomm.model import (
+    ExpertParallel,
+    MoEConfig,
+    MoEStage,
+    cross_entropy,
+    global_name,
+    rank_stages,
+    stage_indices,
+)
 from dualcomm.train.data import batch
 
 
@@ -189,7 +197,14 @@ def train_rank(rank: int, world: int, a: TrainArgs) -> dict[str, Any]:
     stats = buffer.stats() if buffer is not None else {}
     if buffer is not None:
         buffer.destroy()
+    # Final weights, by single-process name; routed experts keyed with their first expert.
+    weights = {
+        (global_name(s, n), s.ep.first_expert if "experts." in n else None): p.detach().clone()
+        for s in stages
+        for n, p in s.named_parameters()
+    }
     return {
+        "weights": weights,
         "rank": rank,
         "pp_rank": groups.pp_rank,
         "ep_rank": groups.ep_rank,
