@@ -21,7 +21,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -167,8 +167,11 @@ class MoEStage(nn.Module):
         self._anchor = torch.empty(0, requires_grad=True)
         self._runs: deque[weakref.ref[StageRun]] = deque()
 
+    def _blocks(self) -> list[Block]:
+        return [cast(Block, b) for b in self.blocks]
+
     def expert_parameters(self) -> list[nn.Parameter]:
-        return [p for b in self.blocks for p in b.experts.parameters()]  # type: ignore[union-attr]
+        return [p for b in self._blocks() for p in b.experts.parameters()]
 
     def dense_parameters(self) -> list[nn.Parameter]:
         expert = {id(p) for p in self.expert_parameters()}
@@ -187,16 +190,16 @@ class MoEStage(nn.Module):
             h = _leaf(x, grad)
             run = StageRun(source=x, input=h)
             attn_leaf = h
-        for block in self.blocks:
-            tag = f"L{block.layer}"  # type: ignore[attr-defined]
+        for block in self._blocks():
+            tag = f"L{block.layer}"
             with ctx():
-                h2, hn, idx, w = block.attend(h)  # type: ignore[operator]
+                h2, hn, idx, w = block.attend(h)
             recv_x, recv_idx, recv_w, handle = yield self.ep.dispatch(
                 hn.detach().reshape(-1, self.cfg.hidden).contiguous(), idx, w.detach().contiguous(), f"{tag} fwd"
             )
             with ctx():
                 rx, rw = _leaf(recv_x, grad), _leaf(recv_w, grad)
-                recv_y = block.experts(rx, recv_idx, rw)  # type: ignore[operator]
+                recv_y = block.experts(rx, recv_idx, rw)
             y = yield self.ep.combine(recv_y.detach(), handle, f"{tag} fwd")
             if grad:
                 run.blocks.append(_BlockRecord(block.layer, attn_leaf, h2, hn, w, rx, recv_idx, rw, recv_y, handle))

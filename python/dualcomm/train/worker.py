@@ -12,7 +12,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -49,20 +49,25 @@ class TrainArgs:
     transport: str = "auto"
 
 
+def _new_group(ranks: list[int]) -> dist.ProcessGroup:
+    # Ranks outside `ranks` get a placeholder they never use.
+    return cast(dist.ProcessGroup, dist.new_group(ranks))
+
+
 class _Groups:
     def __init__(self, a: TrainArgs, rank: int) -> None:
         pp, ep = a.pp, a.ep
         self.pp_rank, self.ep_rank = divmod(rank, ep)
         # Every rank creates every group, in the same order (torch.distributed requires it).
-        ep_groups = [dist.new_group(list(range(i * ep, (i + 1) * ep))) for i in range(pp)]
-        pp_groups = [dist.new_group([e + i * ep for i in range(pp)]) for e in range(ep)]
+        ep_groups = [_new_group(list(range(i * ep, (i + 1) * ep))) for i in range(pp)]
+        pp_groups = [_new_group([e + i * ep for i in range(pp)]) for e in range(ep)]
         self.ep_group = ep_groups[self.pp_rank]
         self.pp_group = pp_groups[self.ep_rank]
-        self.mirror_group = None
+        self.mirror_group: dist.ProcessGroup | None = None
         if a.schedule == "dualpipe":
             for e in range(ep):
                 for r in range(pp // 2):
-                    g = dist.new_group([r * ep + e, (pp - 1 - r) * ep + e])
+                    g = _new_group([r * ep + e, (pp - 1 - r) * ep + e])
                     if e == self.ep_rank and self.pp_rank in (r, pp - 1 - r):
                         self.mirror_group = g
 
