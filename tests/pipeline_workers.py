@@ -164,4 +164,12 @@ def error_cases(rank: int, world: int, _: Any) -> dict[str, str]:
     expect("v few chunks", lambda: vpipe.step(x, num_chunks=3, criterion=chain_criterion, labels=(x,)))
     # After all that, a good step still works on both ranks.
     expect("good", lambda: pipe.step(x, num_chunks=4, criterion=chain_criterion, labels=(x,)))
+
+    class Exploding(ChainStage):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise ValueError("stage exploded")
+
+    broken = DualPipe([Exploding(8), Exploding(8)])
+    expect("stage raises", lambda: broken.step(x, num_chunks=4, criterion=chain_criterion, labels=(x,)))
+    expect("after failure", lambda: broken.step(x, num_chunks=4, criterion=chain_criterion, labels=(x,)))
     return seen

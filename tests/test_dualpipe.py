@@ -119,15 +119,27 @@ def _moe_reference(cfg: Any, ids: torch.Tensor, labels: torch.Tensor, chunks: in
 
 @pytest.mark.parametrize(
     "schedule,pp,ep,rpn",
-    [("dualpipe", 2, 2, 1), ("dualpipev", 2, 2, 1), ("dualpipev", 1, 4, 2)],
-    ids=["dualpipe-pp2-ep2x1", "dualpipev-pp2-ep2x1", "dualpipev-pp1-ep2x2"],
+    [
+        ("dualpipe", 2, 2, 1),
+        ("dualpipe", 4, 2, 1),
+        ("dualpipev", 1, 4, 2),
+        ("dualpipev", 2, 2, 1),
+        ("dualpipev", 4, 2, 1),
+    ],
+    ids=[
+        "dualpipe-pp2-ep2x1",
+        "dualpipe-pp4-ep2x1",
+        "dualpipev-pp1-ep2x2",
+        "dualpipev-pp2-ep2x1",
+        "dualpipev-pp4-ep2x1",
+    ],
 )
 def test_moe_matches_single_process(schedule: str, pp: int, ep: int, rpn: int) -> None:
     from dualcomm.model import MoEConfig
 
     nodes = ep // rpn
     cfg = MoEConfig(
-        vocab_size=32, hidden=16, heads=2, seq_len=8, num_layers=4, num_experts=8, top_k=2,
+        vocab_size=32, hidden=16, heads=2, seq_len=8, num_layers=8, num_experts=8, top_k=2,
         expert_groups=max(nodes, 2), max_groups=1, moe_hidden=16, shared_hidden=16, seed=3,
     )  # fmt: skip
     chunks, mb = 2 * pp + 2 if schedule == "dualpipe" else 2 * pp + 1, 2

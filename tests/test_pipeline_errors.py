@@ -28,6 +28,8 @@ def test_schedule_errors_name_the_argument_on_every_rank() -> None:
         assert cases["one shape"].startswith("TypeError: shapes: expected a list of shapes"), cases
         assert "DualPipeV needs at least 2 x pipeline ranks" in cases["v few chunks"], cases
         assert cases["good"] == "no error", cases
+        assert cases["stage raises"] == "ValueError: stage exploded", cases
+        assert cases["after failure"].startswith("RuntimeError: step: an earlier step failed mid-way"), cases
     # DualPipeV: rank 0 lacks its inputs; rank 1's arguments are fine but it fails as well.
     assert seen[0]["v no inputs"].startswith("ValueError: inputs: pipeline rank 0"), seen[0]
     assert (

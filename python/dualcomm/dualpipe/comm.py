@@ -62,22 +62,41 @@ class PeerToPeer:
         self._recvs: list[dist.Work] = []
         self._sends: list[tuple[dist.Work, list[torch.Tensor], bool]] = []
         self._to_free: list[torch.Tensor] = []
+        self._posted: dict[tuple[int, int, int], tuple[list[torch.Tensor], list[dist.Work]]] = {}
 
     def _tag(self, kind: int, phase: int, chunk_id: int) -> int:
         return (kind * 2 + phase) * _TAG_STRIDE + chunk_id
 
-    def recv(self, src: int, kind: int, phase: int, chunk_id: int) -> list[torch.Tensor]:
+    def _post_recv(self, src: int, kind: int, phase: int, chunk_id: int) -> tuple[list[torch.Tensor], list[dist.Work]]:
         assert TENSOR_SHAPES is not None and TENSOR_DTYPE is not None
         tensors = [torch.empty(s, dtype=TENSOR_DTYPE, device=self.device) for s in TENSOR_SHAPES]
         peer = dist.get_global_rank(self.group, src)
-        tag = self._tag(kind, phase, chunk_id)
+        works = []
         for t in tensors:
-            if self.grouped:
-                self._ops.append(dist.P2POp(dist.irecv, t, peer, self.group))
-            else:
-                work = dist.irecv(t, peer, group=self.group, tag=tag)
-                assert work is not None
-                self._recvs.append(work)
+            work = dist.irecv(t, peer, group=self.group, tag=self._tag(kind, phase, chunk_id))
+            assert work is not None
+            works.append(work)
+        return tensors, works
+
+    def prepost(self, src: int, kind: int, phase: int, count: int) -> None:
+        """Posts the receives of a whole step up front (gloo), so each message lands as soon
+        as its sender sends it, while this rank computes, not when the schedule reaches it."""
+        if self.grouped:
+            return
+        for chunk_id in range(count):
+            self._posted[(kind, phase, chunk_id)] = self._post_recv(src, kind, phase, chunk_id)
+
+    def recv(self, src: int, kind: int, phase: int, chunk_id: int) -> list[torch.Tensor]:
+        """The tensors of a message; they are complete after the next `wait_recvs`."""
+        if self.grouped:
+            assert TENSOR_SHAPES is not None and TENSOR_DTYPE is not None
+            tensors = [torch.empty(s, dtype=TENSOR_DTYPE, device=self.device) for s in TENSOR_SHAPES]
+            peer = dist.get_global_rank(self.group, src)
+            self._ops.extend(dist.P2POp(dist.irecv, t, peer, self.group) for t in tensors)
+            return tensors
+        posted = self._posted.pop((kind, phase, chunk_id), None)
+        tensors, works = posted if posted is not None else self._post_recv(src, kind, phase, chunk_id)
+        self._recvs.extend(works)
         return tensors
 
     def send(self, tensors: Sequence[torch.Tensor], dst: int, kind: int, phase: int, chunk_id: int, free: bool) -> None:
@@ -132,6 +151,8 @@ class PeerToPeer:
 
     def finish(self) -> None:
         """Waits for everything posted (end of a step)."""
+        if self._posted:
+            raise RuntimeError(f"internal: receives {sorted(self._posted)} were posted but never used")
         self.wait_recvs()
         self._reap_sends(block=True)
 

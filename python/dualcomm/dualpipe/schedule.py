@@ -76,6 +76,7 @@ class PipelineSchedule(nn.Module):
         self._up: list[Peer] = []
         self._down: list[Peer] = []
         self._flip = 0
+        self._broken: str | None = None
         self._reset_states()
 
     # ---- topology -------------------------------------------------------------------------
@@ -357,6 +358,11 @@ class PipelineSchedule(nn.Module):
         stacked, and with `return_outputs` the last stage's outputs for the whole batch;
         `(None, None)` elsewhere.
         """
+        if self._broken is not None:
+            raise RuntimeError(
+                f"step: an earlier step failed mid-way ({self._broken}); this pipeline's messages are out of "
+                "step, so build a new process group and pipeline"
+            )
         forward_only = not torch.is_grad_enabled()
         try:
             self._check_step(inputs, num_chunks, criterion, labels, forward_only)
@@ -385,10 +391,22 @@ class PipelineSchedule(nn.Module):
             if self._last_stage(p):
                 self.labels[p] = scatter(tuple(labels), chunks, self.batch_dim)
 
-        self._schedule(num_chunks)
-        if WeightGradStore.cache or not WeightGradStore.funcs_queue.empty():
-            raise RuntimeError("internal: weight-gradient chunks were left over at the end of the step")
-        self.comm.finish()
+        try:
+            for p in range(len(self.module)):
+                up, down = self._up[p], self._down[p]
+                if isinstance(up, int):
+                    self.comm.prepost(up, comm.ACTIVATION, p, chunks)
+                if isinstance(down, int) and not forward_only:
+                    self.comm.prepost(down, comm.GRADIENT, p, chunks)
+            self._schedule(num_chunks)
+            if WeightGradStore.cache or not WeightGradStore.funcs_queue.empty():
+                raise RuntimeError("internal: weight-gradient chunks were left over at the end of the step")
+            self.comm.finish()
+        except BaseException as e:
+            # Receives posted for this step may still match later messages: the pipeline's
+            # point-to-point state is unknown, so it refuses further steps.
+            self._broken = f"{type(e).__name__}: {e}"
+            raise
 
         loss: torch.Tensor | None = None
         outputs: Outputs = None
