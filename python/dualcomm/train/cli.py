@@ -39,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ranks-per-node", type=_positive, default=2, help="emulated node size of the expert-parallel group"
     )
-    p.add_argument("--steps", type=_positive, default=30)
+    p.add_argument("--steps", type=_positive, default=60)
     p.add_argument("--num-chunks", type=_positive, default=None, help="micro-batches per step (default: 2 x pp, >= 4)")
     p.add_argument("--micro-batch", type=_positive, default=2, help="sequences per micro-batch")
     p.add_argument("--hidden", type=_positive, default=64)
