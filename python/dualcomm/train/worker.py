@@ -135,12 +135,16 @@ def _step_inputs(a: TrainArgs, pp_rank: int, ids: torch.Tensor, labels: torch.Te
 
 
 def _progress(step: int, steps: int, loss: float, tok_s: float, start_loss: float) -> None:
-    width = 28
-    filled = int(width * step / steps)
-    bar = "#" * filled + "-" * (width - filled)
-    sys.stderr.write(f"\r  [{bar}] step {step}/{steps}  loss {loss:.3f} (from {start_loss:.3f})  {tok_s:,.0f} tok/s ")
-    if step == steps:
-        sys.stderr.write("\n")
+    line = f"step {step}/{steps}  loss {loss:.3f} (from {start_loss:.3f})  {tok_s:,.0f} tok/s"
+    if sys.stderr.isatty():
+        width = 28
+        filled = int(width * step / steps)
+        sys.stderr.write(f"\r  [{'#' * filled}{'-' * (width - filled)}] {line} ")
+        if step == steps:
+            sys.stderr.write("\n")
+    elif step == steps or step % max(1, steps // 10) == 0:
+        # A log file gets a line every tenth of the run instead of a redrawn bar.
+        sys.stderr.write(f"  {line}\n")
     sys.stderr.flush()
 
 
