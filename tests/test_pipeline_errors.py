@@ -17,7 +17,7 @@ def test_schedule_errors_name_the_argument_on_every_rank() -> None:
     seen = run_world(pw.error_cases, 2, None, timeout=60)
     for cases in seen:
         assert cases["not configured"].startswith("RuntimeError: call set_p2p_tensor_shapes"), cases
-        assert cases["three modules"].startswith("ValueError: modules: expected two"), cases
+        assert cases["three modules"].startswith("ValueError: modules: expected 2 stage modules"), cases
         assert "even number of pipeline ranks, got 1" in cases["odd pipeline"], cases
         assert cases["bad mapping"].startswith("ValueError: rank_mapping: expected a permutation"), cases
         assert "num_chunks: DualPipe needs an even number" in cases["odd chunks"] and "got 5" in cases["odd chunks"]

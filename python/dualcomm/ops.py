@@ -31,6 +31,30 @@ class _HandleBox:
     per_expert: list[int] | None = None
 
 
+def dispatch_with_layout(
+    buffer: Buffer,
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    num_experts: int,
+    expert_alignment: int = 1,
+    async_finish: bool = False,
+) -> tuple[Any, ...]:
+    """`get_dispatch_layout` then `dispatch`, as DeepEP users write them; returns dispatch's tuple."""
+    per_rank, per_node, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
+    return buffer.dispatch(
+        x,
+        num_tokens_per_rank=per_rank,
+        num_tokens_per_rdma_rank=per_node,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=topk_idx,
+        topk_weights=topk_weights,
+        expert_alignment=expert_alignment,
+        async_finish=async_finish,
+    )
+
+
 class _Dispatch(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -43,16 +67,8 @@ class _Dispatch(torch.autograd.Function):
         expert_alignment: int,
         box: _HandleBox,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        per_rank, per_node, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
-        recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
-            x,
-            num_tokens_per_rank=per_rank,
-            num_tokens_per_rdma_rank=per_node,
-            is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert,
-            topk_idx=topk_idx,
-            topk_weights=topk_weights,
-            expert_alignment=expert_alignment,
+        recv_x, recv_idx, recv_w, counts, handle, _ = dispatch_with_layout(
+            buffer, x, topk_idx, topk_weights, num_experts, expert_alignment
         )
         assert isinstance(recv_x, torch.Tensor) and recv_idx is not None and recv_w is not None
         box.handle, box.per_expert = handle, counts

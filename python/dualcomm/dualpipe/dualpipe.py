@@ -8,30 +8,17 @@ half of the batch, the last rank the second half.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import torch.distributed as dist
-import torch.nn as nn
-
 from dualcomm.dualpipe.schedule import PipelineSchedule
 
 
 class DualPipe(PipelineSchedule):
-    def __init__(
-        self,
-        modules: Sequence[nn.Module],
-        batch_dim: int = 0,
-        process_group: dist.ProcessGroup | None = None,
-        rank_mapping: list[int] | None = None,
-        *,
-        overlap: bool | None = None,
-    ) -> None:
-        if len(modules) != 2:
-            raise ValueError(f"modules: expected two stage modules (forward and reverse direction), got {len(modules)}")
-        super().__init__(modules, batch_dim, process_group, rank_mapping, overlap=overlap)
-        if self.num_ranks % 2 != 0:
-            raise ValueError(f"process_group: DualPipe needs an even number of pipeline ranks, got {self.num_ranks}")
+    num_modules = 2
+    module_roles = "this rank's stage of the forward direction and of the reverse direction"
+
+    def _init_topology(self) -> None:
         n = self.num_ranks
+        if n % 2 != 0:
+            raise ValueError(f"process_group: DualPipe needs an even number of pipeline ranks, got {n}")
         self.is_in_second_half = self.rank >= n // 2
         self.is_middle_rank = self.rank in (n // 2 - 1, n // 2)
         self._flip = int(self.is_in_second_half)

@@ -8,27 +8,14 @@ whole batch enters on rank 0, which also computes the loss.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import torch.distributed as dist
-import torch.nn as nn
-
 from dualcomm.dualpipe.schedule import LOCAL, PipelineSchedule
 
 
 class DualPipeV(PipelineSchedule):
-    def __init__(
-        self,
-        modules: Sequence[nn.Module],
-        batch_dim: int = 0,
-        process_group: dist.ProcessGroup | None = None,
-        rank_mapping: list[int] | None = None,
-        *,
-        overlap: bool | None = None,
-    ) -> None:
-        if len(modules) != 2:
-            raise ValueError(f"modules: expected two stage modules (stage r and stage 2n-1-r), got {len(modules)}")
-        super().__init__(modules, batch_dim, process_group, rank_mapping, overlap=overlap)
+    num_modules = 2
+    module_roles = "stage r and stage 2n-1-r of a 2n-stage model"
+
+    def _init_topology(self) -> None:
         prev, nxt = self._neighbour(-1), self._neighbour(1)
         self._up = [prev, LOCAL if self.is_last_rank else nxt]
         self._down = [LOCAL if self.is_last_rank else nxt, prev]

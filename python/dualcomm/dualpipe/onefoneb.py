@@ -21,6 +21,8 @@ class OneFOneB(PipelineSchedule):
         if not isinstance(module, nn.Module):
             raise TypeError(f"module: expected an nn.Module (this rank's stage), got {type(module).__name__}")
         super().__init__([module], batch_dim, process_group, rank_mapping, overlap=False)
+
+    def _init_topology(self) -> None:
         self._up = [self._neighbour(-1)]
         self._down = [self._neighbour(1)]
 

@@ -32,6 +32,10 @@ def _is_int(v: object) -> bool:
 class PipelineSchedule(nn.Module):
     """Base of `DualPipe`, `DualPipeV` and `OneFOneB`; subclasses set the topology and the order."""
 
+    #: How many stage modules a rank holds, and what they are (for the error message).
+    num_modules: int | None = None
+    module_roles = ""
+
     def __init__(
         self,
         modules: Sequence[nn.Module],
@@ -42,6 +46,10 @@ class PipelineSchedule(nn.Module):
         overlap: bool | None = None,
     ) -> None:
         super().__init__()
+        if self.num_modules is not None and len(modules) != self.num_modules:
+            raise ValueError(
+                f"modules: expected {self.num_modules} stage modules ({self.module_roles}), got {len(modules)}"
+            )
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(f"{type(self).__name__}: torch.distributed is not initialized; call init_process_group")
         self.module = nn.ModuleList(modules)
@@ -77,9 +85,14 @@ class PipelineSchedule(nn.Module):
         self._down: list[Peer] = []
         self._flip = 0
         self._broken: str | None = None
+        self._init_topology()
         self._reset_states()
 
     # ---- topology -------------------------------------------------------------------------
+
+    def _init_topology(self) -> None:
+        """Sets `_up`/`_down` (and `_flip`): where each phase's activations come from and go to."""
+        raise NotImplementedError
 
     def _neighbour(self, offset: int) -> int | None:
         r = self.rank + offset

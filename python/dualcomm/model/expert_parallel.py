@@ -16,6 +16,7 @@ import torch
 from dualcomm.buffer import Buffer
 from dualcomm.dualpipe.timeline import TIMELINE, WAIT
 from dualcomm.event import EventOverlap
+from dualcomm.ops import dispatch_with_layout
 
 T = TypeVar("T")
 
@@ -59,16 +60,8 @@ class ExpertParallel:
         if self.buffer is None:
             return Pending("dispatch", label, None, 0.0, lambda: (x, idx, w, None))
         start = time.time()
-        per_rank, per_node, per_expert, in_rank, _ = self.buffer.get_dispatch_layout(idx, self.num_experts)
-        recv_x, recv_idx, recv_w, _, handle, event = self.buffer.dispatch(
-            x,
-            num_tokens_per_rank=per_rank,
-            num_tokens_per_rdma_rank=per_node,
-            is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert,
-            topk_idx=idx,
-            topk_weights=w,
-            async_finish=True,
+        recv_x, recv_idx, recv_w, _, handle, event = dispatch_with_layout(
+            self.buffer, x, idx, w, self.num_experts, async_finish=True
         )
         # The call itself blocks until every rank's counts are in.
         return Pending("dispatch", label, event, start, lambda: (recv_x, recv_idx, recv_w, handle))
