@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use dualcomm_core::transport::loopback::LoopbackFabric;
 use dualcomm_core::{
-    CombineArgs, CombineOut, Config, DispatchArgs, Dtype, Endpoint, Route, TopkArgs, Topology,
-    VecSink,
+    CombineArgs, CombineOut, Config, DispatchArgs, Dtype, ElemType, Endpoint, Route, TopkArgs,
+    Topology, VecSink,
 };
 
 const HIDDEN: usize = 7168;
@@ -67,6 +67,8 @@ fn world(nodes: usize, rpn: usize, tokens: usize) -> Timing {
                                 num_tokens: tokens,
                                 x: &x,
                                 x_row_bytes: HIDDEN * 2,
+                                x_dtype: ElemType::Bf16,
+                                hidden: HIDDEN,
                                 scales: &[],
                                 scale_row_bytes: 0,
                                 topk: Some(TopkArgs {

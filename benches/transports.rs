@@ -41,8 +41,8 @@ fn shm_pair() -> (ShmTransport, ShmTransport) {
     let lens = [REGION, REGION, 64];
     let s0 = ShmSegment::create(&job, 0, 2, lens).unwrap();
     let s1 = ShmSegment::create(&job, 1, 2, lens).unwrap();
-    let t0 = ShmTransport::attach(s0, &job).unwrap();
-    let t1 = ShmTransport::attach(s1, &job).unwrap();
+    let t0 = ShmTransport::attach(s0, &job, Duration::from_secs(60)).unwrap();
+    let t1 = ShmTransport::attach(s1, &job, Duration::from_secs(60)).unwrap();
     t0.unlink();
     t1.unlink();
     (t0, t1)

@@ -6,14 +6,18 @@ without GPUs or InfiniBand (CPU tensors, in-process loopback worlds).
 """
 
 from dualcomm._native import (
+    BufferBrokenError,
     BufferDestroyedError,
     CommTimeoutError,
     ConfigMismatchError,
     DualcommError,
     Handle,
+    InternalError,
     InvalidArgumentError,
+    PeerAbortedError,
     PeerLostError,
     ProtocolError,
+    SystemResourceError,
     TransportUnavailableError,
     __version__,
 )
@@ -22,6 +26,7 @@ from dualcomm.event import EventOverlap
 
 __all__ = [
     "Buffer",
+    "BufferBrokenError",
     "BufferDestroyedError",
     "CommTimeoutError",
     "Config",
@@ -29,10 +34,13 @@ __all__ = [
     "DualcommError",
     "EventOverlap",
     "Handle",
+    "InternalError",
     "InvalidArgumentError",
     "LoopbackGroup",
+    "PeerAbortedError",
     "PeerLostError",
     "ProtocolError",
+    "SystemResourceError",
     "TransportUnavailableError",
     "__version__",
 ]

@@ -6,6 +6,7 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "BufferBrokenError",
     "BufferDestroyedError",
     "CommTimeoutError",
     "ConfigMismatchError",
@@ -13,11 +14,14 @@ __all__ = [
     "Endpoint",
     "Event",
     "Handle",
+    "InternalError",
     "InvalidArgumentError",
     "LoopbackWorld",
+    "PeerAbortedError",
     "PeerLostError",
     "ProtocolError",
     "ShmSegment",
+    "SystemResourceError",
     "TcpListener",
     "TransportUnavailableError",
     "__version__",
@@ -34,6 +38,10 @@ class ProtocolError(DualcommError): ...
 class BufferDestroyedError(DualcommError): ...
 class ConfigMismatchError(DualcommError): ...
 class TransportUnavailableError(DualcommError): ...
+class PeerAbortedError(DualcommError): ...
+class BufferBrokenError(DualcommError): ...
+class SystemResourceError(DualcommError): ...
+class InternalError(DualcommError): ...
 
 @final
 class LoopbackWorld:
@@ -131,6 +139,8 @@ class Endpoint:
     def dispatch(
         self,
         x: npt.NDArray[np.uint8],
+        x_dtype: str,
+        hidden: int,
         scales: npt.NDArray[np.uint8] | None,
         is_token_in_rank: npt.NDArray[np.bool_] | None,
         handle: Handle | None,
@@ -155,4 +165,5 @@ class Endpoint:
         out_dtype: str,
     ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32] | None, Event]: ...
     def stats(self) -> dict[str, int]: ...
+    def abort(self, op: str, reason: str) -> None: ...
     def destroy(self) -> None: ...

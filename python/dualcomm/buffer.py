@@ -7,6 +7,8 @@ Rust with the GIL released.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -249,42 +251,45 @@ class Buffer:
         With `handle` (cached dispatch) the layout of that earlier dispatch is repeated and
         the top-k outputs are None, as in DeepEP.
         """
-        data, scales = self._split_x(x)
-        t, hidden = data.shape
-        if isinstance(expert_alignment, bool) or not isinstance(expert_alignment, int) or expert_alignment < 1:
-            raise _checks.fail("expert_alignment", "an int >= 1", _checks.describe(expert_alignment))
-        if handle is not None:
-            self._check_handle(handle)
-            if topk_idx is not None or topk_weights is not None:
-                raise _checks.fail(
-                    "topk_idx",
-                    "None with a handle (a cached dispatch repeats the layout; top-k is not resent)",
-                    _checks.describe(topk_idx if topk_idx is not None else topk_weights),
-                )
-            in_rank_np = None
-        else:
-            in_rank = self._plan_for(t, is_token_in_rank, topk_idx, num_tokens_per_expert)
-            self._check_counts(in_rank, num_tokens_per_rank, num_tokens_per_rdma_rank)
-            in_rank_np = in_rank.numpy()
-        topk_np: tuple[np.ndarray, np.ndarray] | None = None
-        num_experts = 0
-        if handle is None and topk_idx is not None:
-            idx = _checks.tensor("topk_idx", topk_idx, (torch.int64,), 2)
-            _checks.rows("topk_idx", idx, t, "one per token of x")
-            if topk_weights is None:
-                raise _checks.fail("topk_weights", f"a float32 tensor of shape {list(idx.shape)}", None)
-            w = _checks.tensor("topk_weights", topk_weights, (torch.float32,), 2)
-            _checks.shape("topk_weights", w, idx.shape)
-            if num_tokens_per_expert is None:
-                raise _checks.fail("num_tokens_per_expert", "a tensor (its length is the number of experts)", None)
-            num_experts = int(num_tokens_per_expert.numel())
-            topk_np = (idx.numpy(), w.numpy())
-        elif handle is None and topk_weights is not None:
-            raise _checks.fail("topk_idx", "a tensor when topk_weights is given", None)
+        with self._rejecting("dispatch" if handle is None else "cached dispatch"):
+            data, scales = self._split_x(x)
+            t, hidden = data.shape
+            if isinstance(expert_alignment, bool) or not isinstance(expert_alignment, int) or expert_alignment < 1:
+                raise _checks.fail("expert_alignment", "an int >= 1", _checks.describe(expert_alignment))
+            if handle is not None:
+                self._check_handle(handle)
+                if topk_idx is not None or topk_weights is not None:
+                    raise _checks.fail(
+                        "topk_idx",
+                        "None with a handle (a cached dispatch repeats the layout; top-k is not resent)",
+                        _checks.describe(topk_idx if topk_idx is not None else topk_weights),
+                    )
+                in_rank_np = None
+            else:
+                in_rank = self._plan_for(t, is_token_in_rank, topk_idx, num_tokens_per_expert)
+                self._check_counts(in_rank, num_tokens_per_rank, num_tokens_per_rdma_rank)
+                in_rank_np = in_rank.numpy()
+            topk_np: tuple[np.ndarray, np.ndarray] | None = None
+            num_experts = 0
+            if handle is None and topk_idx is not None:
+                idx = _checks.tensor("topk_idx", topk_idx, (torch.int64,), 2)
+                _checks.rows("topk_idx", idx, t, "one per token of x")
+                if topk_weights is None:
+                    raise _checks.fail("topk_weights", f"a float32 tensor of shape {list(idx.shape)}", None)
+                w = _checks.tensor("topk_weights", topk_weights, (torch.float32,), 2)
+                _checks.shape("topk_weights", w, idx.shape)
+                if num_tokens_per_expert is None:
+                    raise _checks.fail("num_tokens_per_expert", "a tensor (its length is the number of experts)", None)
+                num_experts = int(num_tokens_per_expert.numel())
+                topk_np = (idx.numpy(), w.numpy())
+            elif handle is None and topk_weights is not None:
+                raise _checks.fail("topk_idx", "a tensor when topk_weights is given", None)
 
         elem = data.element_size()
         recv, recv_scales, recv_idx, recv_w, new_handle, native_event = self._ep.dispatch(
             _bytes2d(data, hidden * elem),
+            str(data.dtype).removeprefix("torch."),
+            hidden,
             None if scales is None else _bytes2d(scales, scales.shape[1] * 4),
             in_rank_np,
             handle,
@@ -318,6 +323,18 @@ class Buffer:
             new_handle if handle is None else handle,
             event,
         )
+
+    @contextlib.contextmanager
+    def _rejecting(self, op: str) -> Iterator[None]:
+        """Runs this rank's own checks of a collective call. If they fail, this rank will not
+        run the operation, so its peers are told (naming this rank and the reason) instead of
+        waiting for it until the timeout; every rank abandons the operation together."""
+        try:
+            yield
+        except Exception as e:
+            if not self._ep.destroyed:
+                self._ep.abort(op, str(e))
+            raise
 
     def _check_handle(self, handle: object) -> None:
         if not isinstance(handle, Handle):
@@ -383,20 +400,21 @@ class Buffer:
         it went to (fp32 accumulation; reduced per node, then over nodes).
 
         Returns `(combined_x, combined_topk_weights, event)`."""
-        self._check_handle(handle)
-        if isinstance(x, tuple):
-            raise _checks.fail("x", "a bfloat16 or float32 tensor (combine does not take FP8)", "a tuple")
-        rows = _checks.tensor("x", x, _ROW_DTYPES, 2)
-        _checks.rows("x", rows, handle.num_recv_tokens, "as many as the handle's dispatch delivered here")
-        w_np = None
-        if topk_weights is not None:
-            w = _checks.tensor("topk_weights", topk_weights, (torch.float32,), 2)
-            _checks.rows("topk_weights", w, handle.num_recv_tokens, "one per row of x")
-            w_np = w.numpy()
-        biases = self._biases(bias, handle.num_tokens, rows.shape[1])
-        name = _COMBINE_NAMES[rows.dtype]
-        out_name = "float32" if biases else name
-        hidden = rows.shape[1]
+        with self._rejecting("combine"):
+            self._check_handle(handle)
+            if isinstance(x, tuple):
+                raise _checks.fail("x", "a bfloat16 or float32 tensor (combine does not take FP8)", "a tuple")
+            rows = _checks.tensor("x", x, _ROW_DTYPES, 2)
+            _checks.rows("x", rows, handle.num_recv_tokens, "as many as the handle's dispatch delivered here")
+            w_np = None
+            if topk_weights is not None:
+                w = _checks.tensor("topk_weights", topk_weights, (torch.float32,), 2)
+                _checks.rows("topk_weights", w, handle.num_recv_tokens, "one per row of x")
+                w_np = w.numpy()
+            biases = self._biases(bias, handle.num_tokens, rows.shape[1])
+            name = _COMBINE_NAMES[rows.dtype]
+            out_name = "float32" if biases else name
+            hidden = rows.shape[1]
         out, out_w, native_event = self._ep.combine(
             _bytes2d(rows, hidden * rows.element_size()), name, handle, w_np, out_name
         )

@@ -9,7 +9,7 @@ use crate::protocol::combine::{self, CombineArgs, CombineOut, Scratch};
 use crate::protocol::dispatch::{
     self, DispatchArgs, DispatchHandle, DispatchOutput, RecvSink, Route,
 };
-use crate::protocol::op::{Session, meta_region_len};
+use crate::protocol::op::{self, OpKind, Session, meta_region_len};
 use crate::routing::{DispatchLayout, SendPlan, dispatch_layout};
 use crate::topology::Topology;
 use crate::transport::loopback::LoopbackFabric;
@@ -117,7 +117,7 @@ impl Endpoint {
     /// Joins a world of one host over shared memory: `segment` is this rank's own, created
     /// on every rank before any rank calls this (`job` names the job's segments).
     pub fn shm(segment: ShmSegment, job: &str, topo: Topology, config: Config) -> Result<Self> {
-        let t = ShmTransport::attach(segment, job)?;
+        let t = ShmTransport::attach(segment, job, config.timeout)?;
         Ok(Self::new(Box::new(t), topo, config))
     }
 
@@ -167,11 +167,8 @@ impl Endpoint {
             return Err(Error::Destroyed);
         }
         if let Some(why) = &self.broken {
-            return Err(Error::PeerLost {
-                peer: self.rank(),
-                reason: format!(
-                    "this buffer stopped at an earlier failure ({why}); destroy it and make a new one"
-                ),
+            return Err(Error::Broken {
+                reason: why.clone(),
             });
         }
         Ok(())
@@ -213,18 +210,42 @@ impl Endpoint {
         (session, &self.payload, &mut self.scratch)
     }
 
-    /// Bad arguments are found before anything is sent and leave the endpoint usable; any
-    /// other failure leaves the ranks out of step, so the endpoint refuses further work.
-    fn finish<T>(&mut self, r: Result<T>) -> Result<T> {
+    /// Bad arguments are found before anything is sent: this rank tells its peers (an
+    /// abort in place of its metadata), every rank abandons the operation, and the endpoint
+    /// stays usable. Any other failure leaves the ranks out of step, so the endpoint refuses
+    /// further work and leaves the world.
+    fn finish<T>(&mut self, kind: OpKind, r: Result<T>) -> Result<T> {
         match &r {
-            Ok(_) => {
-                self.seq += 1;
-                self.completed.store(self.seq, Ordering::Relaxed);
+            Ok(_) | Err(Error::PeerAborted { .. }) => self.advance(),
+            Err(e @ Error::InvalidArgument { .. }) => {
+                let e = e.clone();
+                if let Err(send) = self.abort(kind, &e.to_string()) {
+                    self.fail(&send);
+                }
             }
-            Err(Error::InvalidArgument { .. }) => {}
-            Err(e) => self.broken = Some(e.to_string()),
+            Err(e) => {
+                let e = e.clone();
+                self.fail(&e);
+            }
         }
         r
+    }
+
+    fn advance(&mut self) {
+        self.seq += 1;
+        self.completed.store(self.seq, Ordering::Relaxed);
+    }
+
+    /// Abandons the next operation on every rank: `reason` (a rejected argument, as the
+    /// caller found it) reaches each peer, whose call raises `PeerAborted` naming this rank.
+    /// Returns once every peer has reached that operation. Also for arguments that a layer
+    /// above the core checks (the Python binding).
+    pub fn abort(&mut self, kind: OpKind, reason: &str) -> Result<()> {
+        self.usable()?;
+        let (session, _, _) = self.parts();
+        op::abort(session, kind, reason)?;
+        self.advance();
+        Ok(())
     }
 
     /// Dispatches; received rows go to the buffers `sink` supplies once their size is known.
@@ -237,8 +258,12 @@ impl Endpoint {
         self.usable()?;
         let id = self.id;
         let (session, payload, _) = self.parts();
+        let kind = match route {
+            Route::Fresh(_) => OpKind::Dispatch,
+            Route::Cached(_) => OpKind::CachedDispatch,
+        };
         let r = dispatch::run(session, id, payload, args, route, sink);
-        self.finish(r)
+        self.finish(kind, r)
     }
 
     /// Combines into `out` (`[num_tokens, hidden]` rows and `[num_tokens, num_topk]` weights).
@@ -252,7 +277,7 @@ impl Endpoint {
         let id = self.id;
         let (session, payload, scratch) = self.parts();
         let r = combine::run(session, id, payload, args, handle, scratch, out);
-        self.finish(r)
+        self.finish(OpKind::Combine, r)
     }
 
     pub fn stats(&self) -> Stats {
@@ -282,9 +307,14 @@ impl Endpoint {
         Arc::clone(&self.completed)
     }
 
-    /// Refuses further work (after a failure that left the ranks out of step).
-    pub fn mark_broken(&mut self, why: &str) {
-        self.broken.get_or_insert_with(|| why.to_string());
+    /// After a failure that left the ranks out of step: refuses further work and leaves
+    /// the world, so that peers still waiting on this rank fail now with a peer-loss error
+    /// instead of at their deadline. (A peer that completed the operation owes nothing.)
+    pub fn fail(&mut self, e: &Error) {
+        if self.broken.is_none() {
+            self.broken = Some(e.to_string());
+            self.transport.shutdown(self.seq);
+        }
     }
 
     pub fn is_destroyed(&self) -> bool {

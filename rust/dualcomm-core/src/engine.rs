@@ -24,7 +24,7 @@ enum State<T> {
     Done(T),
     Taken,
     /// The job never ran to the end (the engine stopped, or the job panicked).
-    Abandoned(String),
+    Abandoned(Error),
 }
 
 struct Slot<T> {
@@ -62,12 +62,9 @@ impl<T> Ticket<T> {
                         "one whose result was already taken",
                     ));
                 }
-                State::Abandoned(why) => {
-                    *s = State::Abandoned(why.clone());
-                    return Err(Error::PeerLost {
-                        peer: usize::MAX,
-                        reason: why,
-                    });
+                State::Abandoned(e) => {
+                    *s = State::Abandoned(e.clone());
+                    return Err(e);
                 }
             }
         }
@@ -80,9 +77,17 @@ struct Completer<T> {
 }
 
 impl<T> Completer<T> {
-    fn complete(mut self, v: T) {
+    fn complete(self, v: T) {
+        self.settle(State::Done(v));
+    }
+
+    fn abandon(self, why: Error) {
+        self.settle(State::Abandoned(why));
+    }
+
+    fn settle(mut self, state: State<T>) {
         if let Some(slot) = self.slot.take() {
-            *slot.state.lock().unwrap() = State::Done(v);
+            *slot.state.lock().unwrap() = state;
             slot.changed.notify_all();
         }
     }
@@ -91,8 +96,8 @@ impl<T> Completer<T> {
 impl<T> Drop for Completer<T> {
     fn drop(&mut self) {
         if let Some(slot) = self.slot.take() {
-            *slot.state.lock().unwrap() =
-                State::Abandoned("the operation was abandoned: its progress engine stopped".into());
+            // The engine stopped before it ran this job.
+            *slot.state.lock().unwrap() = State::Abandoned(Error::Destroyed);
             slot.changed.notify_all();
         }
     }
@@ -116,17 +121,10 @@ impl Engine {
             .spawn(move || {
                 let mut ep = ep;
                 for job in rx {
-                    // A panicking job abandons its ticket (Completer) and leaves the
-                    // endpoint refusing work; the thread itself keeps serving.
-                    if catch_unwind(AssertUnwindSafe(|| job(&mut ep))).is_err() {
-                        ep.mark_broken("an operation panicked");
-                    }
+                    job(&mut ep);
                 }
             })
-            .map_err(|e| Error::PeerLost {
-                peer: usize::MAX,
-                reason: format!("cannot start the progress thread: {e}"),
-            })?;
+            .map_err(|e| Error::os_from("starting the progress thread", e))?;
         Ok(Self {
             jobs: Mutex::new(Some(tx)),
             worker: Mutex::new(Some(worker)),
@@ -147,7 +145,22 @@ impl Engine {
         let completer = Completer {
             slot: Some(Arc::clone(&slot)),
         };
-        let job: Job = Box::new(move |ep| completer.complete(f(ep)));
+        let job: Job = Box::new(move |ep| {
+            // A panic is a bug, never the caller's: it must not cross into the caller (or
+            // Python). The ticket reports it, the endpoint refuses further work and leaves
+            // the world, so peers fail fast with a peer-loss error instead of timing out.
+            match catch_unwind(AssertUnwindSafe(|| f(ep))) {
+                Ok(v) => completer.complete(v),
+                Err(panic) => {
+                    let e = Error::Internal {
+                        rank: ep.rank(),
+                        detail: format!("an operation panicked: {}", panic_text(&*panic)),
+                    };
+                    ep.fail(&e);
+                    completer.abandon(e);
+                }
+            }
+        });
         let jobs = self.jobs.lock().unwrap();
         match jobs.as_ref() {
             Some(tx) if tx.send(job).is_ok() => Ok(Ticket { slot }),
@@ -182,4 +195,11 @@ impl Drop for Engine {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }

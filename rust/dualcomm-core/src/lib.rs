@@ -18,6 +18,8 @@ pub use protocol::dispatch::{
     DispatchArgs, DispatchHandle, DispatchOutput, RecvBuffers, RecvShape, RecvSink, Route,
     TopkArgs, VecSink,
 };
+pub use protocol::op::OpKind;
+pub use protocol::record::{ElemType, RecordFormat};
 pub use protocol::reduce::Dtype;
 pub use routing::{DispatchLayout, SendPlan};
 pub use topology::Topology;

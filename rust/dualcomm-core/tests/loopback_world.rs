@@ -10,8 +10,8 @@ use dualcomm_core::transport::loopback::LoopbackFabric;
 use dualcomm_core::transport::shm::ShmSegment;
 use dualcomm_core::transport::tcp::TcpBinding;
 use dualcomm_core::{
-    CombineArgs, CombineOut, Config, DispatchArgs, Dtype, Endpoint, Error, Route, TopkArgs,
-    Topology, VecSink,
+    CombineArgs, CombineOut, Config, DispatchArgs, Dtype, ElemType, Endpoint, Error, Route,
+    TopkArgs, Topology, VecSink,
 };
 use proptest::prelude::*;
 
@@ -149,6 +149,8 @@ fn run(c: &Case) -> Vec<RankResult> {
                             num_tokens: t,
                             x: &x_bytes,
                             x_row_bytes: h * elem,
+                            x_dtype: if bf16 { ElemType::Bf16 } else { ElemType::F32 },
+                            hidden: h,
                             scales: &[],
                             scale_row_bytes: 0,
                             topk: Some(TopkArgs {
@@ -437,6 +439,8 @@ fn vanished_peer_is_an_error_not_a_hang() {
                 num_tokens: 1,
                 x: &x,
                 x_row_bytes: 4,
+                x_dtype: ElemType::U8,
+                hidden: 4,
                 scales: &[],
                 scale_row_bytes: 0,
                 topk: None,

@@ -54,6 +54,32 @@ create_exception!(
     "Ranks of one world were configured differently."
 );
 
+create_exception!(
+    _native,
+    PeerAbortedError,
+    DualcommError,
+    "A peer rejected its own arguments to the operation and every rank abandoned it; the \
+     buffer stays usable."
+);
+create_exception!(
+    _native,
+    BufferBrokenError,
+    DualcommError,
+    "This buffer stopped at an earlier failure and refuses further work; make a new one."
+);
+create_exception!(
+    _native,
+    SystemResourceError,
+    DualcommError,
+    "A call into the operating system failed on this rank (memory, threads, sockets, shared memory)."
+);
+create_exception!(
+    _native,
+    InternalError,
+    DualcommError,
+    "A bug in dualcomm (a panic caught at the engine boundary); please report it."
+);
+
 pub fn to_py(e: Error) -> PyErr {
     let msg = e.to_string();
     match e {
@@ -63,6 +89,11 @@ pub fn to_py(e: Error) -> PyErr {
         Error::Protocol { .. } => ProtocolError::new_err(msg),
         Error::Destroyed => BufferDestroyedError::new_err(msg),
         Error::ConfigMismatch(_) => ConfigMismatchError::new_err(msg),
+        Error::PeerAborted { .. } => PeerAbortedError::new_err(msg),
+        Error::Broken { .. } => BufferBrokenError::new_err(msg),
+        Error::Os { .. } => SystemResourceError::new_err(msg),
+        Error::TransportUnavailable { .. } => TransportUnavailableError::new_err(msg),
+        Error::Internal { .. } => InternalError::new_err(msg),
     }
 }
 
@@ -85,5 +116,9 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "TransportUnavailableError",
         py.get_type::<TransportUnavailableError>(),
     )?;
+    m.add("PeerAbortedError", py.get_type::<PeerAbortedError>())?;
+    m.add("BufferBrokenError", py.get_type::<BufferBrokenError>())?;
+    m.add("SystemResourceError", py.get_type::<SystemResourceError>())?;
+    m.add("InternalError", py.get_type::<InternalError>())?;
     Ok(())
 }

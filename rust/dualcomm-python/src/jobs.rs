@@ -64,21 +64,27 @@ pub fn input<T: Element>(
 }
 
 /// A fresh 1-D output array of `n` elements and its memory. It is not zeroed: the
-/// operation writes every element before its event completes (NumPy's `empty`).
-pub fn output<'py, T: Element>(py: Python<'py>, n: usize) -> (Bound<'py, PyArray1<T>>, Raw<T>) {
-    // SAFETY: an uninitialised array of a plain numeric dtype; Python code may read garbage
-    // from it only if it ignores a failed event, which is no memory-safety issue.
-    let arr = if n == 0 {
+/// operation writes every element before its event completes (NumPy's `empty`). Made
+/// through `numpy.empty`, so a size the machine cannot hold raises `MemoryError` here
+/// instead of aborting the process.
+pub fn output<'py, T: Element>(
+    py: Python<'py>,
+    n: usize,
+) -> PyResult<(Bound<'py, PyArray1<T>>, Raw<T>)> {
+    let arr: Bound<'py, PyArray1<T>> = if n == 0 {
         // An empty array made this way has stride 0, which torch cannot view as another dtype.
         PyArray1::from_vec(py, Vec::new())
     } else {
-        unsafe { PyArray1::<T>::new(py, n, false) }
+        py.import("numpy")?
+            .getattr("empty")?
+            .call1((n, T::get_dtype(py)))?
+            .cast_into::<PyArray1<T>>()?
     };
     let raw = Raw {
         ptr: arr.data(),
         len: arr.len(),
     };
-    (arr, raw)
+    Ok((arr, raw))
 }
 
 pub fn now() -> f64 {
@@ -87,7 +93,10 @@ pub fn now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// Receive buffers handed over by the caller once the counts are known.
+/// Receive buffers handed over by the caller once the counts are known, or why the caller
+/// could not make them.
+pub type RecvReply = std::result::Result<RecvRaw, String>;
+
 pub struct RecvRaw {
     pub x: Raw<u8>,
     pub scales: Raw<u8>,
@@ -101,16 +110,17 @@ pub struct RecvRaw {
 /// the memory (DeepEP's "CPU waits for the receive count, then allocates").
 pub struct ChannelSink {
     pub shapes: Option<Sender<RecvShape>>,
-    pub buffers: Receiver<RecvRaw>,
+    pub buffers: Receiver<RecvReply>,
     pub timeout: Duration,
     pub held: Vec<Py<PyAny>>,
+    pub rank: usize,
 }
 
 impl RecvSink for ChannelSink {
     fn prepare(&mut self, shape: RecvShape) -> Result<RecvBuffers<'_>> {
-        let gone = || Error::PeerLost {
-            peer: usize::MAX,
-            reason: "the caller stopped waiting for the receive buffers".into(),
+        let gone = || Error::Internal {
+            rank: self.rank,
+            detail: "the caller stopped waiting for the receive buffers".into(),
         };
         self.shapes
             .take()
@@ -120,7 +130,14 @@ impl RecvSink for ChannelSink {
         let raw = self
             .buffers
             .recv_timeout(self.timeout)
-            .map_err(|_| gone())?;
+            .map_err(|_| gone())?
+            .map_err(|detail| Error::Os {
+                what: format!(
+                    "allocating the receive buffers for {} tokens",
+                    shape.num_recv
+                ),
+                detail,
+            })?;
         self.held.extend(raw.keep);
         // SAFETY: the arrays are held in `self.held` until the job ends; only this job
         // writes them (they were just created for it).

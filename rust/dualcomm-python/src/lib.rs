@@ -13,15 +13,15 @@ use dualcomm_core::routing::{SendPlan, dispatch_layout};
 use dualcomm_core::transport::loopback::LoopbackFabric;
 use dualcomm_core::transport::tcp::{SECRET_BYTES, TcpBinding};
 use dualcomm_core::{
-    CombineArgs, CombineOut, Config, DispatchArgs, DispatchHandle, Dtype, Endpoint as CoreEndpoint,
-    Engine, Error, Route, Ticket, TopkArgs, Topology,
+    CombineArgs, CombineOut, Config, DispatchArgs, DispatchHandle, Dtype, ElemType,
+    Endpoint as CoreEndpoint, Engine, Error, OpKind, Route, Ticket, TopkArgs, Topology,
 };
 use numpy::{PyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use errors::to_py;
-use jobs::{ChannelSink, Raw, RecvRaw, input, now, output};
+use jobs::{ChannelSink, Raw, RecvRaw, RecvReply, input, now, output};
 
 fn config(num_nvl_bytes: usize, num_rdma_bytes: usize, timeout_s: f64) -> PyResult<Config> {
     if !(timeout_s.is_finite() && timeout_s > 0.0) {
@@ -310,6 +310,17 @@ impl Endpoint {
         }
         Ok(())
     }
+
+    /// This rank will not run the next operation (of `kind`) it was asked for: `why` goes to
+    /// every peer in its place (queued behind the operations in flight), so that their
+    /// calls fail at once, naming this rank, instead of waiting for the timeout.
+    fn reject_next(&self, kind: OpKind, why: String) {
+        if !self.destroyed.load(Ordering::Relaxed) {
+            let _ = self
+                .engine
+                .submit(move |ep: &mut CoreEndpoint| ep.abort(kind, &why));
+        }
+    }
 }
 
 type DispatchResult<'py> = (
@@ -477,11 +488,13 @@ impl Endpoint {
     /// receive counts are known, with the receive arrays (filled when the event completes),
     /// the handle and the event. Exactly one of `is_token_in_rank` and `handle` is given.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (x, scales, is_token_in_rank, handle, topk_idx, topk_weights, num_experts, expert_alignment))]
+    #[pyo3(signature = (x, x_dtype, hidden, scales, is_token_in_rank, handle, topk_idx, topk_weights, num_experts, expert_alignment))]
     fn dispatch<'py>(
         &self,
         py: Python<'py>,
         x: PyReadonlyArray2<'py, u8>,
+        x_dtype: &str,
+        hidden: usize,
         scales: Option<PyReadonlyArray2<'py, u8>>,
         is_token_in_rank: Option<PyReadonlyArray2<'py, bool>>,
         handle: Option<PyRef<'py, Handle>>,
@@ -491,63 +504,76 @@ impl Endpoint {
         expert_alignment: usize,
     ) -> PyResult<DispatchResult<'py>> {
         self.usable()?;
+        let kind = if handle.is_some() {
+            OpKind::CachedDispatch
+        } else {
+            OpKind::Dispatch
+        };
         let (t, xb) = rows_of(&x);
-        let mut keep: Vec<Py<PyAny>> = Vec::new();
-        let (x_raw, k0) = input(&x, "x")?;
-        keep.push(k0);
-        let (scales_raw, sb) = match &scales {
-            Some(s) => {
-                let (r, k) = input(s, "x scales")?;
-                keep.push(k);
-                (r, rows_of(s).1)
-            }
-            None => (Raw::empty(), 0),
-        };
-        let topk = match (&topk_idx, &topk_weights) {
-            (Some(i), Some(w)) => {
-                let (ir, ik) = input(i, "topk_idx")?;
-                let (wr, wk) = input(w, "topk_weights")?;
-                keep.extend([ik, wk]);
-                Some((ir, wr, rows_of(i).1))
-            }
-            _ => None,
-        };
-        let has_topk = topk.is_some();
-        // The route: a new plan (computed here, so bad input fails in the caller), or the
-        // handle of an earlier dispatch (resolved when the job runs, after that dispatch).
-        let route = match (&handle, &is_token_in_rank) {
-            (Some(h), _) => {
-                if h.buffer_id != self.id {
+        // Everything up to the submission: a failure here is this rank's own, and its peers
+        // hear of it (`reject_next`) instead of waiting for it.
+        let staged = (|| -> PyResult<_> {
+            let x_dtype = ElemType::parse("x dtype", x_dtype).map_err(to_py)?;
+            let mut keep: Vec<Py<PyAny>> = Vec::new();
+            let (x_raw, k0) = input(&x, "x")?;
+            keep.push(k0);
+            let (scales_raw, sb) = match &scales {
+                Some(s) => {
+                    let (r, k) = input(s, "x scales")?;
+                    keep.push(k);
+                    (r, rows_of(s).1)
+                }
+                None => (Raw::empty(), 0),
+            };
+            let topk = match (&topk_idx, &topk_weights) {
+                (Some(i), Some(w)) => {
+                    let (ir, ik) = input(i, "topk_idx")?;
+                    let (wr, wk) = input(w, "topk_weights")?;
+                    keep.extend([ik, wk]);
+                    Some((ir, wr, rows_of(i).1))
+                }
+                _ => None,
+            };
+            // The route: a new plan (computed here, so bad input fails in the caller), or the
+            // handle of an earlier dispatch (resolved when the job runs, after that dispatch).
+            let route = match (&handle, &is_token_in_rank) {
+                (Some(h), _) => {
+                    if h.buffer_id != self.id {
+                        return Err(to_py(Error::invalid(
+                            "handle",
+                            "a handle made by this buffer",
+                            "a handle from another buffer",
+                        )));
+                    }
+                    JobRoute::Cached(Arc::clone(&h.cell))
+                }
+                (None, Some(itr)) => {
+                    let itr = itr.as_slice().map_err(|_| {
+                        to_py(Error::invalid(
+                            "is_token_in_rank",
+                            "a C-contiguous array",
+                            "a strided view",
+                        ))
+                    })?;
+                    JobRoute::Fresh(Arc::new(
+                        SendPlan::from_is_token_in_rank(&self.topo, itr, t).map_err(to_py)?,
+                    ))
+                }
+                (None, None) => {
                     return Err(to_py(Error::invalid(
-                        "handle",
-                        "a handle made by this buffer",
-                        "a handle from another buffer",
+                        "is_token_in_rank",
+                        "a [num_tokens, world_size] bool tensor (or a handle)",
+                        "None",
                     )));
                 }
-                JobRoute::Cached(Arc::clone(&h.cell))
-            }
-            (None, Some(itr)) => {
-                let itr = itr.as_slice().map_err(|_| {
-                    to_py(Error::invalid(
-                        "is_token_in_rank",
-                        "a C-contiguous array",
-                        "a strided view",
-                    ))
-                })?;
-                JobRoute::Fresh(Arc::new(
-                    SendPlan::from_is_token_in_rank(&self.topo, itr, t).map_err(to_py)?,
-                ))
-            }
-            (None, None) => {
-                return Err(to_py(Error::invalid(
-                    "is_token_in_rank",
-                    "a [num_tokens, world_size] bool tensor (or a handle)",
-                    "None",
-                )));
-            }
-        };
+            };
+            Ok((x_dtype, keep, x_raw, scales_raw, sb, topk, route))
+        })();
+        let (x_dtype, keep, x_raw, scales_raw, sb, topk, route) =
+            staged.inspect_err(|e| self.reject_next(kind, e.to_string()))?;
+        let has_topk = topk.is_some();
         let (shape_tx, shape_rx) = mpsc::channel();
-        let (buf_tx, buf_rx) = mpsc::channel::<RecvRaw>();
+        let (buf_tx, buf_rx) = mpsc::channel::<RecvReply>();
         let cell: HandleCell = match &route {
             JobRoute::Cached(c) => Arc::clone(c),
             JobRoute::Fresh(_) => Arc::new(OnceLock::new()),
@@ -563,6 +589,7 @@ impl Endpoint {
                     buffers: buf_rx,
                     timeout,
                     held: keep,
+                    rank: ep.rank(),
                 };
                 // SAFETY: `sink.held` keeps the input arrays alive until this job ends.
                 let args = unsafe {
@@ -570,6 +597,8 @@ impl Endpoint {
                         num_tokens: t,
                         x: x_raw.slice(),
                         x_row_bytes: xb,
+                        x_dtype,
+                        hidden,
                         scales: scales_raw.slice(),
                         scale_row_bytes: sb,
                         topk: topk.map(|(i, w, k)| TopkArgs {
@@ -608,29 +637,51 @@ impl Endpoint {
         let Ok(shape) = shape else {
             let err = match py.detach(|| ticket.wait()) {
                 Ok(Finished { result: Err(e), .. }) | Err(e) => e,
-                Ok(_) => Error::protocol(self.rank, "dispatch ended without receive counts"),
+                Ok(_) => Error::Internal {
+                    rank: self.rank,
+                    detail: "dispatch ended without receive counts".into(),
+                },
             };
             return Err(to_py(err));
         };
         let n = shape.num_recv;
-        let (recv_x, x_out) = output::<u8>(py, n * shape.x_row_bytes);
-        let (recv_scales, s_out) = output::<u8>(py, n * shape.scale_row_bytes);
-        let (recv_idx, i_out) = output::<i64>(py, n * shape.num_topk);
-        let (recv_w, w_out) = output::<f32>(py, n * shape.num_topk);
-        let keep_out = vec![
-            recv_x.as_any().clone().unbind(),
-            recv_scales.as_any().clone().unbind(),
-            recv_idx.as_any().clone().unbind(),
-            recv_w.as_any().clone().unbind(),
-        ];
+        let made = (|| -> PyResult<_> {
+            let (recv_x, x_out) = output::<u8>(py, n * shape.x_row_bytes)?;
+            let (recv_scales, s_out) = output::<u8>(py, n * shape.scale_row_bytes)?;
+            let (recv_idx, i_out) = output::<i64>(py, n * shape.num_topk)?;
+            let (recv_w, w_out) = output::<f32>(py, n * shape.num_topk)?;
+            let keep_out = vec![
+                recv_x.as_any().clone().unbind(),
+                recv_scales.as_any().clone().unbind(),
+                recv_idx.as_any().clone().unbind(),
+                recv_w.as_any().clone().unbind(),
+            ];
+            let raw = RecvRaw {
+                x: x_out,
+                scales: s_out,
+                topk_idx: i_out,
+                topk_weights: w_out,
+                keep: keep_out,
+            };
+            Ok(((recv_x, recv_scales, recv_idx, recv_w), raw))
+        })();
+        let (arrays, reply) = match made {
+            Ok((arrays, raw)) => (Some(arrays), Ok(raw)),
+            Err(e) => (None, Err(e.to_string())),
+        };
         // If the job gave up waiting, its error arrives through the event.
-        let _ = buf_tx.send(RecvRaw {
-            x: x_out,
-            scales: s_out,
-            topk_idx: i_out,
-            topk_weights: w_out,
-            keep: keep_out,
-        });
+        let _ = buf_tx.send(reply);
+        let Some((recv_x, recv_scales, recv_idx, recv_w)) = arrays else {
+            // The job fails too (and leaves the world, so peers do not wait for it).
+            let err = match py.detach(|| ticket.wait()) {
+                Ok(Finished { result: Err(e), .. }) | Err(e) => e,
+                Ok(_) => Error::Internal {
+                    rank: self.rank,
+                    detail: "dispatch completed without receive buffers".into(),
+                },
+            };
+            return Err(to_py(err));
+        };
         Ok((
             recv_x,
             scales.is_some().then_some(recv_scales),
@@ -659,41 +710,59 @@ impl Endpoint {
         out_dtype: &str,
     ) -> PyResult<CombineResult<'py>> {
         self.usable()?;
-        let dtype = Dtype::parse(dtype).map_err(to_py)?;
-        let out_dtype = Dtype::parse(out_dtype).map_err(to_py)?;
-        let (_, xb) = rows_of(&x);
-        if xb % dtype.size() != 0 {
-            return Err(to_py(Error::invalid(
-                "x",
-                format!("rows of whole {}-byte elements", dtype.size()),
-                format!("{xb}-byte rows"),
-            )));
-        }
-        if handle.buffer_id != self.id {
-            return Err(to_py(Error::invalid(
-                "handle",
-                "a handle made by this buffer",
-                "a handle from another buffer",
-            )));
-        }
-        let hidden = xb / dtype.size();
-        let mut keep: Vec<Py<PyAny>> = Vec::new();
-        let (x_raw, k0) = input(&x, "x")?;
-        keep.push(k0);
-        let weights = match &topk_weights {
-            Some(w) => {
-                let (r, k) = input(w, "topk_weights")?;
-                keep.push(k);
-                Some((r, rows_of(w).1))
+        // Everything up to the submission fails on this rank alone: its peers hear of it.
+        let staged = (|| -> PyResult<_> {
+            let dtype = Dtype::parse(dtype).map_err(to_py)?;
+            let out_dtype = Dtype::parse(out_dtype).map_err(to_py)?;
+            let (_, xb) = rows_of(&x);
+            if xb % dtype.size() != 0 {
+                return Err(to_py(Error::invalid(
+                    "x",
+                    format!("rows of whole {}-byte elements", dtype.size()),
+                    format!("{xb}-byte rows"),
+                )));
             }
-            None => None,
-        };
-        let k = weights.map_or(0, |w| w.1);
-        let t = handle.num_tokens;
-        let (out_x, ox) = output::<u8>(py, t * hidden * out_dtype.size());
-        let (out_w, ow) = output::<f32>(py, t * k);
-        keep.push(out_x.as_any().clone().unbind());
-        keep.push(out_w.as_any().clone().unbind());
+            if handle.buffer_id != self.id {
+                return Err(to_py(Error::invalid(
+                    "handle",
+                    "a handle made by this buffer",
+                    "a handle from another buffer",
+                )));
+            }
+            let hidden = xb / dtype.size();
+            let mut keep: Vec<Py<PyAny>> = Vec::new();
+            let (x_raw, k0) = input(&x, "x")?;
+            keep.push(k0);
+            let weights = match &topk_weights {
+                Some(w) => {
+                    let (r, k) = input(w, "topk_weights")?;
+                    keep.push(k);
+                    Some((r, rows_of(w).1))
+                }
+                None => None,
+            };
+            let k = weights.map_or(0, |w| w.1);
+            let t = handle.num_tokens;
+            let out_bytes = t
+                .checked_mul(hidden)
+                .and_then(|n| n.checked_mul(out_dtype.size()))
+                .ok_or_else(|| {
+                    to_py(Error::invalid(
+                        "x",
+                        "a result size that fits in memory",
+                        hidden,
+                    ))
+                })?;
+            let (out_x, ox) = output::<u8>(py, out_bytes)?;
+            let (out_w, ow) = output::<f32>(py, t * k)?;
+            keep.push(out_x.as_any().clone().unbind());
+            keep.push(out_w.as_any().clone().unbind());
+            Ok((
+                dtype, out_dtype, hidden, keep, x_raw, weights, k, out_x, ox, out_w, ow,
+            ))
+        })();
+        let (dtype, out_dtype, hidden, keep, x_raw, weights, k, out_x, ox, out_w, ow) =
+            staged.inspect_err(|e| self.reject_next(OpKind::Combine, e.to_string()))?;
         let cell = Arc::clone(&handle.cell);
         let ticket = self
             .engine
@@ -754,6 +823,27 @@ impl Endpoint {
         d.set_item("operations", s.operations)?;
         d.set_item("rejected_connections", s.rejected_connections)?;
         Ok(d)
+    }
+
+    /// Tells every peer that this rank will not run the next operation, `op` ("dispatch",
+    /// "cached dispatch" or "combine"), because of `reason` (an argument the caller rejected):
+    /// their calls raise `PeerAbortedError` naming this rank. Queued behind the operations
+    /// in flight; does not wait.
+    fn abort(&self, op: &str, reason: String) -> PyResult<()> {
+        let kind = match op {
+            "dispatch" => OpKind::Dispatch,
+            "cached dispatch" => OpKind::CachedDispatch,
+            "combine" => OpKind::Combine,
+            other => {
+                return Err(to_py(Error::invalid(
+                    "op",
+                    "'dispatch', 'cached dispatch' or 'combine'",
+                    other,
+                )));
+            }
+        };
+        self.reject_next(kind, reason);
+        Ok(())
     }
 
     /// Leaves the world at once (operations in flight fail); later calls raise.

@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 
 use super::dispatch::DispatchHandle;
 use super::op::{Op, OpKind, Session};
-use super::record::{HEADER_BYTES, Header, Layout};
+use super::record::{ElemType, HEADER_BYTES, Header, Layout, RecordFormat};
 use super::reduce::{Dtype, add_into, read_f32s, store};
 use crate::error::{Error, Result};
 use crate::transport::{Tier, TierCounters};
@@ -289,9 +289,23 @@ pub(crate) fn run(
     }
     let mut sent_to = vec![0usize; rpn];
 
-    let mut op = Op::begin(session, OpKind::Combine, layout.record_bytes(), |_| {
-        (handle.tag, 0, 0)
-    })?;
+    let format = RecordFormat {
+        dtype: match args.dtype {
+            Dtype::Bf16 => ElemType::Bf16,
+            Dtype::F32 => ElemType::F32,
+        },
+        hidden: u32::try_from(args.hidden)
+            .map_err(|_| Error::invalid("x", "a hidden size below 2^32", args.hidden))?,
+        scale_cols: 0,
+        topk: k as u32,
+    };
+    let mut op = Op::begin(
+        session,
+        OpKind::Combine,
+        format,
+        layout.record_bytes(),
+        |_| (handle.tag, 0, 0),
+    )?;
     let (t, epoch) = (op.t, op.epoch);
     for l in (0..rpn).filter(|&l| l != topo.local_of(me)) {
         let d = topo.rank_at(my_node, l);

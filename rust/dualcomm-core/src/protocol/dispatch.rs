@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use super::op::{Op, OpKind, Session};
-use super::record::{Header, Layout, SourceOrder};
+use super::record::{ElemType, Header, Layout, RecordFormat, SourceOrder};
 use crate::error::{Error, Result};
 use crate::routing::{SendPlan, check_expert_indices, experts_per_rank};
 use crate::transport::{Tier, TierCounters};
@@ -28,6 +28,9 @@ pub struct DispatchArgs<'a> {
     /// `[num_tokens, x_row_bytes]`: the token data, carried as opaque bytes.
     pub x: &'a [u8],
     pub x_row_bytes: usize,
+    /// What the bytes of `x` are (peers must dispatch the same), and elements per row.
+    pub x_dtype: ElemType,
+    pub hidden: usize,
     /// `[num_tokens, scale_row_bytes]`: FP8 scales, or empty with `scale_row_bytes == 0`.
     pub scales: &'a [u8],
     pub scale_row_bytes: usize,
@@ -106,12 +109,24 @@ pub struct VecSink {
     pub topk_weights: Vec<f32>,
 }
 
+/// A zeroed vector of `n` elements, or an error (never an abort) when memory is short.
+pub fn try_zeroed<T: Clone + Default>(what: &str, n: usize) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|e| Error::Os {
+        what: format!("allocating {what} ({n} elements)"),
+        detail: e.to_string(),
+    })?;
+    v.resize(n, T::default());
+    Ok(v)
+}
+
 impl RecvSink for VecSink {
     fn prepare(&mut self, s: RecvShape) -> Result<RecvBuffers<'_>> {
-        self.x = vec![0; s.num_recv * s.x_row_bytes];
-        self.scales = vec![0; s.num_recv * s.scale_row_bytes];
-        self.topk_idx = vec![0; s.num_recv * s.num_topk];
-        self.topk_weights = vec![0.0; s.num_recv * s.num_topk];
+        let n = s.num_recv;
+        self.x = try_zeroed("received rows", s.x_row_bytes.saturating_mul(n))?;
+        self.scales = try_zeroed("received scales", s.scale_row_bytes.saturating_mul(n))?;
+        self.topk_idx = try_zeroed("received top-k indices", s.num_topk.saturating_mul(n))?;
+        self.topk_weights = try_zeroed("received top-k weights", s.num_topk.saturating_mul(n))?;
         Ok(RecvBuffers {
             x: &mut self.x,
             scales: &mut self.scales,
@@ -122,7 +137,7 @@ impl RecvSink for VecSink {
 }
 
 fn check_len(arg: &str, got: usize, rows: usize, row: usize) -> Result<()> {
-    if got != rows * row {
+    if rows.checked_mul(row) != Some(got) {
         return Err(Error::invalid(
             arg,
             format!("{rows} rows of {row} bytes"),
@@ -242,6 +257,31 @@ pub(crate) fn run(
     if args.expert_alignment == 0 {
         return Err(Error::invalid("expert_alignment", "at least 1", 0));
     }
+    if n_tok as u64 > super::op::MAX_TOKENS {
+        return Err(Error::invalid(
+            "x",
+            format!("at most {} tokens", super::op::MAX_TOKENS),
+            n_tok,
+        ));
+    }
+    let elem = args.x_row_bytes.checked_div(args.hidden).unwrap_or(0);
+    if args.hidden == 0 && args.x_row_bytes != 0 || elem * args.hidden != args.x_row_bytes {
+        return Err(Error::invalid(
+            "hidden",
+            format!(
+                "the number of elements in a {}-byte row of x",
+                args.x_row_bytes
+            ),
+            args.hidden,
+        ));
+    }
+    let format = RecordFormat {
+        dtype: args.x_dtype,
+        hidden: u32::try_from(args.hidden)
+            .map_err(|_| Error::invalid("x", "a hidden size below 2^32", args.hidden))?,
+        scale_cols: (args.scale_row_bytes / 4) as u32,
+        topk: k as u32,
+    };
     let (xb, sb) = (args.x_row_bytes, args.scale_row_bytes);
     let layout = Layout::new(&[xb, sb, k * 8, k * 4]);
     let token_payload = xb + sb;
@@ -289,7 +329,7 @@ pub(crate) fn run(
         .collect();
 
     let tag = session.seq;
-    let mut op = Op::begin(session, kind, layout.record_bytes(), |p| {
+    let mut op = Op::begin(session, kind, format, layout.record_bytes(), |p| {
         (
             plan.count_to_rank()[p],
             plan.count_to_node()[topo.node_of(p)],
@@ -330,17 +370,48 @@ pub(crate) fn run(
                 let b = op.meta(p).b;
                 op.recv_ring(p).expected = Some(b);
             }
+            // Counts come from peers: each is bounded (op::MAX_TOKENS), and so is their sum.
             let mut prefix = vec![0usize; w + 1];
             for s in 0..w {
-                prefix[s + 1] = prefix[s] + counts[s] as usize;
+                if counts[s] > src_tokens[s] {
+                    return Err(Error::protocol(
+                        s,
+                        format!(
+                            "announced {} tokens for rank {me} out of its {}",
+                            counts[s], src_tokens[s]
+                        ),
+                    ));
+                }
+                prefix[s + 1] = prefix[s]
+                    .checked_add(counts[s] as usize)
+                    .ok_or_else(|| Error::protocol(s, "token counts overflow"))?;
             }
             let total = prefix[w];
+            for &p in &twins {
+                let (b, c) = (op.meta(p).b, op.meta(p).c);
+                if b > c {
+                    return Err(Error::protocol(
+                        p,
+                        format!("announced {b} tokens for node {my_node} out of its {c}"),
+                    ));
+                }
+            }
             let shape = RecvShape {
                 num_recv: total,
                 x_row_bytes: xb,
                 scale_row_bytes: sb,
                 num_topk: k,
             };
+            if [xb, sb, k * 8].iter().any(|&row| {
+                total
+                    .checked_mul(row)
+                    .is_none_or(|n| n > isize::MAX as usize)
+            }) {
+                return Err(Error::protocol(
+                    me,
+                    format!("{total} announced tokens do not fit in this rank's address space"),
+                ));
+            }
             let bufs = sink.prepare(shape)?;
             if bufs.x.len() != total * xb
                 || bufs.scales.len() != total * sb
@@ -362,8 +433,8 @@ pub(crate) fn run(
                 scales: bufs.scales,
                 topk_idx: bufs.topk_idx,
                 topk_w: bufs.topk_weights,
-                src_rank: vec![0; total],
-                src_idx: vec![0; total],
+                src_rank: try_zeroed("received source ranks", total)?,
+                src_idx: try_zeroed("received source indices", total)?,
                 xb,
                 sb,
                 k,
@@ -382,8 +453,9 @@ pub(crate) fn run(
             progress = true;
         }
 
-        // This rank's own tokens.
-        for ob in outboxes.iter_mut() {
+        // This rank's own tokens, once every peer's metadata is in (so that an operation
+        // some rank aborts has sent no data anywhere).
+        for ob in outboxes.iter_mut().filter(|_| rx.is_some()) {
             let ring = op.send_ring(ob.peer);
             let n = (ring.free() as usize).min(ob.tokens.len() - ob.sent);
             if n > 0 {

@@ -3,18 +3,29 @@
 //!
 //! Every operation starts with every rank writing a small metadata record to every other
 //! rank. That carries the token counts a dispatch needs, lets ranks check that they run the
-//! same operation with the same record size, and bounds how far a fast rank can run ahead
-//! (one operation), which is what makes the 2-bit epoch in the immediate sufficient.
+//! same operation on records of the same format, and bounds how far a fast rank can run
+//! ahead (one operation), which is what makes the 2-bit epoch in the immediate sufficient.
+//!
+//! No rank sends ring data before it holds every peer's metadata, and no rank leaves an
+//! operation before it holds every peer's metadata. So a rank that rejects its own arguments
+//! sends an abort record in place of its metadata, every rank abandons that operation
+//! together once all records are in, nothing is left in flight, and the buffer stays usable.
 
 use std::time::{Duration, Instant};
 
 use super::imm::{Imm, ImmKind};
+use super::record::{FORMAT_BYTES, RecordFormat};
 use super::ring::{RecvRing, RingGeometry, SendRing};
 use crate::error::{Error, Result};
 use crate::topology::Topology;
 use crate::transport::{Completion, RegionId, Tier, Transport};
 
-pub const META_BYTES: usize = 32;
+pub const META_BYTES: usize = 128;
+/// Bytes of an abort's reason that travel (the rest is cut).
+const REASON_BYTES: usize = META_BYTES - 8 - FORMAT_BYTES - 24;
+/// Largest token count a rank may announce: token indices travel as u32, and every count
+/// from a peer is bounded by this before anything is sized from it.
+pub const MAX_TOKENS: u64 = 1 << 31;
 
 /// Bytes of the meta region a rank must register for a world of `world_size` ranks.
 pub fn meta_region_len(world_size: usize) -> usize {
@@ -26,6 +37,8 @@ pub enum OpKind {
     Dispatch = 1,
     CachedDispatch = 2,
     Combine = 3,
+    /// Sent in place of an operation's metadata by a rank that rejected its arguments.
+    Abort = 4,
 }
 
 impl OpKind {
@@ -34,6 +47,7 @@ impl OpKind {
             1 => Some(Self::Dispatch),
             2 => Some(Self::CachedDispatch),
             3 => Some(Self::Combine),
+            4 => Some(Self::Abort),
             _ => None,
         }
     }
@@ -43,46 +57,108 @@ impl OpKind {
             Self::Dispatch => "dispatch",
             Self::CachedDispatch => "cached dispatch",
             Self::Combine => "combine",
+            Self::Abort => "aborted operation",
         }
     }
 }
 
 /// What one rank tells another when an operation starts. The meaning of `a`, `b`, `c`
-/// belongs to the operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// belongs to the operation. An abort carries the operation the aborting rank meant to
+/// run (in `aborted`) and why (in `reason`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Meta {
     pub kind: OpKind,
     pub record_bytes: u32,
+    pub format: RecordFormat,
     pub a: u64,
     pub b: u64,
     pub c: u64,
+    pub reason: String,
 }
 
 impl Meta {
+    /// Wire layout: kind u32 | record_bytes u32 | format | a | b | c | reason (UTF-8, NUL-padded).
     fn encode(&self) -> [u8; META_BYTES] {
         let mut out = [0u8; META_BYTES];
         out[0..4].copy_from_slice(&(self.kind as u32).to_le_bytes());
         out[4..8].copy_from_slice(&self.record_bytes.to_le_bytes());
-        out[8..16].copy_from_slice(&self.a.to_le_bytes());
-        out[16..24].copy_from_slice(&self.b.to_le_bytes());
-        out[24..32].copy_from_slice(&self.c.to_le_bytes());
+        out[8..8 + FORMAT_BYTES].copy_from_slice(&self.format.encode());
+        let at = 8 + FORMAT_BYTES;
+        out[at..at + 8].copy_from_slice(&self.a.to_le_bytes());
+        out[at + 8..at + 16].copy_from_slice(&self.b.to_le_bytes());
+        out[at + 16..at + 24].copy_from_slice(&self.c.to_le_bytes());
+        let mut reason = self.reason.as_bytes();
+        if reason.len() > REASON_BYTES {
+            // Cut at a character boundary so the far side decodes valid UTF-8.
+            let mut cut = REASON_BYTES;
+            while !self.reason.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            reason = &reason[..cut];
+        }
+        out[at + 24..at + 24 + reason.len()].copy_from_slice(reason);
         out
     }
 
     fn decode(peer: usize, b: &[u8]) -> Result<Self> {
-        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
-        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
         let kind = OpKind::from_u32(u32_at(0))
             .ok_or_else(|| Error::protocol(peer, format!("unknown operation {}", u32_at(0))))?;
+        let at = 8 + FORMAT_BYTES;
+        let reason = &b[at + 24..META_BYTES];
+        let end = reason.iter().position(|&c| c == 0).unwrap_or(reason.len());
         Ok(Meta {
             kind,
             record_bytes: u32_at(4),
-            a: u64_at(8),
-            b: u64_at(16),
-            c: u64_at(24),
+            format: RecordFormat::decode(peer, &b[8..8 + FORMAT_BYTES])?,
+            a: u64_at(at),
+            b: u64_at(at + 8),
+            c: u64_at(at + 16),
+            reason: String::from_utf8_lossy(&reason[..end]).into_owned(),
         })
     }
 }
+
+/// The metadata slot of sender `from` for operation `seq`, in every receiver's meta region.
+fn meta_offset(seq: u64, world: usize, from: usize) -> usize {
+    ((seq % 2) as usize * world + from) * META_BYTES
+}
+
+fn meta_tier(topo: &Topology, a: usize, b: usize) -> Tier {
+    if topo.same_node(a, b) {
+        Tier::Nvl
+    } else {
+        Tier::Rdma
+    }
+}
+
+/// Tells every peer that this rank abandons operation `seq` (a `kind` it rejected the
+/// arguments of) and why, then waits for every peer's record of that operation, so that
+/// nothing of it is left in flight.
+pub fn abort(s: Session<'_>, kind: OpKind, reason: &str) -> Result<()> {
+    let mut op = Op::open(
+        s,
+        OpKind::Abort,
+        ABORT_FORMAT,
+        1,
+        reason,
+        kind as u64,
+        |_| (0, 0, 0),
+    )?;
+    while !op.metas_ready() {
+        op.pump(true)?;
+    }
+    Ok(())
+}
+
+/// The format field of an abort record (unused).
+const ABORT_FORMAT: RecordFormat = RecordFormat {
+    dtype: super::record::ElemType::Bytes,
+    hidden: 0,
+    scale_cols: 0,
+    topk: 0,
+};
 
 /// The state an endpoint keeps between operations.
 pub struct Session<'e> {
@@ -112,6 +188,9 @@ pub struct Op<'e> {
     pub recv: Vec<Option<RecvRing>>,
     stash: &'e mut Vec<Completion>,
     inbox: Vec<Completion>,
+    format: RecordFormat,
+    /// Set when a peer aborted this operation; raised once every peer's record is in.
+    aborted: Option<Error>,
 }
 
 /// How a pair of ranks is linked, if it is: same node over nvl, twins (same local index on
@@ -134,17 +213,12 @@ impl<'e> Op<'e> {
     pub fn begin(
         s: Session<'e>,
         kind: OpKind,
+        format: RecordFormat,
         record_bytes: usize,
         meta_for: impl Fn(usize) -> (u64, u64, u64),
     ) -> Result<Self> {
-        let topo = s.topo;
-        let t = s.transport;
-        let me = t.rank();
-        let w = topo.world_size();
-        let (nn, rpn) = (topo.num_nodes(), topo.ranks_per_node());
-        let nvl_ring = s.num_nvl_bytes / rpn;
-        let rdma_ring = s.num_rdma_bytes / nn;
-        if rpn > 1 && nvl_ring < record_bytes {
+        let (nn, rpn) = (s.topo.num_nodes(), s.topo.ranks_per_node());
+        if rpn > 1 && s.num_nvl_bytes / rpn < record_bytes {
             return Err(too_small(
                 "num_nvl_bytes",
                 record_bytes,
@@ -152,7 +226,7 @@ impl<'e> Op<'e> {
                 s.num_nvl_bytes,
             ));
         }
-        if nn > 1 && rdma_ring < record_bytes {
+        if nn > 1 && s.num_rdma_bytes / nn < record_bytes {
             return Err(too_small(
                 "num_rdma_bytes",
                 record_bytes,
@@ -167,6 +241,27 @@ impl<'e> Op<'e> {
                 record_bytes,
             ));
         }
+        Self::open(s, kind, format, record_bytes, "", 0, meta_for)
+    }
+
+    /// Sets up the rings and sends this rank's record (`kind`, or an abort with `reason`
+    /// for an operation of kind `aborted`) to every peer.
+    fn open(
+        s: Session<'e>,
+        kind: OpKind,
+        format: RecordFormat,
+        record_bytes: usize,
+        reason: &str,
+        aborted: u64,
+        meta_for: impl Fn(usize) -> (u64, u64, u64),
+    ) -> Result<Self> {
+        let topo = s.topo;
+        let t = s.transport;
+        let me = t.rank();
+        let w = topo.world_size();
+        let (nn, rpn) = (topo.num_nodes(), topo.ranks_per_node());
+        let nvl_ring = s.num_nvl_bytes / rpn;
+        let rdma_ring = s.num_rdma_bytes / nn;
         // Ring of sender `from` inside receiver `to`'s region.
         let geometry = |from: usize, to: usize, tier: Tier| {
             let (region, slot, ring) = match tier {
@@ -205,29 +300,28 @@ impl<'e> Op<'e> {
             recv,
             stash: s.stash,
             inbox: Vec::new(),
+            format,
+            aborted: None,
         };
-        let parity = (s.seq % 2) as usize;
         for p in 0..w {
             let (a, b, c) = meta_for(p);
             let meta = Meta {
                 kind,
                 record_bytes: record_bytes as u32,
-                a,
+                format,
+                a: if kind == OpKind::Abort { aborted } else { a },
                 b,
                 c,
+                reason: reason.to_string(),
             };
             if p == me {
                 op.metas[p] = Some(meta);
                 op.missing_metas -= 1;
                 continue;
             }
-            let tier = if topo.same_node(me, p) {
-                Tier::Nvl
-            } else {
-                Tier::Rdma
-            };
-            let offset = (parity * w + me) * META_BYTES;
+            let offset = meta_offset(s.seq, w, me);
             let imm = Imm::new(ImmKind::Meta, epoch, 0);
+            let tier = meta_tier(&topo, me, p);
             t.write_with_imm(p, tier, RegionId::Meta, offset, &[&meta.encode()], imm.0)?;
         }
         // Completions of this operation that arrived while the previous one ran.
@@ -235,6 +329,7 @@ impl<'e> Op<'e> {
         for c in early {
             op.handle(c)?;
         }
+        op.raise_abort()?;
         Ok(op)
     }
 
@@ -268,18 +363,21 @@ impl<'e> Op<'e> {
         } else {
             now
         };
-        let mut inbox = std::mem::take(&mut self.inbox);
-        inbox.clear();
-        let n = self.t.poll(&mut inbox, until)?;
-        for c in inbox.drain(..) {
-            self.handle(c)?;
-        }
-        self.inbox = inbox;
+        let n = self.take_in(until)?;
+        self.raise_abort()?;
         if block && n == 0 {
             if self.t.peer_gone(self.me).is_some() {
                 return Err(Error::Destroyed); // this rank was told to leave
             }
-            self.check_peers()?;
+            if self.lost_peer().is_some() {
+                // A transport makes a peer's departure visible only after everything the
+                // peer wrote before it left: take that in before judging (a peer that
+                // completed this operation and exited at once owes nothing more).
+                self.take_in(Instant::now())?;
+                if let Some(e) = self.lost_peer() {
+                    return Err(e);
+                }
+            }
             if Instant::now() >= self.deadline {
                 return Err(Error::Timeout {
                     what: format!("{} to complete: {}", self.kind.name(), self.describe_wait()),
@@ -288,6 +386,18 @@ impl<'e> Op<'e> {
             }
         }
         Ok(())
+    }
+
+    /// Polls the transport until `until` and handles what came; returns how many.
+    fn take_in(&mut self, until: Instant) -> Result<usize> {
+        let mut inbox = std::mem::take(&mut self.inbox);
+        inbox.clear();
+        let n = self.t.poll(&mut inbox, until)?;
+        for c in inbox.drain(..) {
+            self.handle(c)?;
+        }
+        self.inbox = inbox;
+        Ok(n)
     }
 
     fn handle(&mut self, c: Completion) -> Result<()> {
@@ -327,8 +437,7 @@ impl<'e> Op<'e> {
 
     fn on_meta(&mut self, c: &Completion) -> Result<()> {
         let w = self.topo.world_size();
-        let parity = (self.epoch % 2) as usize;
-        let want = (parity * w + c.src) * META_BYTES;
+        let want = meta_offset(self.seq, w, c.src);
         if c.region != RegionId::Meta || c.offset != want || c.len != META_BYTES {
             return Err(Error::protocol(c.src, "metadata outside its slot"));
         }
@@ -337,7 +446,16 @@ impl<'e> Op<'e> {
         }
         let bytes = self.t.local(RegionId::Meta, c.offset, META_BYTES)?;
         let meta = Meta::decode(c.src, bytes)?;
-        let mine = self.metas[self.me].expect("own meta set at begin");
+        if meta.kind == OpKind::Abort || self.kind == OpKind::Abort {
+            // Nothing of an aborted operation is used: only its records are collected.
+            if meta.kind == OpKind::Abort && self.kind != OpKind::Abort && self.aborted.is_none() {
+                self.aborted = Some(self.aborted_by(c.src, &meta));
+            }
+            self.metas[c.src] = Some(meta);
+            self.missing_metas -= 1;
+            return Ok(());
+        }
+        let mine = self.metas[self.me].as_ref().expect("own meta set at begin");
         if meta.kind != self.kind {
             return Err(Error::protocol(
                 c.src,
@@ -361,8 +479,54 @@ impl<'e> Op<'e> {
                 ),
             ));
         }
+        if meta.format != self.format {
+            return Err(Error::protocol(
+                c.src,
+                format!(
+                    "rank {} runs its {} on {}, rank {} on {}: dtype, hidden size, scales and \
+                     top-k must agree on every rank",
+                    c.src,
+                    self.kind.name(),
+                    meta.format,
+                    self.me,
+                    self.format
+                ),
+            ));
+        }
+        if meta.a > MAX_TOKENS || meta.b > MAX_TOKENS || meta.c > MAX_TOKENS {
+            return Err(Error::protocol(
+                c.src,
+                format!(
+                    "announced token counts ({}, {}, {}) above the limit of {MAX_TOKENS}",
+                    meta.a, meta.b, meta.c
+                ),
+            ));
+        }
         self.metas[c.src] = Some(meta);
         self.missing_metas -= 1;
+        Ok(())
+    }
+
+    /// The error for this rank's caller: `peer` aborted the operation.
+    fn aborted_by(&self, peer: usize, meta: &Meta) -> Error {
+        let meant = u32::try_from(meta.a)
+            .ok()
+            .and_then(OpKind::from_u32)
+            .map_or("operation", OpKind::name);
+        Error::PeerAborted {
+            peer,
+            op: self.kind.name().to_string(),
+            reason: format!("it rejected its arguments to its {meant}: {}", meta.reason),
+        }
+    }
+
+    /// Once every peer's record is in, a peer's abort ends this operation (on every rank).
+    fn raise_abort(&mut self) -> Result<()> {
+        if self.metas_ready()
+            && let Some(e) = self.aborted.take()
+        {
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -394,13 +558,14 @@ impl<'e> Op<'e> {
                 .is_some_and(RecvRing::awaiting_data)
     }
 
-    fn check_peers(&self) -> Result<()> {
+    /// The error for a peer this rank still needs that has gone, if any.
+    fn lost_peer(&self) -> Option<Error> {
         for p in (0..self.topo.world_size()).filter(|&p| p != self.me && self.needs(p)) {
             if let Some(d) = self.t.peer_gone(p) {
                 if d.completed_ops.is_some_and(|n| n > self.seq) {
                     continue; // it finished this operation: all it sent here has arrived
                 }
-                return Err(Error::PeerLost {
+                return Some(Error::PeerLost {
                     peer: p,
                     reason: format!(
                         "{}, while rank {} in {} still waited for {}",
@@ -412,7 +577,7 @@ impl<'e> Op<'e> {
                 });
             }
         }
-        Ok(())
+        None
     }
 
     fn describe_wait(&self) -> String {

@@ -21,6 +21,16 @@ pub enum Tier {
     Rdma = 1,
 }
 
+impl Tier {
+    pub fn from_index(i: u8) -> Option<Self> {
+        match i {
+            0 => Some(Self::Nvl),
+            1 => Some(Self::Rdma),
+            _ => None,
+        }
+    }
+}
+
 /// The regions every rank registers. Fixed ids keep the wire format free of handles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RegionId {

@@ -37,13 +37,18 @@ mod hdr {
     pub const DOORBELL: usize = 40;
     pub const SLEEPING: usize = 44;
     pub const REGION_LENS: usize = 64;
+    /// The owner's robust mutex (see the module comment); 64-aligned, 64 bytes reserved.
+    pub const LIFELINE: usize = 128;
 }
 
+/// `hdr::STATE` values.
+const STATE_IN_JOB: u64 = 0;
+const STATE_LEFT: u64 = 1;
+/// Set by the first peer that found the lifeline's owner dead.
+const STATE_DIED: u64 = 2;
+
 fn os_error(what: &str) -> Error {
-    Error::PeerLost {
-        peer: usize::MAX,
-        reason: format!("{what}: {}", std::io::Error::last_os_error()),
-    }
+    Error::os(what)
 }
 
 /// One mapped segment (this rank's own, or a peer's).
@@ -135,6 +140,7 @@ impl Segment {
         };
         seg.u64_at(hdr::WORLD)
             .store(world as u64, Ordering::Relaxed);
+        // For people reading a segment (diagnostics only: liveness is the lifeline).
         seg.u64_at(hdr::PID)
             .store(std::process::id() as u64, Ordering::Relaxed);
         for (i, l) in region_lens.iter().enumerate() {
@@ -198,6 +204,45 @@ impl Segment {
         unsafe { &*(self.base.add(off) as *const AtomicU32) }
     }
 
+    fn lifeline(&self) -> MutexPtr {
+        // SAFETY: in the header, 64-aligned, reserved for the mutex.
+        MutexPtr(unsafe { self.base.add(hdr::LIFELINE) } as *mut libc::pthread_mutex_t)
+    }
+
+    /// Whether the owner is alive: its lifeline is held. The first peer to find it dead
+    /// records so in the header (later try-locks would succeed and prove nothing).
+    fn owner_alive(&self) -> bool {
+        let state = self.u64_at(hdr::STATE);
+        if state.load(Ordering::Acquire) == STATE_DIED {
+            return false;
+        }
+        let m = self.lifeline();
+        // SAFETY: a process-shared mutex the owner initialised before publishing MAGIC.
+        let rc = unsafe { libc::pthread_mutex_trylock(m.0) };
+        match rc {
+            libc::EBUSY | libc::EDEADLK => true,
+            _ => {
+                // Free (0) or "owner died": either way nobody holds it for the owner.
+                let _ = state.compare_exchange(
+                    STATE_IN_JOB,
+                    STATE_DIED,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                if rc == 0 || rc == libc::EOWNERDEAD {
+                    // SAFETY: this thread holds it now; leave it consistent and free.
+                    unsafe {
+                        if rc == libc::EOWNERDEAD {
+                            libc::pthread_mutex_consistent(m.0);
+                        }
+                        libc::pthread_mutex_unlock(m.0);
+                    }
+                }
+                false
+            }
+        }
+    }
+
     fn check(&self, region: RegionId, offset: usize, len: usize) -> Result<usize> {
         let cap = self.region_lens[region as usize];
         if offset.checked_add(len).is_none_or(|e| e > cap) {
@@ -232,6 +277,74 @@ impl Drop for Segment {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly what `map` mapped.
         unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
+    }
+}
+
+/// The owner's side of the lifeline: a thread that holds the segment's robust mutex until
+/// the transport is dropped (or the process dies, which the kernel then records in it).
+struct Lifeline {
+    release: Option<std::sync::mpsc::Sender<()>>,
+    holder: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Address of a segment's lifeline mutex (the mapping outlives every use).
+#[derive(Clone, Copy)]
+struct MutexPtr(*mut libc::pthread_mutex_t);
+// SAFETY: points into a shared mapping that the holder thread's owner keeps mapped.
+unsafe impl Send for MutexPtr {}
+
+impl Lifeline {
+    /// Initialises the mutex at `m` (process-shared, robust) and has a new thread take it.
+    fn hold(m: MutexPtr) -> Result<Self> {
+        // SAFETY: `m` points at zeroed, 64-byte-aligned memory of our own new segment that no
+        // one else uses yet; every call's result is checked.
+        unsafe {
+            let mut attr: libc::pthread_mutexattr_t = std::mem::zeroed();
+            if libc::pthread_mutexattr_init(&mut attr) != 0
+                || libc::pthread_mutexattr_setpshared(&mut attr, libc::PTHREAD_PROCESS_SHARED) != 0
+                || libc::pthread_mutexattr_setrobust(&mut attr, libc::PTHREAD_MUTEX_ROBUST) != 0
+                || libc::pthread_mutex_init(m.0, &attr) != 0
+            {
+                return Err(Error::os("initialising the shared-memory lifeline"));
+            }
+            libc::pthread_mutexattr_destroy(&mut attr);
+        }
+        let (locked_tx, locked_rx) = std::sync::mpsc::channel::<i32>();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::Builder::new()
+            .name("dualcomm-lifeline".into())
+            .spawn(move || {
+                let m = m;
+                // SAFETY: initialised above; this thread owns it until it unlocks it below.
+                let rc = unsafe { libc::pthread_mutex_lock(m.0) };
+                let _ = locked_tx.send(rc);
+                if rc == 0 {
+                    let _ = released.recv(); // until the transport goes (or the process dies)
+                    // SAFETY: locked by this thread.
+                    unsafe { libc::pthread_mutex_unlock(m.0) };
+                }
+            })
+            .map_err(|e| Error::os_from("starting the shared-memory lifeline thread", e))?;
+        match locked_rx.recv() {
+            Ok(0) => Ok(Self {
+                release: Some(release),
+                holder: Some(holder),
+            }),
+            Ok(rc) => Err(Error::os_from(
+                "taking the shared-memory lifeline",
+                std::io::Error::from_raw_os_error(rc),
+            )),
+            Err(_) => Err(Error::os("taking the shared-memory lifeline")),
+        }
+    }
+}
+
+impl Drop for Lifeline {
+    fn drop(&mut self) {
+        drop(self.release.take());
+        if let Some(h) = self.holder.take() {
+            let _ = h.join();
+        }
     }
 }
 
@@ -274,6 +387,8 @@ pub fn segment_name(job: &str, rank: usize) -> String {
 
 /// A rank's own segment, created and published before everybody maps everybody.
 pub struct ShmSegment {
+    /// Dropped before `seg` (fields drop in order): the holder unlocks while still mapped.
+    _lifeline: Lifeline,
     seg: Segment,
     name: String,
     rank: usize,
@@ -288,11 +403,14 @@ impl ShmSegment {
         region_lens: [usize; NUM_REGIONS],
     ) -> Result<Self> {
         let name = segment_name(job, rank);
+        let seg = Segment::create(&name, region_lens, world)?;
+        let lifeline = Lifeline::hold(seg.lifeline()).inspect_err(|_| unlink(&name))?;
         Ok(Self {
-            seg: Segment::create(&name, region_lens, world)?,
+            seg,
             name,
             rank,
             world,
+            _lifeline: lifeline,
         })
     }
 }
@@ -326,12 +444,14 @@ pub struct ShmTransport {
     peers: Vec<Option<Segment>>,
     wire: TierCounters,
     left: std::sync::atomic::AtomicBool,
+    /// How long a writer waits for a peer's full completion queue (the buffer's timeout).
+    timeout: Duration,
 }
 
 impl ShmTransport {
     /// Maps every peer's segment (`job` as given to `ShmSegment::create` on every rank).
     /// Call `unlink` once every rank has returned from here.
-    pub fn attach(own: ShmSegment, job: &str) -> Result<Self> {
+    pub fn attach(own: ShmSegment, job: &str, timeout: Duration) -> Result<Self> {
         let lens = own.seg.region_lens;
         let mut peers = Vec::with_capacity(own.world);
         for p in 0..own.world {
@@ -347,6 +467,7 @@ impl ShmTransport {
             peers,
             wire: TierCounters::default(),
             left: std::sync::atomic::AtomicBool::new(false),
+            timeout,
         })
     }
 
@@ -362,6 +483,13 @@ impl ShmTransport {
         for src in (0..self.own.world).filter(|&s| s != self.own.rank) {
             let (head, tail, slots) = seg.cq(src);
             let (h, t) = (head.load(Ordering::Relaxed), tail.load(Ordering::Acquire));
+            // The tail is the writer's: never trust it further than the queue's size.
+            if t.wrapping_sub(h) > CQ_SLOTS {
+                return Err(Error::protocol(
+                    src,
+                    format!("completion queue tail {t} is not within {CQ_SLOTS} of head {h}"),
+                ));
+            }
             for i in h..t {
                 // SAFETY: slots in [head, tail) were published by the writer.
                 let b = unsafe {
@@ -370,12 +498,14 @@ impl ShmTransport {
                         SLOT_BYTES,
                     )
                 };
-                let Some(region) = RegionId::from_index(b[1] as usize) else {
+                let (Some(region), Some(tier)) =
+                    (RegionId::from_index(b[1] as usize), Tier::from_index(b[0]))
+                else {
                     return Err(Error::protocol(src, "malformed completion"));
                 };
                 out.push(Completion {
                     src,
-                    tier: if b[0] == 0 { Tier::Nvl } else { Tier::Rdma },
+                    tier,
                     region,
                     offset: u64::from_le_bytes(b[8..16].try_into().unwrap()) as usize,
                     len: u64::from_le_bytes(b[16..24].try_into().unwrap()) as usize,
@@ -394,8 +524,7 @@ impl ShmTransport {
             .iter()
             .flatten()
             .filter(|p| {
-                p.u64_at(hdr::STATE).load(Ordering::Acquire) != 0
-                    || !Self::alive(p.u64_at(hdr::PID).load(Ordering::Relaxed))
+                p.u64_at(hdr::STATE).load(Ordering::Acquire) != STATE_IN_JOB || !p.owner_alive()
             })
             .count()
     }
@@ -408,22 +537,6 @@ impl ShmTransport {
                 p,
             )
         })
-    }
-
-    /// Whether the process exists and has not exited (a zombie waiting for its parent to
-    /// reap it still answers `kill(pid, 0)`, so its state is read from /proc too).
-    fn alive(pid: u64) -> bool {
-        // SAFETY: signal 0 only checks that the process exists.
-        if pid == 0 || unsafe { libc::kill(pid as libc::pid_t, 0) } != 0 {
-            return false;
-        }
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            // The state follows the parenthesised command name: "pid (comm) S ...".
-            Ok(stat) => {
-                !matches!(stat.rsplit(')').next().map(str::trim_start), Some(s) if s.starts_with('Z') || s.starts_with('X'))
-            }
-            Err(_) => true,
-        }
     }
 }
 
@@ -449,8 +562,8 @@ impl Transport for ShmTransport {
             return Err(Error::Destroyed);
         }
         let seg = self.peer(peer)?;
-        // Only the cheap goodbye flag here; process liveness is checked while polling.
-        if seg.u64_at(hdr::STATE).load(Ordering::Acquire) != 0 {
+        // Only the cheap state word here; the lifeline is checked while polling.
+        if seg.u64_at(hdr::STATE).load(Ordering::Acquire) != STATE_IN_JOB {
             let d = self.peer_gone(peer).expect("left");
             return Err(Error::PeerLost {
                 peer,
@@ -468,8 +581,23 @@ impl Transport for ShmTransport {
         }
         let (head, tail, slots) = seg.cq(self.own.rank);
         let t = tail.load(Ordering::Relaxed);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while t - head.load(Ordering::Acquire) >= CQ_SLOTS {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            // The head is the peer's to write: a value that is not behind our tail by at most
+            // the queue's size is corruption, not back-pressure.
+            let used = t.wrapping_sub(head.load(Ordering::Acquire));
+            if used > CQ_SLOTS {
+                return Err(Error::protocol(
+                    peer,
+                    format!(
+                        "completion queue head {} is not within {CQ_SLOTS} of tail {t}",
+                        t.wrapping_sub(used)
+                    ),
+                ));
+            }
+            if used < CQ_SLOTS {
+                break;
+            }
             // The peer may be waiting the same way on us: keep our own rings draining.
             let mut early = self.early.lock().unwrap();
             self.take_completions(&mut early)?;
@@ -477,10 +605,16 @@ impl Transport for ShmTransport {
             if self.left.load(Ordering::Relaxed) {
                 return Err(Error::Destroyed);
             }
-            if self.peer_gone(peer).is_some() || Instant::now() > deadline {
+            if let Some(d) = self.peer_gone(peer) {
                 return Err(Error::PeerLost {
                     peer,
-                    reason: "it stopped taking completions".into(),
+                    reason: d.reason,
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Timeout {
+                    what: format!("rank {peer} to take completions from its full queue"),
+                    timeout: self.timeout,
                 });
             }
             std::thread::yield_now();
@@ -566,16 +700,18 @@ impl Transport for ShmTransport {
             });
         }
         let seg = self.peers.get(peer)?.as_ref()?;
-        if seg.u64_at(hdr::STATE).load(Ordering::Acquire) != 0 {
+        if seg.u64_at(hdr::STATE).load(Ordering::Acquire) == STATE_LEFT {
             let ops = seg.u64_at(hdr::COMPLETED_OPS).load(Ordering::Relaxed);
             return Some(Departure {
                 reason: format!("it left after {ops} operations"),
                 completed_ops: Some(ops),
             });
         }
-        let pid = seg.u64_at(hdr::PID).load(Ordering::Relaxed);
-        (!Self::alive(pid)).then(|| Departure {
-            reason: format!("its process {pid} is gone"),
+        (!seg.owner_alive()).then(|| Departure {
+            reason: format!(
+                "its process (pid {} in its own pid namespace) is gone",
+                seg.u64_at(hdr::PID).load(Ordering::Relaxed)
+            ),
             completed_ops: None,
         })
     }
@@ -587,7 +723,7 @@ impl Transport for ShmTransport {
         let own = &self.own.seg;
         own.u64_at(hdr::COMPLETED_OPS)
             .store(completed_ops, Ordering::Relaxed);
-        own.u64_at(hdr::STATE).store(1, Ordering::Release);
+        own.u64_at(hdr::STATE).store(STATE_LEFT, Ordering::Release);
         own.ring(); // our own poller, if any, wakes and sees `left`
         for p in self.peers.iter().flatten() {
             p.ring();

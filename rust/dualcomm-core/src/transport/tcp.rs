@@ -300,10 +300,7 @@ impl TcpTransport {
 }
 
 fn io_error(what: &str, e: std::io::Error) -> Error {
-    Error::PeerLost {
-        peer: usize::MAX,
-        reason: format!("{what}: {e}"),
-    }
+    Error::os_from(what, e)
 }
 
 fn connect(addr: &str, deadline: Instant) -> std::result::Result<TcpStream, String> {
