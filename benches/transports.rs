@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use dualcomm_core::transport::loopback::LoopbackFabric;
 use dualcomm_core::transport::shm::{ShmSegment, ShmTransport};
 use dualcomm_core::transport::tcp::{TcpBinding, TcpTransport};
-use dualcomm_core::transport::{RegionId, Tier, Transport};
+use dualcomm_core::transport::{RegionId, Tier, Transport, WriteWindows};
 
 const CHUNK: usize = 1 << 20;
 const TOTAL: usize = 1 << 30;
@@ -29,10 +29,25 @@ fn tcp_pair() -> (TcpTransport, TcpTransport) {
     let lens = [REGION, REGION, 64];
     let p1 = peers.clone();
     let t1 = thread::spawn(move || {
-        TcpTransport::establish(b1, 1, &p1, [1; 16], lens, Duration::from_secs(10)).unwrap()
+        TcpTransport::establish(
+            b1,
+            1,
+            &p1,
+            [1; 16],
+            WriteWindows::whole(lens, 2),
+            Duration::from_secs(10),
+        )
+        .unwrap()
     });
-    let t0 =
-        TcpTransport::establish(b0, 0, &peers, [1; 16], lens, Duration::from_secs(10)).unwrap();
+    let t0 = TcpTransport::establish(
+        b0,
+        0,
+        &peers,
+        [1; 16],
+        WriteWindows::whole(lens, 2),
+        Duration::from_secs(10),
+    )
+    .unwrap();
     (t0, t1.join().unwrap())
 }
 

@@ -109,8 +109,8 @@ impl Endpoint {
                 peers.len(),
             ));
         }
-        let lens = Self::region_lens(&topo, &config);
-        let t = TcpTransport::establish(binding, rank, peers, secret, lens, config.timeout)?;
+        let windows = op::write_windows(&topo, rank, config.num_nvl_bytes, config.num_rdma_bytes);
+        let t = TcpTransport::establish(binding, rank, peers, secret, windows, config.timeout)?;
         Ok(Self::new(Box::new(t), topo, config))
     }
 

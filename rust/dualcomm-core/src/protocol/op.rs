@@ -18,7 +18,7 @@ use super::record::{FORMAT_BYTES, RecordFormat};
 use super::ring::{RecvRing, RingGeometry, SendRing};
 use crate::error::{Error, Result};
 use crate::topology::Topology;
-use crate::transport::{Completion, RegionId, Tier, Transport};
+use crate::transport::{Completion, RegionId, Tier, Transport, WriteWindows};
 
 pub const META_BYTES: usize = 128;
 /// Bytes of an abort's reason that travel (the rest is cut).
@@ -118,6 +118,39 @@ impl Meta {
             reason: String::from_utf8_lossy(&reason[..end]).into_owned(),
         })
     }
+}
+
+/// Where each peer may write in rank `me`'s regions: its ring in the nvl or rdma rings (the
+/// same layout as `Op::begin` gives them) and its two metadata slots.
+pub fn write_windows(
+    topo: &Topology,
+    me: usize,
+    num_nvl_bytes: usize,
+    num_rdma_bytes: usize,
+) -> WriteWindows {
+    let w = topo.world_size();
+    let lens = [num_nvl_bytes, num_rdma_bytes, meta_region_len(w)];
+    let mut win = WriteWindows::closed(lens, w);
+    let nvl_ring = num_nvl_bytes / topo.ranks_per_node();
+    let rdma_ring = num_rdma_bytes / topo.num_nodes();
+    for p in (0..w).filter(|&p| p != me) {
+        match link(topo, p, me) {
+            Some(Tier::Nvl) => {
+                let at = topo.local_of(p) * nvl_ring;
+                win.allow(p, RegionId::NvlRings, at..at + nvl_ring);
+            }
+            Some(Tier::Rdma) => {
+                let at = topo.node_of(p) * rdma_ring;
+                win.allow(p, RegionId::RdmaRings, at..at + rdma_ring);
+            }
+            None => {}
+        }
+        for seq in 0..2 {
+            let at = meta_offset(seq, w, p);
+            win.allow(p, RegionId::Meta, at..at + META_BYTES);
+        }
+    }
+    win
 }
 
 /// The metadata slot of sender `from` for operation `seq`, in every receiver's meta region.
@@ -444,7 +477,9 @@ impl<'e> Op<'e> {
         if self.metas[c.src].is_some() {
             return Err(Error::protocol(c.src, "metadata sent twice"));
         }
-        let bytes = self.t.local(RegionId::Meta, c.offset, META_BYTES)?;
+        // SAFETY: the sender's own slot of this operation's parity, announced complete; the
+        // sender writes it again only for the operation after next, which needs this one done.
+        let bytes = unsafe { self.t.local(RegionId::Meta, c.offset, META_BYTES)? };
         let meta = Meta::decode(c.src, bytes)?;
         if meta.kind == OpKind::Abort || self.kind == OpKind::Abort {
             // Nothing of an aborted operation is used: only its records are collected.

@@ -196,11 +196,15 @@ impl RecvRing {
     /// The `i`-th record after the head.
     pub fn record<'t>(&self, t: &'t dyn Transport, i: u64) -> Result<&'t [u8]> {
         debug_assert!(i < self.available());
-        t.local(
-            self.geo.region,
-            self.geo.offset_of(self.head + i),
-            self.geo.record_bytes,
-        )
+        // SAFETY: records in [head, tail) were announced complete and their space is not
+        // handed back until `consume` and `return_credits`: the sender does not write them.
+        unsafe {
+            t.local(
+                self.geo.region,
+                self.geo.offset_of(self.head + i),
+                self.geo.record_bytes,
+            )
+        }
     }
 
     pub fn consume(&mut self, n: u64) {

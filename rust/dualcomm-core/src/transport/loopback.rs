@@ -156,7 +156,7 @@ impl Transport for LoopbackTransport {
         let len: usize = segments.iter().map(|s| s.len()).sum();
         // SAFETY: the range is owned by this writer until the peer hands it back (protocol
         // credits), so nobody reads or writes it now.
-        let dst = unsafe { self.regions(peer)[region as usize].range_mut(offset, len)? };
+        let dst = unsafe { self.regions(peer)[region as usize].range_mut(self.rank, offset, len)? };
         let mut at = 0;
         for s in segments {
             dst[at..at + s.len()].copy_from_slice(s);
@@ -178,8 +178,8 @@ impl Transport for LoopbackTransport {
         Ok(self.slot(self.rank).queue.poll(out, deadline))
     }
 
-    fn local(&self, region: RegionId, offset: usize, len: usize) -> Result<&[u8]> {
-        self.regions(self.rank)[region as usize].range(offset, len)
+    unsafe fn local(&self, region: RegionId, offset: usize, len: usize) -> Result<&[u8]> {
+        self.regions(self.rank)[region as usize].range(self.rank, offset, len)
     }
 
     fn peer_gone(&self, peer: usize) -> Option<Departure> {

@@ -35,13 +35,11 @@ impl RegionMem {
         self.len == 0
     }
 
-    pub fn check(&self, offset: usize, len: usize) -> Result<()> {
+    /// The protocol computes every range from region lengths it knows, so one outside the
+    /// region is a bug on this rank (`rank`), never a caller's argument.
+    pub fn check(&self, rank: usize, offset: usize, len: usize) -> Result<()> {
         if offset.checked_add(len).is_none_or(|end| end > self.len) {
-            return Err(Error::invalid(
-                "offset + len",
-                format!("within a region of {} bytes", self.len),
-                format!("{offset} + {len}"),
-            ));
+            return Err(out_of_bounds(rank, offset, len, self.len));
         }
         Ok(())
     }
@@ -52,17 +50,26 @@ impl RegionMem {
     /// The caller owns `[offset, offset + len)` (protocol credits): nobody reads or writes it
     /// concurrently.
     #[allow(clippy::mut_from_ref)]
-    pub unsafe fn range_mut(&self, offset: usize, len: usize) -> Result<&mut [u8]> {
-        self.check(offset, len)?;
+    pub unsafe fn range_mut(&self, rank: usize, offset: usize, len: usize) -> Result<&mut [u8]> {
+        self.check(rank, offset, len)?;
         // SAFETY: in bounds; exclusivity is the caller's contract.
         Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset), len) })
     }
 
     /// Read access to a checked range (see `Transport::local` for the concurrency contract).
-    pub fn range(&self, offset: usize, len: usize) -> Result<&[u8]> {
-        self.check(offset, len)?;
+    pub fn range(&self, rank: usize, offset: usize, len: usize) -> Result<&[u8]> {
+        self.check(rank, offset, len)?;
         // SAFETY: in bounds; writers only touch ranges the reader does not hold.
         Ok(unsafe { std::slice::from_raw_parts(self.ptr.add(offset), len) })
+    }
+}
+
+pub fn out_of_bounds(rank: usize, offset: usize, len: usize, cap: usize) -> Error {
+    Error::Internal {
+        rank,
+        detail: format!(
+            "a range of {len} bytes at offset {offset} lies outside a {cap}-byte region"
+        ),
     }
 }
 

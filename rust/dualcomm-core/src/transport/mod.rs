@@ -8,6 +8,7 @@ pub mod memory;
 pub mod shm;
 pub mod tcp;
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -52,6 +53,62 @@ impl RegionId {
             2 => Some(Self::Meta),
             _ => None,
         }
+    }
+}
+
+/// A rank's registered regions and, per sender, the byte ranges of each region that sender
+/// owns (its rings and metadata slots). A receiver that sees writes before they land (tcp)
+/// refuses any write outside the sender's ranges, so a faulty peer cannot touch the slots of
+/// another peer or of the owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteWindows {
+    lens: [usize; NUM_REGIONS],
+    /// `[sender][region]`: the ranges that sender may write.
+    windows: Vec<[Vec<Range<usize>>; NUM_REGIONS]>,
+}
+
+impl WriteWindows {
+    /// Regions of `lens` bytes, each writable whole by every one of `world` senders.
+    pub fn whole(lens: [usize; NUM_REGIONS], world: usize) -> Self {
+        let all = lens.map(|l| std::iter::once(0..l).collect());
+        Self {
+            lens,
+            windows: vec![all; world],
+        }
+    }
+
+    /// Regions of `lens` bytes where no sender may write yet (see `allow`).
+    pub fn closed(lens: [usize; NUM_REGIONS], world: usize) -> Self {
+        Self {
+            lens,
+            windows: vec![Default::default(); world],
+        }
+    }
+
+    pub fn allow(&mut self, sender: usize, region: RegionId, range: Range<usize>) {
+        self.windows[sender][region as usize].push(range);
+    }
+
+    pub fn region_lens(&self) -> [usize; NUM_REGIONS] {
+        self.lens
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.windows.len()
+    }
+
+    /// Whether `sender` may write `len` bytes at `offset` of `region` (a zero-length write,
+    /// an immediate alone, is always allowed).
+    pub fn allows(&self, sender: usize, region: RegionId, offset: usize, len: usize) -> bool {
+        let Some(end) = offset.checked_add(len) else {
+            return false;
+        };
+        len == 0 && offset <= self.lens[region as usize]
+            || self.windows.get(sender).is_some_and(|w| {
+                w[region as usize]
+                    .iter()
+                    .any(|r| r.start <= offset && end <= r.end)
+            })
     }
 }
 
@@ -117,11 +174,17 @@ pub trait Transport: Send + Sync {
     /// `deadline`; returns how many were added (0 on deadline).
     fn poll(&self, out: &mut Vec<Completion>, deadline: Instant) -> Result<usize>;
 
-    /// Read access to `len` bytes of this rank's own region at `offset`.
+    /// Read access to `len` bytes of this rank's own region at `offset` (bounds are checked).
     ///
-    /// The protocol reads only ranges whose completion it has seen and whose space it has
-    /// not yet handed back, so no peer writes them concurrently.
-    fn local(&self, region: RegionId, offset: usize, len: usize) -> Result<&[u8]>;
+    /// # Safety
+    /// Peers write into these regions one-sidedly, with no lock this rank could hold, so the
+    /// borrow is sound only while no peer writes the range: the caller reads only ranges
+    /// whose completion it has seen and whose space it has not handed back (ring credits),
+    /// and a peer that writes there anyway breaks the protocol. Transports that can refuse
+    /// such writes do (tcp: see `WriteWindows`); over shared memory a peer that ignores its
+    /// credits can still race the reader, which is why records are copied out and validated
+    /// before they are used, and never trusted after their credits are returned.
+    unsafe fn local(&self, region: RegionId, offset: usize, len: usize) -> Result<&[u8]>;
 
     /// How `peer` left, if it did. Polls wake up when a peer goes.
     fn peer_gone(&self, peer: usize) -> Option<Departure>;

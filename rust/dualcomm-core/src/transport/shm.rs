@@ -243,14 +243,10 @@ impl Segment {
         }
     }
 
-    fn check(&self, region: RegionId, offset: usize, len: usize) -> Result<usize> {
+    fn check(&self, rank: usize, region: RegionId, offset: usize, len: usize) -> Result<usize> {
         let cap = self.region_lens[region as usize];
         if offset.checked_add(len).is_none_or(|e| e > cap) {
-            return Err(Error::invalid(
-                "offset + len",
-                format!("within a region of {cap} bytes"),
-                format!("{offset} + {len}"),
-            ));
+            return Err(super::memory::out_of_bounds(rank, offset, len, cap));
         }
         Ok(self.region_offsets[region as usize] + offset)
     }
@@ -571,7 +567,7 @@ impl Transport for ShmTransport {
             });
         }
         let len: usize = segments.iter().map(|s| s.len()).sum();
-        let at = seg.check(region, offset, len)?;
+        let at = seg.check(self.own.rank, region, offset, len)?;
         let mut w = at;
         for s in segments {
             // SAFETY: checked to lie inside the peer's region; the range is this writer's
@@ -686,8 +682,8 @@ impl Transport for ShmTransport {
         }
     }
 
-    fn local(&self, region: RegionId, offset: usize, len: usize) -> Result<&[u8]> {
-        let at = self.own.seg.check(region, offset, len)?;
+    unsafe fn local(&self, region: RegionId, offset: usize, len: usize) -> Result<&[u8]> {
+        let at = self.own.seg.check(self.own.rank, region, offset, len)?;
         // SAFETY: checked; see the trait's contract on concurrent access.
         Ok(unsafe { std::slice::from_raw_parts(self.own.seg.base.add(at), len) })
     }

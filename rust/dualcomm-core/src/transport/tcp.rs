@@ -19,7 +19,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::memory::{CompletionQueue, RegionMem};
-use super::{Completion, Departure, NUM_REGIONS, RegionId, Tier, TierCounters, Transport};
+use super::{
+    Completion, Departure, NUM_REGIONS, RegionId, Tier, TierCounters, Transport, WriteWindows,
+};
 use crate::error::{Error, Result};
 
 const MAGIC: [u8; 4] = *b"DCOM";
@@ -147,6 +149,7 @@ struct Shared {
     world: usize,
     secret: [u8; SECRET_BYTES],
     regions: [RegionMem; NUM_REGIONS],
+    windows: WriteWindows,
     cq: CompletionQueue,
     gone: Vec<Mutex<Option<Departure>>>,
     stop: AtomicBool,
@@ -192,19 +195,28 @@ impl TcpTransport {
         rank: usize,
         peers: &[String],
         secret: [u8; SECRET_BYTES],
-        region_lens: [usize; NUM_REGIONS],
+        windows: WriteWindows,
         timeout: Duration,
     ) -> Result<Self> {
         let world = peers.len();
         if rank >= world {
             return Err(Error::invalid("rank", format!("in [0, {world})"), rank));
         }
+        if windows.world_size() != world {
+            return Err(Error::invalid(
+                "windows",
+                format!("write windows for {world} ranks"),
+                windows.world_size(),
+            ));
+        }
+        let region_lens = windows.region_lens();
         let deadline = Instant::now() + timeout;
         let shared = Arc::new(Shared {
             rank,
             world,
             secret,
             regions: region_lens.map(RegionMem::new),
+            windows,
             cq: CompletionQueue::default(),
             gone: (0..world).map(|_| Mutex::new(None)).collect(),
             stop: AtomicBool::new(false),
@@ -449,6 +461,20 @@ fn serve(
             }
             Ok(Frame::Write {
                 region,
+                offset,
+                len,
+                ..
+            }) if !shared.windows.allows(peer, region, offset, len) => {
+                let why = format!(
+                    "it wrote {len} bytes at offset {offset} of region {region:?}, outside the \
+                     slots it owns there"
+                );
+                eprintln!("dualcomm: rank {} dropped rank {peer}: {why}", shared.rank);
+                stream.shutdown(Shutdown::Both).ok();
+                return shared.lose(peer, why);
+            }
+            Ok(Frame::Write {
+                region,
                 tier,
                 offset,
                 len,
@@ -456,7 +482,9 @@ fn serve(
             }) => {
                 // SAFETY: validated to lie inside the region; the range belongs to this
                 // writer until the owner hands it back (protocol credits).
-                let dst = match unsafe { shared.regions[region as usize].range_mut(offset, len) } {
+                let dst = match unsafe {
+                    shared.regions[region as usize].range_mut(shared.rank, offset, len)
+                } {
                     Ok(d) => d,
                     Err(e) => return shared.lose(peer, e.to_string()),
                 };
@@ -547,8 +575,8 @@ impl Transport for TcpTransport {
         Ok(self.shared.cq.poll(out, deadline))
     }
 
-    fn local(&self, region: RegionId, offset: usize, len: usize) -> Result<&[u8]> {
-        self.shared.regions[region as usize].range(offset, len)
+    unsafe fn local(&self, region: RegionId, offset: usize, len: usize) -> Result<&[u8]> {
+        self.shared.regions[region as usize].range(self.shared.rank, offset, len)
     }
 
     fn peer_gone(&self, peer: usize) -> Option<Departure> {

@@ -1,0 +1,660 @@
+//! Fault injection. One rank's transport is wrapped so that one of its writes is corrupted,
+//! truncated, duplicated, misplaced, sent where no ring is, or never sent; or the rank
+//! stops in the middle of an operation. Every case must end, within the deadline, in a typed
+//! error on the rank that sees the fault (naming the faulty rank) and an error on the others
+//! (a peer-loss error, or the same protocol error where they see the fault too): never a
+//! panic, an abort or a hang. Each case names the validation branch it reaches.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use dualcomm_core::protocol::imm::{Imm, ImmKind};
+use dualcomm_core::protocol::op;
+use dualcomm_core::transport::loopback::LoopbackFabric;
+use dualcomm_core::transport::tcp::{TcpBinding, TcpTransport};
+use dualcomm_core::transport::{Completion, Departure, RegionId, Tier, TierCounters, Transport};
+use dualcomm_core::{
+    CombineArgs, CombineOut, Config, DispatchArgs, Dtype, ElemType, Endpoint, Error, Result, Route,
+    TopkArgs, Topology, VecSink,
+};
+
+const FAULTY: usize = 1;
+const TOKENS: usize = 12;
+const HIDDEN: usize = 4;
+const TOPK: usize = 2;
+const EXPERTS: usize = 8;
+/// Token records: header, f32 row, top-k indices and weights (dispatch).
+const RECORD: usize = 16 + HIDDEN * 4 + TOPK * 12;
+/// Offsets of fields in a metadata record (see `protocol::op::Meta`).
+const META_KIND: usize = 0;
+const META_RECORD_BYTES: usize = 4;
+const META_DTYPE: usize = 8;
+const META_HIDDEN: usize = 12;
+const META_A: usize = 24;
+const META_B: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Meta,
+    Data,
+    Credit,
+}
+
+/// Which write of the faulty rank to tamper with: the `nth` of its `class` towards `to` in
+/// operation `op` (0: the dispatch, 1: the combine).
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    op: u32,
+    class: Class,
+    to: usize,
+    nth: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// Overwrites `bytes` bytes at `at` of the first segment with `value` (little-endian).
+    Poke { at: usize, bytes: usize, value: u64 },
+    /// XORs the immediate.
+    FlipImm(u32),
+    /// Replaces the immediate's value (record or credit count).
+    ImmValue(u32),
+    /// Drops the last byte of the write.
+    Truncate,
+    /// Posts the write twice.
+    Duplicate,
+    /// Moves the write by `delta` bytes (back, if negative).
+    Shift(isize),
+    /// Sends the write to another rank instead.
+    Redirect(usize),
+    /// Sends the write far beyond the end of the region.
+    OutOfBounds,
+    /// Neither this write nor any later one is sent; then the rank "crashes" (leaves without
+    /// having completed the operation).
+    StopHere,
+}
+
+struct Faulty {
+    inner: Box<dyn Transport>,
+    target: Target,
+    fault: Fault,
+    seen: AtomicUsize,
+    fired: AtomicBool,
+    stopped: AtomicBool,
+}
+
+fn class_of(imm: u32) -> Option<Class> {
+    match Imm(imm).kind()? {
+        ImmKind::Meta => Some(Class::Meta),
+        ImmKind::Data => Some(Class::Data),
+        ImmKind::Credit => Some(Class::Credit),
+    }
+}
+
+impl Faulty {
+    fn hits(&self, peer: usize, imm: u32) -> bool {
+        let t = self.target;
+        if self.fired.load(Ordering::Relaxed)
+            || peer != t.to
+            || Imm(imm).epoch() != t.op
+            || class_of(imm) != Some(t.class)
+        {
+            return false;
+        }
+        if self.seen.fetch_add(1, Ordering::Relaxed) != t.nth {
+            return false;
+        }
+        self.fired.store(true, Ordering::Relaxed);
+        true
+    }
+}
+
+impl Transport for Faulty {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+
+    fn region_len(&self, region: RegionId) -> usize {
+        self.inner.region_len(region)
+    }
+
+    fn write_with_imm(
+        &self,
+        peer: usize,
+        tier: Tier,
+        region: RegionId,
+        offset: usize,
+        segments: &[&[u8]],
+        imm: u32,
+    ) -> Result<()> {
+        if self.stopped.load(Ordering::Relaxed) {
+            return Ok(()); // swallowed: the far side never hears of it
+        }
+        if !self.hits(peer, imm) {
+            return self
+                .inner
+                .write_with_imm(peer, tier, region, offset, segments, imm);
+        }
+        let w = |peer, offset, segs: &[&[u8]], imm| {
+            self.inner
+                .write_with_imm(peer, tier, region, offset, segs, imm)
+        };
+        match self.fault {
+            Fault::Poke { at, bytes, value } => {
+                let mut first = segments[0].to_vec();
+                first[at..at + bytes].copy_from_slice(&value.to_le_bytes()[..bytes]);
+                let mut segs: Vec<&[u8]> = vec![&first];
+                segs.extend_from_slice(&segments[1..]);
+                w(peer, offset, &segs, imm)
+            }
+            Fault::FlipImm(bits) => w(peer, offset, segments, imm ^ bits),
+            Fault::ImmValue(v) => w(peer, offset, segments, (imm & !Imm::MAX_VALUE) | v),
+            Fault::Truncate => {
+                let all: Vec<u8> = segments.concat();
+                w(peer, offset, &[&all[..all.len() - 1]], imm)
+            }
+            Fault::Duplicate => {
+                w(peer, offset, segments, imm)?;
+                w(peer, offset, segments, imm)
+            }
+            Fault::Shift(delta) => w(peer, offset.wrapping_add_signed(delta), segments, imm),
+            Fault::Redirect(other) => w(other, offset, segments, imm),
+            Fault::OutOfBounds => w(peer, self.inner.region_len(region) + 8, segments, imm),
+            Fault::StopHere => {
+                self.stopped.store(true, Ordering::Relaxed);
+                let inner = &self.inner;
+                // Crash a little later, as a process would: peers first see silence.
+                thread::sleep(Duration::from_millis(200));
+                inner.shutdown(0);
+                Ok(())
+            }
+        }
+    }
+
+    fn poll(&self, out: &mut Vec<Completion>, deadline: Instant) -> Result<usize> {
+        self.inner.poll(out, deadline)
+    }
+
+    unsafe fn local(&self, region: RegionId, offset: usize, len: usize) -> Result<&[u8]> {
+        // SAFETY: forwarded with the caller's guarantee.
+        unsafe { self.inner.local(region, offset, len) }
+    }
+
+    fn peer_gone(&self, peer: usize) -> Option<Departure> {
+        self.inner.peer_gone(peer)
+    }
+
+    fn shutdown(&self, completed_ops: u64) {
+        self.inner.shutdown(completed_ops)
+    }
+
+    fn wire_bytes(&self) -> &TierCounters {
+        self.inner.wire_bytes()
+    }
+}
+
+/// Every rank's outcome of one dispatch and one combine (the first error, if any).
+fn run_world(target: Target, fault: Fault) -> Vec<Result<()>> {
+    run_world_on(target, fault, false)
+}
+
+/// As `run_world`, over TCP sockets (`tcp`) instead of the in-memory loopback.
+fn run_world_on(target: Target, fault: Fault, tcp: bool) -> Vec<Result<()>> {
+    let topo = Topology::new(2, 2).unwrap();
+    let fabric = LoopbackFabric::new(4);
+    let mut bindings: Vec<Option<TcpBinding>> = (0..4)
+        .map(|_| tcp.then(|| TcpBinding::bind("127.0.0.1").unwrap()))
+        .collect();
+    let addrs: Vec<String> = bindings
+        .iter()
+        .flatten()
+        .map(|b| b.local_addr().to_string())
+        .collect();
+    let config = Config {
+        // Rings of two records, so that credits flow during the operation.
+        num_nvl_bytes: 2 * 2 * RECORD,
+        num_rdma_bytes: 2 * 2 * RECORD,
+        timeout: Duration::from_secs(20),
+    };
+    let handles: Vec<_> = (0..4)
+        .map(|r| {
+            let (fabric, config) = (Arc::clone(&fabric), config.clone());
+            let (binding, addrs) = (bindings[r].take(), addrs.clone());
+            thread::spawn(move || -> Result<()> {
+                let t: Box<dyn Transport> = match binding {
+                    Some(b) => {
+                        let win = op::write_windows(
+                            &topo,
+                            r,
+                            config.num_nvl_bytes,
+                            config.num_rdma_bytes,
+                        );
+                        Box::new(TcpTransport::establish(
+                            b,
+                            r,
+                            &addrs,
+                            [3; 16],
+                            win,
+                            config.timeout,
+                        )?)
+                    }
+                    None => {
+                        let lens = Endpoint::region_lens(&topo, &config);
+                        Box::new(fabric.join(r, lens, "faults".into(), config.timeout)?)
+                    }
+                };
+                let t: Box<dyn Transport> = if r == FAULTY {
+                    Box::new(Faulty {
+                        inner: t,
+                        target,
+                        fault,
+                        seen: AtomicUsize::new(0),
+                        fired: AtomicBool::new(false),
+                        stopped: AtomicBool::new(false),
+                    })
+                } else {
+                    t
+                };
+                let mut ep = Endpoint::new(t, topo, config);
+                one_round(&mut ep, r)
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("no rank panics"))
+        .collect()
+}
+
+fn one_round(ep: &mut Endpoint, rank: usize) -> Result<()> {
+    let x: Vec<f32> = (0..TOKENS * HIDDEN).map(|i| (i + rank) as f32).collect();
+    // Every token goes to two experts on different nodes: both tiers carry traffic.
+    let idx: Vec<i64> = (0..TOKENS)
+        .flat_map(|t| [(t % 4) as i64, 4 + ((t + rank) % 4) as i64])
+        .collect();
+    let wts = vec![0.5f32; TOKENS * TOPK];
+    let layout = ep.layout(&idx, TOKENS, TOPK, EXPERTS)?;
+    let plan = ep.plan(&layout.is_token_in_rank, TOKENS)?;
+    let mut recv = VecSink::default();
+    let out = ep.dispatch(
+        &DispatchArgs {
+            num_tokens: TOKENS,
+            x: bytemuck::cast_slice(&x),
+            x_row_bytes: HIDDEN * 4,
+            x_dtype: ElemType::F32,
+            hidden: HIDDEN,
+            scales: &[],
+            scale_row_bytes: 0,
+            topk: Some(TopkArgs {
+                idx: &idx,
+                weights: &wts,
+                num_topk: TOPK,
+                num_experts: EXPERTS,
+            }),
+            expert_alignment: 1,
+        },
+        Route::Fresh(plan),
+        &mut recv,
+    )?;
+    let mut comb_x = vec![0u8; TOKENS * HIDDEN * 4];
+    let mut comb_w = vec![0f32; TOKENS * TOPK];
+    ep.combine(
+        &CombineArgs {
+            x: &recv.x,
+            hidden: HIDDEN,
+            dtype: Dtype::F32,
+            weights: Some(&recv.topk_weights),
+            num_topk: TOPK,
+            out_dtype: Dtype::F32,
+        },
+        &out.handle,
+        CombineOut {
+            x: &mut comb_x,
+            weights: &mut comb_w,
+        },
+    )
+}
+
+/// Runs the case over loopback and checks the outcome (see `case_on`).
+fn case(target: Target, fault: Fault, expect: &str) -> Vec<Result<()>> {
+    case_on(target, fault, expect, false)
+}
+
+/// Runs the case and checks the outcome: some rank reports `expect` (a protocol error
+/// naming the faulty rank, unless `by` says otherwise); no rank succeeds silently with the
+/// fault unnoticed; every error is typed and arrives well before the deadline.
+fn case_on(target: Target, fault: Fault, expect: &str, tcp: bool) -> Vec<Result<()>> {
+    let start = Instant::now();
+    let got = run_world_on(target, fault, tcp);
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "{fault:?} at {target:?} took {took:?}: {got:?}"
+    );
+    let detected = got.iter().any(|r| match r {
+        Err(Error::Protocol { peer, detail }) => *peer == FAULTY && detail.contains(expect),
+        Err(e @ Error::Internal { .. }) => e.to_string().contains(expect),
+        Err(e @ Error::PeerLost { .. }) => e.to_string().contains(expect),
+        _ => false,
+    });
+    assert!(
+        detected,
+        "{fault:?} at {target:?}: no rank reported \"{expect}\": {got:?}"
+    );
+    for (r, res) in got.iter().enumerate() {
+        match res {
+            Err(Error::Protocol { .. } | Error::PeerLost { .. } | Error::Internal { .. }) => {}
+            // A rank whose part was over before the fault struck may finish.
+            Ok(()) if r != FAULTY => {}
+            // The rank that crashed on purpose finds itself gone.
+            Err(Error::Destroyed) if r == FAULTY && matches!(fault, Fault::StopHere) => {}
+            other => panic!("{fault:?} at {target:?}: rank {r} ended with {other:?}"),
+        }
+    }
+    got
+}
+
+fn meta_to(to: usize) -> Target {
+    Target {
+        op: 0,
+        class: Class::Meta,
+        to,
+        nth: 0,
+    }
+}
+
+fn data(op: u32, to: usize, nth: usize) -> Target {
+    Target {
+        op,
+        class: Class::Data,
+        to,
+        nth,
+    }
+}
+
+fn poke(at: usize, bytes: usize, value: u64) -> Fault {
+    Fault::Poke { at, bytes, value }
+}
+
+// ---- metadata (op.rs, dispatch.rs) ----
+
+#[test]
+fn oversized_count_is_refused_before_anything_is_sized() {
+    case(meta_to(0), poke(META_A, 8, 1 << 40), "above the limit");
+}
+
+#[test]
+fn count_above_the_senders_tokens() {
+    case(meta_to(0), poke(META_A, 8, 1000), "out of its");
+}
+
+#[test]
+fn node_count_above_the_senders_tokens() {
+    // Rank 3 is rank 1's twin on the other node: it forwards what the node count announces.
+    case(meta_to(3), poke(META_B, 8, 1000), "for node 1 out of its");
+}
+
+#[test]
+fn unknown_operation() {
+    case(meta_to(0), poke(META_KIND, 4, 9), "unknown operation");
+}
+
+#[test]
+fn different_operation() {
+    case(
+        meta_to(0),
+        poke(META_KIND, 4, 3),
+        "every rank must make the same calls",
+    );
+}
+
+#[test]
+fn different_record_size() {
+    case(
+        meta_to(0),
+        poke(META_RECORD_BYTES, 4, RECORD as u64 + 4),
+        "-byte token records",
+    );
+}
+
+#[test]
+fn different_record_format() {
+    case(
+        meta_to(0),
+        poke(META_HIDDEN, 4, 2),
+        "must agree on every rank",
+    );
+}
+
+#[test]
+fn unknown_element_type() {
+    case(meta_to(0), poke(META_DTYPE, 4, 99), "unknown element type");
+}
+
+#[test]
+fn metadata_twice() {
+    case(meta_to(0), Fault::Duplicate, "metadata sent twice");
+}
+
+#[test]
+fn metadata_outside_its_slot() {
+    case(meta_to(0), Fault::Shift(128), "metadata outside its slot");
+}
+
+// ---- immediates (op.rs) ----
+
+#[test]
+fn malformed_immediate() {
+    // Kind bits 0: no such message.
+    case(
+        data(0, 0, 0),
+        Fault::FlipImm(1 << 30),
+        "malformed immediate",
+    );
+}
+
+#[test]
+fn immediate_of_another_epoch() {
+    case(data(0, 0, 0), Fault::FlipImm(2 << 28), "operation epoch");
+}
+
+#[test]
+fn data_to_a_rank_with_no_ring() {
+    // Rank 2 is on the other node with another local index: rank 1 never talks to it.
+    case(
+        data(0, 0, 0),
+        Fault::Redirect(2),
+        "data from a rank with no ring here",
+    );
+}
+
+#[test]
+fn credit_to_a_rank_with_no_ring() {
+    let t = Target {
+        op: 0,
+        class: Class::Credit,
+        to: 0,
+        nth: 0,
+    };
+    case(
+        t,
+        Fault::Redirect(2),
+        "credit from a rank with no ring here",
+    );
+}
+
+// ---- rings (ring.rs) ----
+
+#[test]
+fn truncated_write() {
+    case(data(0, 0, 0), Fault::Truncate, "expected whole records");
+}
+
+#[test]
+fn write_at_the_wrong_place() {
+    // Into the ring of the other local rank (what a tcp receiver refuses outright).
+    case(
+        data(0, 0, 0),
+        Fault::Shift(-(RECORD as isize)),
+        "expected whole records",
+    );
+}
+
+#[test]
+fn write_announcing_no_records() {
+    case(data(0, 0, 0), Fault::ImmValue(0), "expected whole records");
+}
+
+#[test]
+fn duplicated_write() {
+    // The copy lands where the next records belong and claims space never credited.
+    case(data(0, 3, 0), Fault::Duplicate, "rank 1");
+}
+
+#[test]
+fn more_credits_than_records_outstanding() {
+    let t = Target {
+        op: 0,
+        class: Class::Credit,
+        to: 0,
+        nth: 0,
+    };
+    case(t, Fault::ImmValue(1000), "credits with only");
+}
+
+#[test]
+fn write_outside_the_region_is_refused_by_the_transport() {
+    // The sender's own transport refuses it (it knows the region's length): an internal
+    // error on the faulty rank, peer-loss on the others.
+    let got = case(data(0, 0, 0), Fault::OutOfBounds, "outside a");
+    assert!(
+        matches!(got[FAULTY], Err(Error::Internal { .. })),
+        "{got:?}"
+    );
+}
+
+#[test]
+fn tcp_receiver_refuses_a_write_into_another_senders_ring() {
+    // Over sockets the receiver sees the target offset before the bytes land, and refuses
+    // the write before it touches the ring of rank 0's other peer.
+    let got = case_on(
+        data(0, 0, 0),
+        Fault::Shift(-(RECORD as isize)),
+        "outside the slots it owns",
+        true,
+    );
+    assert!(
+        matches!(&got[0], Err(Error::PeerLost { peer: 1, .. })),
+        "{got:?}"
+    );
+}
+
+#[test]
+fn tcp_world_without_faults_succeeds() {
+    let t = Target {
+        op: 3,
+        class: Class::Data,
+        to: 0,
+        nth: 0,
+    };
+    let got = run_world_on(t, Fault::Truncate, true);
+    assert!(got.iter().all(Result::is_ok), "{got:?}");
+}
+
+// ---- token records (dispatch.rs, record.rs) ----
+
+#[test]
+fn record_from_an_unknown_rank() {
+    // Straight over nvl to rank 0, which serves only its own local index.
+    case(data(0, 0, 0), poke(0, 4, 99), "which it does not serve");
+}
+
+#[test]
+fn forwarded_record_claims_another_source() {
+    // Over rdma to the twin, which checks the source before it forwards.
+    case(data(0, 3, 0), poke(0, 4, 0), "record claims source");
+}
+
+#[test]
+fn forwarded_record_with_an_empty_mask() {
+    case(data(0, 3, 0), poke(8, 8, 0), "record claims source");
+}
+
+#[test]
+fn forwarded_record_with_a_mask_beyond_the_node() {
+    case(data(0, 3, 0), poke(8, 8, 1 << 5), "record claims source");
+}
+
+#[test]
+fn token_index_out_of_range() {
+    case(
+        data(0, 0, 0),
+        poke(4, 4, 1000),
+        "out of order or out of range",
+    );
+}
+
+// ---- combine (combine.rs) ----
+
+#[test]
+fn combine_row_for_a_token_never_forwarded() {
+    // Rank 1's rows to rank 0, the forwarder of its node for sources of local index 0.
+    case(
+        data(1, 0, 0),
+        poke(4, 4, 1000),
+        "which this rank did not forward",
+    );
+}
+
+#[test]
+fn combine_partial_for_a_token_that_never_went_there() {
+    // Rank 1 is the forwarder on node 0 for rank 3: its partials go back over rdma.
+    case(data(1, 3, 0), poke(4, 4, 1000), "never went to node");
+}
+
+#[test]
+fn combine_with_the_handle_of_another_operation() {
+    let t = Target {
+        op: 1,
+        class: Class::Meta,
+        to: 0,
+        nth: 0,
+    };
+    case(
+        t,
+        poke(META_A, 8, 77),
+        "combines with the handle of operation",
+    );
+}
+
+// ---- a rank that stops ----
+
+#[test]
+fn rank_that_stops_mid_dispatch() {
+    let got = case(data(0, 3, 1), Fault::StopHere, "is gone");
+    assert!(
+        got.iter()
+            .enumerate()
+            .all(|(r, res)| r == FAULTY || matches!(res, Err(Error::PeerLost { .. }))),
+        "{got:?}"
+    );
+}
+
+#[test]
+fn rank_that_stops_mid_combine() {
+    case(data(1, 0, 0), Fault::StopHere, "is gone");
+}
+
+/// Guard against a wrapper that tampers with nothing: without a fault the world succeeds.
+#[test]
+fn untouched_world_succeeds() {
+    let t = Target {
+        op: 3, // no such operation in one round: nothing is touched
+        class: Class::Data,
+        to: 0,
+        nth: 0,
+    };
+    let got = run_world(t, Fault::Truncate);
+    assert!(got.iter().all(Result::is_ok), "{got:?}");
+}
