@@ -13,12 +13,22 @@ use std::time::{Duration, Instant};
 use dualcomm_core::transport::loopback::LoopbackFabric;
 use dualcomm_core::transport::shm::{ShmSegment, ShmTransport};
 use dualcomm_core::transport::tcp::{TcpBinding, TcpTransport};
-use dualcomm_core::transport::{RegionId, Tier, Transport, WriteWindows};
+use dualcomm_core::transport::{OpenWiring, RegionId, Tier, Transport, Wiring};
 
 const CHUNK: usize = 1 << 20;
 const TOTAL: usize = 1 << 30;
 const REGION: usize = 64 << 20;
 const PINGS: usize = 2000;
+const LENS: [usize; 4] = [REGION, REGION, 64, 64];
+
+/// Two ranks linked over rdma, regions writable whole: the transport alone, no protocol.
+fn wiring() -> Arc<dyn Wiring> {
+    Arc::new(OpenWiring {
+        lens: LENS,
+        world: 2,
+        tier: Tier::Rdma,
+    })
+}
 
 fn tcp_pair() -> (TcpTransport, TcpTransport) {
     let (b0, b1) = (
@@ -26,38 +36,21 @@ fn tcp_pair() -> (TcpTransport, TcpTransport) {
         TcpBinding::bind("127.0.0.1").unwrap(),
     );
     let peers = vec![b0.local_addr().to_string(), b1.local_addr().to_string()];
-    let lens = [REGION, REGION, 64];
     let p1 = peers.clone();
     let t1 = thread::spawn(move || {
-        TcpTransport::establish(
-            b1,
-            1,
-            &p1,
-            [1; 16],
-            WriteWindows::whole(lens, 2),
-            Duration::from_secs(10),
-        )
-        .unwrap()
+        TcpTransport::establish(b1, 1, &p1, [1; 16], wiring(), Duration::from_secs(10)).unwrap()
     });
-    let t0 = TcpTransport::establish(
-        b0,
-        0,
-        &peers,
-        [1; 16],
-        WriteWindows::whole(lens, 2),
-        Duration::from_secs(10),
-    )
-    .unwrap();
+    let t0 =
+        TcpTransport::establish(b0, 0, &peers, [1; 16], wiring(), Duration::from_secs(10)).unwrap();
     (t0, t1.join().unwrap())
 }
 
 fn shm_pair() -> (ShmTransport, ShmTransport) {
     let job = format!("bench{}", std::process::id());
-    let lens = [REGION, REGION, 64];
-    let s0 = ShmSegment::create(&job, 0, 2, lens).unwrap();
-    let s1 = ShmSegment::create(&job, 1, 2, lens).unwrap();
-    let t0 = ShmTransport::attach(s0, &job, Duration::from_secs(60)).unwrap();
-    let t1 = ShmTransport::attach(s1, &job, Duration::from_secs(60)).unwrap();
+    let s0 = ShmSegment::create(&job, 0, 2, LENS).unwrap();
+    let s1 = ShmSegment::create(&job, 1, 2, LENS).unwrap();
+    let t0 = ShmTransport::attach(s0, &job, wiring(), Duration::from_secs(60)).unwrap();
+    let t1 = ShmTransport::attach(s1, &job, wiring(), Duration::from_secs(60)).unwrap();
     t0.unlink();
     t1.unlink();
     (t0, t1)
@@ -65,14 +58,13 @@ fn shm_pair() -> (ShmTransport, ShmTransport) {
 
 fn loopback_pair() -> (Box<dyn Transport>, Box<dyn Transport>) {
     let fabric = LoopbackFabric::new(2);
-    let lens = [REGION, REGION, 64];
     let f1 = Arc::clone(&fabric);
     let t1 = thread::spawn(move || {
-        f1.join(1, lens, String::new(), Duration::from_secs(10))
+        f1.join(1, wiring(), String::new(), Duration::from_secs(10))
             .unwrap()
     });
     let t0 = fabric
-        .join(0, lens, String::new(), Duration::from_secs(10))
+        .join(0, wiring(), String::new(), Duration::from_secs(10))
         .unwrap();
     (Box::new(t0), Box::new(t1.join().unwrap()))
 }
@@ -95,15 +87,8 @@ fn stream(a: &dyn Transport, b: &dyn Transport) -> f64 {
         });
         for i in 0..n {
             let offset = (i * CHUNK) % REGION;
-            a.write_with_imm(
-                1,
-                Tier::Rdma,
-                RegionId::RdmaRings,
-                offset,
-                &[&chunk],
-                i as u32,
-            )
-            .unwrap();
+            a.write_with_imm(1, RegionId::RdmaRings, offset, &[&chunk], i as u32)
+                .unwrap();
         }
     });
     TOTAL as f64 / start.elapsed().as_secs_f64()
@@ -155,14 +140,14 @@ fn ping_pong(a: &dyn Transport, b: &dyn Transport) -> Duration {
                     .unwrap()
                     == 0
                 {}
-                b.write_with_imm(0, Tier::Rdma, RegionId::RdmaRings, 0, &[&msg], 0)
+                b.write_with_imm(0, RegionId::RdmaRings, 0, &[&msg], 0)
                     .unwrap();
             }
         });
         let mut out = Vec::new();
         for _ in 0..PINGS {
             let t = Instant::now();
-            a.write_with_imm(1, Tier::Rdma, RegionId::RdmaRings, 0, &[&msg], 0)
+            a.write_with_imm(1, RegionId::RdmaRings, 0, &[&msg], 0)
                 .unwrap();
             out.clear();
             while a

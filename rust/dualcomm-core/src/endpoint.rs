@@ -9,13 +9,14 @@ use crate::protocol::combine::{self, CombineArgs, CombineOut, Scratch};
 use crate::protocol::dispatch::{
     self, DispatchArgs, DispatchHandle, DispatchOutput, RecvSink, Route,
 };
-use crate::protocol::op::{self, OpKind, Session, meta_region_len};
+use crate::protocol::layout::RegionPlan;
+use crate::protocol::op::{self, OpKind, Session};
 use crate::routing::{DispatchLayout, SendPlan, dispatch_layout};
 use crate::topology::Topology;
 use crate::transport::loopback::LoopbackFabric;
 use crate::transport::shm::{ShmSegment, ShmTransport};
 use crate::transport::tcp::{SECRET_BYTES, TcpBinding, TcpTransport};
-use crate::transport::{Completion, Tier, TierCounters, Transport};
+use crate::transport::{Completion, NUM_REGIONS, Tier, TierCounters, Transport, Wiring};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -87,8 +88,8 @@ impl Endpoint {
                 topo.world_size(),
             ));
         }
-        let lens = Self::region_lens(&topo, &config);
-        let t = fabric.join(rank, lens, config.fingerprint(&topo), config.timeout)?;
+        let wiring = Self::wiring(&topo, &config);
+        let t = fabric.join(rank, wiring, config.fingerprint(&topo), config.timeout)?;
         Ok(Self::new(Box::new(t), topo, config))
     }
 
@@ -109,25 +110,30 @@ impl Endpoint {
                 peers.len(),
             ));
         }
-        let windows = op::write_windows(&topo, rank, config.num_nvl_bytes, config.num_rdma_bytes);
-        let t = TcpTransport::establish(binding, rank, peers, secret, windows, config.timeout)?;
+        let wiring = Self::wiring(&topo, &config);
+        let t = TcpTransport::establish(binding, rank, peers, secret, wiring, config.timeout)?;
         Ok(Self::new(Box::new(t), topo, config))
     }
 
     /// Joins a world of one host over shared memory: `segment` is this rank's own, created
     /// on every rank before any rank calls this (`job` names the job's segments).
     pub fn shm(segment: ShmSegment, job: &str, topo: Topology, config: Config) -> Result<Self> {
-        let t = ShmTransport::attach(segment, job, config.timeout)?;
+        let t = ShmTransport::attach(segment, job, Self::wiring(&topo, &config), config.timeout)?;
         Ok(Self::new(Box::new(t), topo, config))
     }
 
     /// The region sizes every rank of a world registers, for a transport made outside.
-    pub fn region_lens(topo: &Topology, config: &Config) -> [usize; 3] {
-        [
+    pub fn region_lens(topo: &Topology, config: &Config) -> [usize; NUM_REGIONS] {
+        Self::wiring(topo, config).region_lens()
+    }
+
+    /// The protocol's region plan, as transports need it (see `Wiring`).
+    pub fn wiring(topo: &Topology, config: &Config) -> Arc<RegionPlan> {
+        Arc::new(RegionPlan::new(
+            *topo,
             config.num_nvl_bytes,
             config.num_rdma_bytes,
-            meta_region_len(topo.world_size()),
-        ]
+        ))
     }
 
     pub fn new(transport: Box<dyn Transport>, topo: Topology, config: Config) -> Self {

@@ -11,10 +11,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use dualcomm_core::protocol::imm::{Imm, ImmKind};
-use dualcomm_core::protocol::op;
+use dualcomm_core::protocol::meta::offsets;
 use dualcomm_core::transport::loopback::LoopbackFabric;
 use dualcomm_core::transport::tcp::{TcpBinding, TcpTransport};
-use dualcomm_core::transport::{Completion, Departure, RegionId, Tier, TierCounters, Transport};
+use dualcomm_core::transport::{Completion, Departure, RegionId, TierCounters, Transport};
 use dualcomm_core::{
     CombineArgs, CombineOut, Config, DispatchArgs, Dtype, ElemType, Endpoint, Error, Result, Route,
     TopkArgs, Topology, VecSink,
@@ -27,13 +27,6 @@ const TOPK: usize = 2;
 const EXPERTS: usize = 8;
 /// Token records: header, f32 row, top-k indices and weights (dispatch).
 const RECORD: usize = 16 + HIDDEN * 4 + TOPK * 12;
-/// Offsets of fields in a metadata record (see `protocol::op::Meta`).
-const META_KIND: usize = 0;
-const META_RECORD_BYTES: usize = 4;
-const META_DTYPE: usize = 8;
-const META_HIDDEN: usize = 12;
-const META_A: usize = 24;
-const META_B: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Class {
@@ -42,8 +35,9 @@ enum Class {
     Credit,
 }
 
-/// Which write of the faulty rank to tamper with: the `nth` of its `class` towards `to` in
-/// operation `op` (0: the dispatch, 1: the combine).
+/// Which message to tamper with: the `nth` of `class` in operation `op` (0: the dispatch,
+/// 1: the combine) that the faulty rank sends to `to` or, for `Fault::AsFrom`, receives
+/// from `to`.
 #[derive(Debug, Clone, Copy)]
 struct Target {
     op: u32,
@@ -73,6 +67,9 @@ enum Fault {
     /// Neither this write nor any later one is sent; then the rank "crashes" (leaves without
     /// having completed the operation).
     StopHere,
+    /// On the faulty rank's receiving side: the completion claims to come from another rank
+    /// (what a corrupt completion queue would say).
+    AsFrom(usize),
 }
 
 struct Faulty {
@@ -122,7 +119,6 @@ impl Transport for Faulty {
     fn write_with_imm(
         &self,
         peer: usize,
-        tier: Tier,
         region: RegionId,
         offset: usize,
         segments: &[&[u8]],
@@ -131,14 +127,13 @@ impl Transport for Faulty {
         if self.stopped.load(Ordering::Relaxed) {
             return Ok(()); // swallowed: the far side never hears of it
         }
-        if !self.hits(peer, imm) {
+        if matches!(self.fault, Fault::AsFrom(_)) || !self.hits(peer, imm) {
             return self
                 .inner
-                .write_with_imm(peer, tier, region, offset, segments, imm);
+                .write_with_imm(peer, region, offset, segments, imm);
         }
         let w = |peer, offset, segs: &[&[u8]], imm| {
-            self.inner
-                .write_with_imm(peer, tier, region, offset, segs, imm)
+            self.inner.write_with_imm(peer, region, offset, segs, imm)
         };
         match self.fault {
             Fault::Poke { at, bytes, value } => {
@@ -169,11 +164,21 @@ impl Transport for Faulty {
                 inner.shutdown(0);
                 Ok(())
             }
+            Fault::AsFrom(_) => unreachable!("a receiving-side fault"),
         }
     }
 
     fn poll(&self, out: &mut Vec<Completion>, deadline: Instant) -> Result<usize> {
-        self.inner.poll(out, deadline)
+        let from = out.len();
+        let n = self.inner.poll(out, deadline)?;
+        if let Fault::AsFrom(other) = self.fault {
+            for c in &mut out[from..] {
+                if self.hits(c.src, c.imm) {
+                    c.src = other;
+                }
+            }
+        }
+        Ok(n)
     }
 
     unsafe fn local(&self, region: RegionId, offset: usize, len: usize) -> Result<&[u8]> {
@@ -191,6 +196,10 @@ impl Transport for Faulty {
 
     fn wire_bytes(&self) -> &TierCounters {
         self.inner.wire_bytes()
+    }
+
+    fn connections(&self) -> [usize; 2] {
+        self.inner.connections()
     }
 }
 
@@ -224,24 +233,19 @@ fn run_world_on(target: Target, fault: Fault, tcp: bool) -> Vec<Result<()>> {
             thread::spawn(move || -> Result<()> {
                 let t: Box<dyn Transport> = match binding {
                     Some(b) => {
-                        let win = op::write_windows(
-                            &topo,
-                            r,
-                            config.num_nvl_bytes,
-                            config.num_rdma_bytes,
-                        );
+                        let wiring = Endpoint::wiring(&topo, &config);
                         Box::new(TcpTransport::establish(
                             b,
                             r,
                             &addrs,
                             [3; 16],
-                            win,
+                            wiring,
                             config.timeout,
                         )?)
                     }
                     None => {
-                        let lens = Endpoint::region_lens(&topo, &config);
-                        Box::new(fabric.join(r, lens, "faults".into(), config.timeout)?)
+                        let wiring = Endpoint::wiring(&topo, &config);
+                        Box::new(fabric.join(r, wiring, "faults".into(), config.timeout)?)
                     }
                 };
                 let t: Box<dyn Transport> = if r == FAULTY {
@@ -321,6 +325,16 @@ fn case(target: Target, fault: Fault, expect: &str) -> Vec<Result<()>> {
     case_on(target, fault, expect, false)
 }
 
+/// The sender's own transport refuses the write (it knows where it may write): an internal
+/// error on the faulty rank, peer-loss on the others; nothing lands at the peer.
+fn refused_by_the_writer(target: Target, fault: Fault, tcp: bool) {
+    let got = case_on(target, fault, "outside the slots this rank owns", tcp);
+    assert!(
+        matches!(got[FAULTY], Err(Error::Internal { .. })),
+        "{got:?}"
+    );
+}
+
 /// Runs the case and checks the outcome: some rank reports `expect` (a protocol error
 /// naming the faulty rank, unless `by` says otherwise); no rank succeeds silently with the
 /// fault unnoticed; every error is typed and arrives well before the deadline.
@@ -332,8 +346,12 @@ fn case_on(target: Target, fault: Fault, expect: &str, tcp: bool) -> Vec<Result<
         took < Duration::from_secs(10),
         "{fault:?} at {target:?} took {took:?}: {got:?}"
     );
+    let blamed = match fault {
+        Fault::AsFrom(other) => other,
+        _ => FAULTY,
+    };
     let detected = got.iter().any(|r| match r {
-        Err(Error::Protocol { peer, detail }) => *peer == FAULTY && detail.contains(expect),
+        Err(Error::Protocol { peer, detail }) => *peer == blamed && detail.contains(expect),
         Err(e @ Error::Internal { .. }) => e.to_string().contains(expect),
         Err(e @ Error::PeerLost { .. }) => e.to_string().contains(expect),
         _ => false,
@@ -377,34 +395,69 @@ fn poke(at: usize, bytes: usize, value: u64) -> Fault {
     Fault::Poke { at, bytes, value }
 }
 
-// ---- metadata (op.rs, dispatch.rs) ----
+fn meta_rdma() -> Target {
+    // Rank 3 is rank 1's twin on the other node.
+    meta_to(3)
+}
+
+fn credit(op: u32, to: usize) -> Target {
+    Target {
+        op,
+        class: Class::Credit,
+        to,
+        nth: 0,
+    }
+}
+
+// ---- metadata (op.rs, meta.rs) ----
 
 #[test]
 fn oversized_count_is_refused_before_anything_is_sized() {
-    case(meta_to(0), poke(META_A, 8, 1 << 40), "above the limit");
-}
-
-#[test]
-fn count_above_the_senders_tokens() {
-    case(meta_to(0), poke(META_A, 8, 1000), "out of its");
+    case(
+        meta_rdma(),
+        poke(offsets::TOKENS, 8, 1 << 40),
+        "above the limit",
+    );
 }
 
 #[test]
 fn node_count_above_the_senders_tokens() {
-    // Rank 3 is rank 1's twin on the other node: it forwards what the node count announces.
-    case(meta_to(3), poke(META_B, 8, 1000), "for node 1 out of its");
+    case(
+        meta_rdma(),
+        poke(offsets::NODE_COUNT, 8, 1000),
+        "for node 1 out of its",
+    );
+}
+
+#[test]
+fn rank_count_above_the_node_count() {
+    case(
+        meta_rdma(),
+        poke(offsets::COUNTS + 8, 8, 1000),
+        "for one rank of node 1",
+    );
+}
+
+#[test]
+fn relayed_count_above_the_sources_tokens() {
+    // Rank 1's record to rank 0 relays, per node, the source it forwards from there.
+    case(
+        meta_to(0),
+        poke(offsets::COUNTS, 8, 1000),
+        "relayed 1000 tokens",
+    );
 }
 
 #[test]
 fn unknown_operation() {
-    case(meta_to(0), poke(META_KIND, 4, 9), "unknown operation");
+    case(meta_to(0), poke(offsets::KIND, 4, 9), "unknown operation");
 }
 
 #[test]
 fn different_operation() {
     case(
-        meta_to(0),
-        poke(META_KIND, 4, 3),
+        meta_rdma(),
+        poke(offsets::KIND, 4, 3),
         "every rank must make the same calls",
     );
 }
@@ -413,7 +466,7 @@ fn different_operation() {
 fn different_record_size() {
     case(
         meta_to(0),
-        poke(META_RECORD_BYTES, 4, RECORD as u64 + 4),
+        poke(offsets::RECORD_BYTES, 4, RECORD as u64 + 4),
         "-byte token records",
     );
 }
@@ -421,15 +474,30 @@ fn different_record_size() {
 #[test]
 fn different_record_format() {
     case(
-        meta_to(0),
-        poke(META_HIDDEN, 4, 2),
+        meta_rdma(),
+        poke(offsets::HIDDEN, 4, 2),
         "must agree on every rank",
     );
 }
 
 #[test]
 fn unknown_element_type() {
-    case(meta_to(0), poke(META_DTYPE, 4, 99), "unknown element type");
+    case(
+        meta_to(0),
+        poke(offsets::DTYPE, 4, 99),
+        "unknown element type",
+    );
+}
+
+#[test]
+fn abort_on_behalf_of_another_rank() {
+    // Rank 1's record to its twin turned into an abort on behalf of rank 0 (the origin
+    // field is 0): a twin speaks only for itself.
+    case(
+        meta_rdma(),
+        poke(offsets::KIND, 4, 4),
+        "which it does not speak for",
+    );
 }
 
 #[test]
@@ -438,8 +506,23 @@ fn metadata_twice() {
 }
 
 #[test]
-fn metadata_outside_its_slot() {
-    case(meta_to(0), Fault::Shift(128), "metadata outside its slot");
+fn metadata_of_the_wrong_length() {
+    case(meta_to(0), Fault::Truncate, "metadata of");
+}
+
+#[test]
+fn metadata_outside_its_slot_is_refused_by_the_writer() {
+    refused_by_the_writer(meta_to(0), Fault::Shift(8), false);
+}
+
+#[test]
+fn metadata_from_a_rank_with_no_link() {
+    // As if rank 2 (other node, other local index) had written to rank 1.
+    case(
+        meta_to(0),
+        Fault::AsFrom(2),
+        "metadata from a rank with no link here",
+    );
 }
 
 // ---- immediates (op.rs) ----
@@ -460,28 +543,27 @@ fn immediate_of_another_epoch() {
 }
 
 #[test]
-fn data_to_a_rank_with_no_ring() {
-    // Rank 2 is on the other node with another local index: rank 1 never talks to it.
+fn data_from_a_rank_with_no_ring() {
     case(
         data(0, 0, 0),
-        Fault::Redirect(2),
+        Fault::AsFrom(2),
         "data from a rank with no ring here",
     );
 }
 
 #[test]
-fn credit_to_a_rank_with_no_ring() {
-    let t = Target {
-        op: 0,
-        class: Class::Credit,
-        to: 0,
-        nth: 0,
-    };
+fn credit_from_a_rank_with_no_ring() {
     case(
-        t,
-        Fault::Redirect(2),
+        credit(0, 0),
+        Fault::AsFrom(2),
         "credit from a rank with no ring here",
     );
+}
+
+#[test]
+fn write_to_a_rank_with_no_link_is_refused_by_the_writer() {
+    refused_by_the_writer(data(0, 0, 0), Fault::Redirect(2), false);
+    refused_by_the_writer(credit(0, 0), Fault::Redirect(2), false);
 }
 
 // ---- rings (ring.rs) ----
@@ -492,62 +574,39 @@ fn truncated_write() {
 }
 
 #[test]
-fn write_at_the_wrong_place() {
-    // Into the ring of the other local rank (what a tcp receiver refuses outright).
-    case(
-        data(0, 0, 0),
-        Fault::Shift(-(RECORD as isize)),
-        "expected whole records",
-    );
-}
-
-#[test]
 fn write_announcing_no_records() {
     case(data(0, 0, 0), Fault::ImmValue(0), "expected whole records");
 }
 
 #[test]
+fn write_past_the_rings_end() {
+    case(
+        data(0, 0, 0),
+        Fault::ImmValue(1000),
+        "expected whole records",
+    );
+}
+
+#[test]
+fn write_into_another_senders_ring_is_refused_by_the_writer() {
+    refused_by_the_writer(data(0, 0, 0), Fault::Shift(-(RECORD as isize)), false);
+    refused_by_the_writer(data(0, 0, 0), Fault::Shift(-(RECORD as isize)), true);
+}
+
+#[test]
 fn duplicated_write() {
-    // The copy lands where the next records belong and claims space never credited.
+    // The copy claims ring space never credited, or records never announced.
     case(data(0, 3, 0), Fault::Duplicate, "rank 1");
 }
 
 #[test]
 fn more_credits_than_records_outstanding() {
-    let t = Target {
-        op: 0,
-        class: Class::Credit,
-        to: 0,
-        nth: 0,
-    };
-    case(t, Fault::ImmValue(1000), "credits with only");
+    case(credit(0, 0), Fault::ImmValue(1000), "credits with only");
 }
 
 #[test]
-fn write_outside_the_region_is_refused_by_the_transport() {
-    // The sender's own transport refuses it (it knows the region's length): an internal
-    // error on the faulty rank, peer-loss on the others.
-    let got = case(data(0, 0, 0), Fault::OutOfBounds, "outside a");
-    assert!(
-        matches!(got[FAULTY], Err(Error::Internal { .. })),
-        "{got:?}"
-    );
-}
-
-#[test]
-fn tcp_receiver_refuses_a_write_into_another_senders_ring() {
-    // Over sockets the receiver sees the target offset before the bytes land, and refuses
-    // the write before it touches the ring of rank 0's other peer.
-    let got = case_on(
-        data(0, 0, 0),
-        Fault::Shift(-(RECORD as isize)),
-        "outside the slots it owns",
-        true,
-    );
-    assert!(
-        matches!(&got[0], Err(Error::PeerLost { peer: 1, .. })),
-        "{got:?}"
-    );
+fn write_outside_the_region_is_refused_by_the_writer() {
+    refused_by_the_writer(data(0, 0, 0), Fault::OutOfBounds, false);
 }
 
 #[test]
@@ -623,7 +682,7 @@ fn combine_with_the_handle_of_another_operation() {
     };
     case(
         t,
-        poke(META_A, 8, 77),
+        poke(offsets::TAG, 8, 77),
         "combines with the handle of operation",
     );
 }

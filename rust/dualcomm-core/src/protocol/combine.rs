@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 
 use super::dispatch::DispatchHandle;
-use super::op::{Op, OpKind, Session};
+use super::op::{Announce, Op, OpKind, Session};
 use super::record::{ElemType, HEADER_BYTES, Header, Layout, RecordFormat};
 use super::reduce::{Dtype, add_into, read_f32s, store};
 use crate::error::{Error, Result};
@@ -304,7 +304,10 @@ pub(crate) fn run(
         OpKind::Combine,
         format,
         layout.record_bytes(),
-        |_| (handle.tag, 0, 0),
+        Announce {
+            tag: handle.tag,
+            ..Announce::default()
+        },
     )?;
     let (t, epoch) = (op.t, op.epoch);
     for l in (0..rpn).filter(|&l| l != topo.local_of(me)) {
@@ -325,14 +328,13 @@ pub(crate) fn run(
     loop {
         let mut progress = false;
         if !started && op.metas_ready() {
-            if let Some(p) = (0..topo.world_size()).find(|&p| op.meta(p).a != handle.tag) {
+            if let Some((p, tag)) = op.tag_mismatch() {
                 return Err(Error::protocol(
                     p,
                     format!(
                         "rank {p} combines with the handle of operation #{}, rank {me} with \
                          #{}: every rank must pass the handle of the same dispatch",
-                        op.meta(p).a,
-                        handle.tag
+                        tag, handle.tag
                     ),
                 ));
             }

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use super::op::{Op, OpKind, Session};
+use super::op::{Announce, Op, OpKind, Session};
 use super::record::{ElemType, Header, Layout, RecordFormat, SourceOrder};
 use crate::error::{Error, Result};
 use crate::routing::{SendPlan, check_expert_indices, experts_per_rank};
@@ -329,13 +329,13 @@ pub(crate) fn run(
         .collect();
 
     let tag = session.seq;
-    let mut op = Op::begin(session, kind, format, layout.record_bytes(), |p| {
-        (
-            plan.count_to_rank()[p],
-            plan.count_to_node()[topo.node_of(p)],
-            n_tok as u64,
-        )
-    })?;
+    let announce = Announce {
+        tokens: n_tok as u64,
+        to_rank: plan.count_to_rank(),
+        to_node: plan.count_to_node(),
+        tag: 0,
+    };
+    let mut op = Op::begin(session, kind, format, layout.record_bytes(), announce)?;
     let (epoch, t) = (op.epoch, op.t);
 
     let mut rx: Option<Receiver> = None;
@@ -345,8 +345,7 @@ pub(crate) fn run(
         let mut progress = false;
 
         if rx.is_none() && op.metas_ready() {
-            let counts: Vec<u64> = (0..w).map(|s| op.meta(s).a).collect();
-            let src_tokens: Vec<u64> = (0..w).map(|s| op.meta(s).c).collect();
+            let (counts, src_tokens) = op.source_counts();
             if let Some(h) = cached
                 && (h.recv_per_src != counts || h.src_num_tokens != src_tokens)
             {
@@ -367,7 +366,7 @@ pub(crate) fn run(
                 op.recv_ring(f).expected = Some(via_f);
             }
             for &p in &twins {
-                let b = op.meta(p).b;
+                let b = op.node_count_from(p);
                 op.recv_ring(p).expected = Some(b);
             }
             // Counts come from peers: each is bounded (op::MAX_TOKENS), and so is their sum.
@@ -387,21 +386,6 @@ pub(crate) fn run(
                     .ok_or_else(|| Error::protocol(s, "token counts overflow"))?;
             }
             let total = prefix[w];
-            for &p in &twins {
-                let (b, c) = (op.meta(p).b, op.meta(p).c);
-                if b > c {
-                    return Err(Error::protocol(
-                        p,
-                        format!("announced {b} tokens for node {my_node} out of its {c}"),
-                    ));
-                }
-            }
-            let shape = RecvShape {
-                num_recv: total,
-                x_row_bytes: xb,
-                scale_row_bytes: sb,
-                num_topk: k,
-            };
             if [xb, sb, k * 8].iter().any(|&row| {
                 total
                     .checked_mul(row)
@@ -412,6 +396,12 @@ pub(crate) fn run(
                     format!("{total} announced tokens do not fit in this rank's address space"),
                 ));
             }
+            let shape = RecvShape {
+                num_recv: total,
+                x_row_bytes: xb,
+                scale_row_bytes: sb,
+                num_topk: k,
+            };
             let bufs = sink.prepare(shape)?;
             if bufs.x.len() != total * xb
                 || bufs.scales.len() != total * sb

@@ -4,6 +4,8 @@
 pub mod combine;
 pub mod dispatch;
 pub mod imm;
+pub mod layout;
+pub mod meta;
 pub mod op;
 pub mod record;
 pub mod reduce;

@@ -1,36 +1,31 @@
 //! One collective operation (a dispatch or a combine) as seen by one rank: its rings, the
 //! metadata exchange that opens it, and the completion loop with its deadline.
 //!
-//! Every operation starts with every rank writing a small metadata record to every other
-//! rank. That carries the token counts a dispatch needs, lets ranks check that they run the
-//! same operation on records of the same format, and bounds how far a fast rank can run
-//! ahead (one operation), which is what makes the 2-bit epoch in the immediate sufficient.
+//! An operation opens with metadata over the protocol's links only (see `meta`): records to
+//! the twins, then, once the twins' are in, records to the ranks of the node that relay what
+//! the twins said. That carries the token counts a dispatch needs, lets linked ranks check
+//! that they run the same operation on records of the same format, and bounds how far a fast
+//! rank can run ahead (one operation), which makes the 2-bit epoch in the immediate enough.
 //!
-//! No rank sends ring data before it holds every peer's metadata, and no rank leaves an
-//! operation before it holds every peer's metadata. So a rank that rejects its own arguments
-//! sends an abort record in place of its metadata, every rank abandons that operation
-//! together once all records are in, nothing is left in flight, and the buffer stays usable.
+//! No rank sends ring data before it holds all its metadata, and no rank leaves an operation
+//! before that either. So a rank that rejects its own arguments sends an abort in place of
+//! its records (forwarders relay it inside their node), every rank abandons the operation
+//! once its records are in, nothing is left in flight, and the buffer stays usable.
 
 use std::time::{Duration, Instant};
 
 use super::imm::{Imm, ImmKind};
-use super::record::{FORMAT_BYTES, RecordFormat};
+use super::layout::{RegionPlan, link};
+use super::meta::Meta;
+use super::record::{ElemType, RecordFormat};
 use super::ring::{RecvRing, RingGeometry, SendRing};
 use crate::error::{Error, Result};
 use crate::topology::Topology;
-use crate::transport::{Completion, RegionId, Tier, Transport, WriteWindows};
+use crate::transport::{Completion, Tier, Transport};
 
-pub const META_BYTES: usize = 128;
-/// Bytes of an abort's reason that travel (the rest is cut).
-const REASON_BYTES: usize = META_BYTES - 8 - FORMAT_BYTES - 24;
 /// Largest token count a rank may announce: token indices travel as u32, and every count
 /// from a peer is bounded by this before anything is sized from it.
 pub const MAX_TOKENS: u64 = 1 << 31;
-
-/// Bytes of the meta region a rank must register for a world of `world_size` ranks.
-pub fn meta_region_len(world_size: usize) -> usize {
-    2 * world_size * META_BYTES
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpKind {
@@ -42,7 +37,7 @@ pub enum OpKind {
 }
 
 impl OpKind {
-    fn from_u32(v: u32) -> Option<Self> {
+    pub fn from_u32(v: u32) -> Option<Self> {
         match v {
             1 => Some(Self::Dispatch),
             2 => Some(Self::CachedDispatch),
@@ -62,136 +57,18 @@ impl OpKind {
     }
 }
 
-/// What one rank tells another when an operation starts. The meaning of `a`, `b`, `c`
-/// belongs to the operation. An abort carries the operation the aborting rank meant to
-/// run (in `aborted`) and why (in `reason`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Meta {
-    pub kind: OpKind,
-    pub record_bytes: u32,
-    pub format: RecordFormat,
-    pub a: u64,
-    pub b: u64,
-    pub c: u64,
-    pub reason: String,
+/// What this rank announces when an operation opens.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Announce<'a> {
+    /// Its token count.
+    pub tokens: u64,
+    /// Its tokens for each rank (`world_size` values) and each node (`num_nodes` values);
+    /// empty for operations whose counts are known in advance (combine).
+    pub to_rank: &'a [u64],
+    pub to_node: &'a [u64],
+    /// Combine: the operation number of the dispatch it reverses.
+    pub tag: u64,
 }
-
-impl Meta {
-    /// Wire layout: kind u32 | record_bytes u32 | format | a | b | c | reason (UTF-8, NUL-padded).
-    fn encode(&self) -> [u8; META_BYTES] {
-        let mut out = [0u8; META_BYTES];
-        out[0..4].copy_from_slice(&(self.kind as u32).to_le_bytes());
-        out[4..8].copy_from_slice(&self.record_bytes.to_le_bytes());
-        out[8..8 + FORMAT_BYTES].copy_from_slice(&self.format.encode());
-        let at = 8 + FORMAT_BYTES;
-        out[at..at + 8].copy_from_slice(&self.a.to_le_bytes());
-        out[at + 8..at + 16].copy_from_slice(&self.b.to_le_bytes());
-        out[at + 16..at + 24].copy_from_slice(&self.c.to_le_bytes());
-        let mut reason = self.reason.as_bytes();
-        if reason.len() > REASON_BYTES {
-            // Cut at a character boundary so the far side decodes valid UTF-8.
-            let mut cut = REASON_BYTES;
-            while !self.reason.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            reason = &reason[..cut];
-        }
-        out[at + 24..at + 24 + reason.len()].copy_from_slice(reason);
-        out
-    }
-
-    fn decode(peer: usize, b: &[u8]) -> Result<Self> {
-        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
-        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
-        let kind = OpKind::from_u32(u32_at(0))
-            .ok_or_else(|| Error::protocol(peer, format!("unknown operation {}", u32_at(0))))?;
-        let at = 8 + FORMAT_BYTES;
-        let reason = &b[at + 24..META_BYTES];
-        let end = reason.iter().position(|&c| c == 0).unwrap_or(reason.len());
-        Ok(Meta {
-            kind,
-            record_bytes: u32_at(4),
-            format: RecordFormat::decode(peer, &b[8..8 + FORMAT_BYTES])?,
-            a: u64_at(at),
-            b: u64_at(at + 8),
-            c: u64_at(at + 16),
-            reason: String::from_utf8_lossy(&reason[..end]).into_owned(),
-        })
-    }
-}
-
-/// Where each peer may write in rank `me`'s regions: its ring in the nvl or rdma rings (the
-/// same layout as `Op::begin` gives them) and its two metadata slots.
-pub fn write_windows(
-    topo: &Topology,
-    me: usize,
-    num_nvl_bytes: usize,
-    num_rdma_bytes: usize,
-) -> WriteWindows {
-    let w = topo.world_size();
-    let lens = [num_nvl_bytes, num_rdma_bytes, meta_region_len(w)];
-    let mut win = WriteWindows::closed(lens, w);
-    let nvl_ring = num_nvl_bytes / topo.ranks_per_node();
-    let rdma_ring = num_rdma_bytes / topo.num_nodes();
-    for p in (0..w).filter(|&p| p != me) {
-        match link(topo, p, me) {
-            Some(Tier::Nvl) => {
-                let at = topo.local_of(p) * nvl_ring;
-                win.allow(p, RegionId::NvlRings, at..at + nvl_ring);
-            }
-            Some(Tier::Rdma) => {
-                let at = topo.node_of(p) * rdma_ring;
-                win.allow(p, RegionId::RdmaRings, at..at + rdma_ring);
-            }
-            None => {}
-        }
-        for seq in 0..2 {
-            let at = meta_offset(seq, w, p);
-            win.allow(p, RegionId::Meta, at..at + META_BYTES);
-        }
-    }
-    win
-}
-
-/// The metadata slot of sender `from` for operation `seq`, in every receiver's meta region.
-fn meta_offset(seq: u64, world: usize, from: usize) -> usize {
-    ((seq % 2) as usize * world + from) * META_BYTES
-}
-
-fn meta_tier(topo: &Topology, a: usize, b: usize) -> Tier {
-    if topo.same_node(a, b) {
-        Tier::Nvl
-    } else {
-        Tier::Rdma
-    }
-}
-
-/// Tells every peer that this rank abandons operation `seq` (a `kind` it rejected the
-/// arguments of) and why, then waits for every peer's record of that operation, so that
-/// nothing of it is left in flight.
-pub fn abort(s: Session<'_>, kind: OpKind, reason: &str) -> Result<()> {
-    let mut op = Op::open(
-        s,
-        OpKind::Abort,
-        ABORT_FORMAT,
-        1,
-        reason,
-        kind as u64,
-        |_| (0, 0, 0),
-    )?;
-    while !op.metas_ready() {
-        op.pump(true)?;
-    }
-    Ok(())
-}
-
-/// The format field of an abort record (unused).
-const ABORT_FORMAT: RecordFormat = RecordFormat {
-    dtype: super::record::ElemType::Bytes,
-    hidden: 0,
-    scale_cols: 0,
-    topk: 0,
-};
 
 /// The state an endpoint keeps between operations.
 pub struct Session<'e> {
@@ -205,6 +82,15 @@ pub struct Session<'e> {
     pub num_rdma_bytes: usize,
 }
 
+/// Why this operation is abandoned: the rank that rejected its arguments, what it was asked
+/// to run, and why. Relayed within the node by the forwarder that heard it.
+#[derive(Debug, Clone)]
+struct AbortNote {
+    origin: usize,
+    meant: u64,
+    reason: String,
+}
+
 pub struct Op<'e> {
     pub t: &'e dyn Transport,
     pub topo: Topology,
@@ -214,41 +100,67 @@ pub struct Op<'e> {
     kind: OpKind,
     timeout: Duration,
     deadline: Instant,
+    plan: RegionPlan,
+    record_bytes: u32,
+    format: RecordFormat,
+    tokens: u64,
+    to_rank: Vec<u64>,
+    tag: u64,
+    /// Records from linked peers, by rank.
     metas: Vec<Option<Meta>>,
-    missing_metas: usize,
+    missing_twins: usize,
+    missing_locals: usize,
+    nvl_sent: bool,
+    /// This rank's own abort, or the first one a twin sent: relayed inside the node.
+    note: Option<AbortNote>,
     /// Indexed by peer rank; `None` where this rank never talks to that peer directly.
     pub send: Vec<Option<SendRing>>,
     pub recv: Vec<Option<RecvRing>>,
     stash: &'e mut Vec<Completion>,
     inbox: Vec<Completion>,
-    format: RecordFormat,
-    /// Set when a peer aborted this operation; raised once every peer's record is in.
+    /// Set when a peer aborted this operation; raised once all metadata is in.
     aborted: Option<Error>,
 }
 
-/// How a pair of ranks is linked, if it is: same node over nvl, twins (same local index on
-/// different nodes) over rdma. Other pairs never exchange ring traffic.
-pub fn link(topo: &Topology, a: usize, b: usize) -> Option<Tier> {
-    if a == b {
-        None
-    } else if topo.same_node(a, b) {
-        Some(Tier::Nvl)
-    } else if topo.local_of(a) == topo.local_of(b) {
-        Some(Tier::Rdma)
-    } else {
-        None
+/// The format field of an abort record (unused).
+const ABORT_FORMAT: RecordFormat = RecordFormat {
+    dtype: ElemType::Bytes,
+    hidden: 0,
+    scale_cols: 0,
+    topk: 0,
+};
+
+/// Tells every linked peer that this rank abandons operation `seq` (a `kind` it rejected the
+/// arguments of) and why, then waits for its metadata of that operation, so that nothing of
+/// it is left in flight.
+pub fn abort(s: Session<'_>, kind: OpKind, reason: &str) -> Result<()> {
+    let note = AbortNote {
+        origin: s.transport.rank(),
+        meant: kind as u64,
+        reason: reason.to_string(),
+    };
+    let mut op = Op::open(
+        s,
+        OpKind::Abort,
+        ABORT_FORMAT,
+        1,
+        Announce::default(),
+        Some(note),
+    )?;
+    while !op.metas_ready() {
+        op.pump(true)?;
     }
+    Ok(())
 }
 
 impl<'e> Op<'e> {
-    /// Checks that the rings hold a record, then opens the operation by sending `meta_for`
-    /// of every peer to that peer.
+    /// Checks that the rings hold a record, then opens the operation (see the module).
     pub fn begin(
         s: Session<'e>,
         kind: OpKind,
         format: RecordFormat,
         record_bytes: usize,
-        meta_for: impl Fn(usize) -> (u64, u64, u64),
+        announce: Announce<'_>,
     ) -> Result<Self> {
         let (nn, rpn) = (s.topo.num_nodes(), s.topo.ranks_per_node());
         if rpn > 1 && s.num_nvl_bytes / rpn < record_bytes {
@@ -274,96 +186,153 @@ impl<'e> Op<'e> {
                 record_bytes,
             ));
         }
-        Self::open(s, kind, format, record_bytes, "", 0, meta_for)
+        Self::open(s, kind, format, record_bytes, announce, None)
     }
 
-    /// Sets up the rings and sends this rank's record (`kind`, or an abort with `reason`
-    /// for an operation of kind `aborted`) to every peer.
+    /// Sets up the rings and sends this rank's records to its twins (an abort, with `note`).
     fn open(
         s: Session<'e>,
         kind: OpKind,
         format: RecordFormat,
         record_bytes: usize,
-        reason: &str,
-        aborted: u64,
-        meta_for: impl Fn(usize) -> (u64, u64, u64),
+        announce: Announce<'_>,
+        note: Option<AbortNote>,
     ) -> Result<Self> {
         let topo = s.topo;
         let t = s.transport;
         let me = t.rank();
         let w = topo.world_size();
-        let (nn, rpn) = (topo.num_nodes(), topo.ranks_per_node());
-        let nvl_ring = s.num_nvl_bytes / rpn;
-        let rdma_ring = s.num_rdma_bytes / nn;
+        let plan = RegionPlan::new(topo, s.num_nvl_bytes, s.num_rdma_bytes);
         // Ring of sender `from` inside receiver `to`'s region.
         let geometry = |from: usize, to: usize, tier: Tier| {
-            let (region, slot, ring) = match tier {
-                Tier::Nvl => (RegionId::NvlRings, topo.local_of(from), nvl_ring),
-                Tier::Rdma => (RegionId::RdmaRings, topo.node_of(from), rdma_ring),
-            };
+            let (region, base) = plan.ring_of(from, tier);
             RingGeometry {
                 peer: if from == me { to } else { from },
                 tier,
                 region,
-                base: slot * ring,
-                capacity: (ring / record_bytes) as u64,
+                base,
+                capacity: (plan.ring_bytes(tier) / record_bytes) as u64,
                 record_bytes,
+                credit_offset: plan.ring_of(to, tier).1,
             }
         };
         let mut send = Vec::with_capacity(w);
         let mut recv = Vec::with_capacity(w);
+        let (mut twins, mut locals) = (0, 0);
         for p in 0..w {
             let tier = link(&topo, me, p);
+            match tier {
+                Some(Tier::Nvl) => locals += 1,
+                Some(Tier::Rdma) => twins += 1,
+                None => {}
+            }
             send.push(tier.map(|tier| SendRing::new(geometry(me, p, tier))));
             recv.push(tier.map(|tier| RecvRing::new(geometry(p, me, tier))));
         }
-        let epoch = (s.seq % 4) as u32;
         let mut op = Op {
             t,
             topo,
             me,
-            epoch,
+            epoch: (s.seq % 4) as u32,
             seq: s.seq,
             kind,
             timeout: s.timeout,
             deadline: Instant::now() + s.timeout,
+            plan,
+            record_bytes: record_bytes as u32,
+            format,
+            tokens: announce.tokens,
+            to_rank: announce.to_rank.to_vec(),
+            tag: announce.tag,
             metas: vec![None; w],
-            missing_metas: w,
+            missing_twins: twins,
+            missing_locals: locals,
+            nvl_sent: false,
+            note,
             send,
             recv,
             stash: s.stash,
             inbox: Vec::new(),
-            format,
             aborted: None,
         };
-        for p in 0..w {
-            let (a, b, c) = meta_for(p);
-            let meta = Meta {
-                kind,
-                record_bytes: record_bytes as u32,
-                format,
-                a: if kind == OpKind::Abort { aborted } else { a },
-                b,
-                c,
-                reason: reason.to_string(),
-            };
-            if p == me {
-                op.metas[p] = Some(meta);
-                op.missing_metas -= 1;
-                continue;
-            }
-            let offset = meta_offset(s.seq, w, me);
-            let imm = Imm::new(ImmKind::Meta, epoch, 0);
-            let tier = meta_tier(&topo, me, p);
-            t.write_with_imm(p, tier, RegionId::Meta, offset, &[&meta.encode()], imm.0)?;
+        for n in (0..topo.num_nodes()).filter(|&n| n != topo.node_of(me)) {
+            let twin = topo.forwarder(me, n);
+            let mut m = op.record();
+            m.tokens = announce.tokens;
+            m.node_count = announce.to_node.get(n).copied().unwrap_or(0);
+            m.counts = (0..topo.ranks_per_node())
+                .map(|l| {
+                    let d = topo.rank_at(n, l);
+                    announce.to_rank.get(d).copied().unwrap_or(0)
+                })
+                .collect();
+            op.send_meta(twin, Tier::Rdma, &m)?;
         }
         // Completions of this operation that arrived while the previous one ran.
         let early: Vec<Completion> = std::mem::take(op.stash);
         for c in early {
             op.handle(c)?;
         }
+        op.relay_when_ready()?;
         op.raise_abort()?;
         Ok(op)
+    }
+
+    /// A record of this operation with nothing but what every record carries.
+    fn record(&self) -> Meta {
+        match &self.note {
+            Some(note) => {
+                let mut m = Meta::new(OpKind::Abort, self.record_bytes, self.format);
+                m.tag = note.meant;
+                m.origin = note.origin as u64;
+                m.reason = note.reason.clone();
+                m
+            }
+            None => {
+                let mut m = Meta::new(self.kind, self.record_bytes, self.format);
+                m.tag = self.tag;
+                m
+            }
+        }
+    }
+
+    fn send_meta(&self, peer: usize, tier: Tier, m: &Meta) -> Result<()> {
+        let (region, offset) = self.plan.meta_slot(self.seq, self.me, tier);
+        let bytes = m.encode(self.plan.meta_bytes(tier));
+        let imm = Imm::new(ImmKind::Meta, self.epoch, 0);
+        self.t
+            .write_with_imm(peer, region, offset, &[&bytes], imm.0)
+    }
+
+    /// Once every twin's record is in: tells each rank of the node, per node, what the
+    /// source this rank forwards from there sends it (or relays an abort).
+    fn relay_when_ready(&mut self) -> Result<()> {
+        if self.nvl_sent || self.missing_twins > 0 {
+            return Ok(());
+        }
+        self.nvl_sent = true;
+        let topo = self.topo;
+        let my_node = topo.node_of(self.me);
+        for d in (0..topo.ranks_per_node())
+            .map(|l| topo.rank_at(my_node, l))
+            .filter(|&d| d != self.me)
+        {
+            let mut m = self.record();
+            if self.note.is_none() && !self.to_rank.is_empty() {
+                m.counts = (0..topo.num_nodes())
+                    .flat_map(|n| {
+                        if n == my_node {
+                            [self.to_rank[d], self.tokens]
+                        } else {
+                            let twin = self.meta(topo.forwarder(self.me, n));
+                            [twin.counts[topo.local_of(d)], twin.tokens]
+                        }
+                    })
+                    .collect();
+            }
+            self.send_meta(d, Tier::Nvl, &m)?;
+        }
+        Ok(())
     }
 
     pub fn kind(&self) -> OpKind {
@@ -371,12 +340,47 @@ impl<'e> Op<'e> {
     }
 
     pub fn metas_ready(&self) -> bool {
-        self.missing_metas == 0
+        self.nvl_sent && self.missing_twins == 0 && self.missing_locals == 0
     }
 
-    /// The metadata `peer` sent (this rank's own for itself). Only after `metas_ready`.
-    pub fn meta(&self, peer: usize) -> &Meta {
+    /// The record a linked `peer` sent. Only after `metas_ready`.
+    fn meta(&self, peer: usize) -> &Meta {
         self.metas[peer].as_ref().expect("metas_ready")
+    }
+
+    /// Per source rank: its tokens for this rank, and its token count. Only after
+    /// `metas_ready`, for operations that announce counts.
+    pub fn source_counts(&self) -> (Vec<u64>, Vec<u64>) {
+        let topo = self.topo;
+        let me = self.me;
+        (0..topo.world_size())
+            .map(|s| {
+                if s == me {
+                    (self.to_rank[me], self.tokens)
+                } else if link(&topo, me, s) == Some(Tier::Rdma) {
+                    let m = self.meta(s);
+                    (m.counts[topo.local_of(me)], m.tokens)
+                } else {
+                    // Relayed by the rank of this node that forwards from `s`'s node.
+                    let f = topo.rank_at(topo.node_of(me), topo.local_of(s));
+                    let at = 2 * topo.node_of(s);
+                    let m = self.meta(f);
+                    (m.counts[at], m.counts[at + 1])
+                }
+            })
+            .unzip()
+    }
+
+    /// Tokens twin `p` sends to this rank's node (for this rank to forward).
+    pub fn node_count_from(&self, p: usize) -> u64 {
+        self.meta(p).node_count
+    }
+
+    /// A linked peer whose tag differs from this rank's, and its tag.
+    pub fn tag_mismatch(&self) -> Option<(usize, u64)> {
+        (0..self.metas.len())
+            .filter_map(|p| self.metas[p].as_ref().map(|m| (p, m.tag)))
+            .find(|&(_, tag)| tag != self.tag)
     }
 
     pub fn send_ring(&mut self, peer: usize) -> &mut SendRing {
@@ -453,7 +457,10 @@ impl<'e> Op<'e> {
             ));
         }
         match kind {
-            ImmKind::Meta => self.on_meta(&c),
+            ImmKind::Meta => {
+                self.on_meta(&c)?;
+                self.relay_when_ready()
+            }
             ImmKind::Data => match self.recv.get_mut(c.src).and_then(Option::as_mut) {
                 Some(ring) => ring.on_data(&c, imm.value() as u64),
                 None => Err(Error::protocol(c.src, "data from a rank with no ring here")),
@@ -469,93 +476,167 @@ impl<'e> Op<'e> {
     }
 
     fn on_meta(&mut self, c: &Completion) -> Result<()> {
-        let w = self.topo.world_size();
-        let want = meta_offset(self.seq, w, c.src);
-        if c.region != RegionId::Meta || c.offset != want || c.len != META_BYTES {
-            return Err(Error::protocol(c.src, "metadata outside its slot"));
+        let Some(tier) = link(&self.topo, self.me, c.src) else {
+            return Err(Error::protocol(
+                c.src,
+                "metadata from a rank with no link here",
+            ));
+        };
+        let bytes = self.plan.meta_bytes(tier);
+        if c.len != bytes {
+            return Err(Error::protocol(
+                c.src,
+                format!("metadata of {} bytes, expected {bytes}", c.len),
+            ));
         }
         if self.metas[c.src].is_some() {
             return Err(Error::protocol(c.src, "metadata sent twice"));
         }
+        let (region, offset) = self.plan.meta_slot(self.seq, c.src, tier);
         // SAFETY: the sender's own slot of this operation's parity, announced complete; the
         // sender writes it again only for the operation after next, which needs this one done.
-        let bytes = unsafe { self.t.local(RegionId::Meta, c.offset, META_BYTES)? };
-        let meta = Meta::decode(c.src, bytes)?;
-        if meta.kind == OpKind::Abort || self.kind == OpKind::Abort {
-            // Nothing of an aborted operation is used: only its records are collected.
-            if meta.kind == OpKind::Abort && self.kind != OpKind::Abort && self.aborted.is_none() {
-                self.aborted = Some(self.aborted_by(c.src, &meta));
-            }
-            self.metas[c.src] = Some(meta);
-            self.missing_metas -= 1;
-            return Ok(());
+        let raw = unsafe { self.t.local(region, offset, bytes)? };
+        let meta = Meta::decode(c.src, raw)?;
+        if meta.kind == OpKind::Abort {
+            self.on_abort(c.src, tier, &meta)?;
+        } else if self.kind != OpKind::Abort {
+            self.check_same_call(c.src, &meta)?;
+            self.check_counts(c.src, tier, &meta)?;
         }
-        let mine = self.metas[self.me].as_ref().expect("own meta set at begin");
-        if meta.kind != self.kind {
+        self.metas[c.src] = Some(meta);
+        match tier {
+            Tier::Nvl => self.missing_locals -= 1,
+            Tier::Rdma => self.missing_twins -= 1,
+        }
+        Ok(())
+    }
+
+    /// A peer's abort: remembered for the caller (raised once all records are in) and, if
+    /// it came from a twin, relayed inside the node.
+    fn on_abort(&mut self, src: usize, tier: Tier, m: &Meta) -> Result<()> {
+        let topo = self.topo;
+        let origin = m.origin as usize;
+        // A twin aborts only for itself; a rank of the node relays only for the sources it
+        // forwards from (its own local index).
+        let plausible = origin < topo.world_size()
+            && match tier {
+                Tier::Rdma => origin == src,
+                Tier::Nvl => topo.local_of(origin) == topo.local_of(src),
+            };
+        if !plausible {
             return Err(Error::protocol(
-                c.src,
+                src,
+                format!("an abort on behalf of rank {origin}, which it does not speak for"),
+            ));
+        }
+        let note = AbortNote {
+            origin,
+            meant: m.tag,
+            reason: m.reason.clone(),
+        };
+        if tier == Tier::Rdma && self.note.is_none() {
+            self.note = Some(note.clone());
+        }
+        if self.kind != OpKind::Abort && self.aborted.is_none() {
+            let meant = u32::try_from(note.meant)
+                .ok()
+                .and_then(OpKind::from_u32)
+                .map_or("operation", OpKind::name);
+            self.aborted = Some(Error::PeerAborted {
+                peer: origin,
+                op: self.kind.name().to_string(),
+                reason: format!("it rejected its arguments to its {meant}: {}", note.reason),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_same_call(&self, src: usize, m: &Meta) -> Result<()> {
+        if m.kind != self.kind {
+            return Err(Error::protocol(
+                src,
                 format!(
-                    "rank {} runs {} while rank {} runs {}: every rank must make the same calls \
-                     in the same order",
-                    c.src,
-                    meta.kind.name(),
+                    "rank {src} runs {} while rank {} runs {}: every rank must make the same \
+                     calls in the same order",
+                    m.kind.name(),
                     self.me,
                     self.kind.name()
                 ),
             ));
         }
-        if meta.record_bytes != mine.record_bytes {
+        if m.record_bytes != self.record_bytes {
             return Err(Error::protocol(
-                c.src,
+                src,
                 format!(
-                    "rank {} sends {}-byte token records, rank {} {}-byte ones: hidden size, \
+                    "rank {src} sends {}-byte token records, rank {} {}-byte ones: hidden size, \
                      dtype and top-k must agree on every rank",
-                    c.src, meta.record_bytes, self.me, mine.record_bytes
+                    m.record_bytes, self.me, self.record_bytes
                 ),
             ));
         }
-        if meta.format != self.format {
+        if m.format != self.format {
             return Err(Error::protocol(
-                c.src,
+                src,
                 format!(
-                    "rank {} runs its {} on {}, rank {} on {}: dtype, hidden size, scales and \
+                    "rank {src} runs its {} on {}, rank {} on {}: dtype, hidden size, scales and \
                      top-k must agree on every rank",
-                    c.src,
                     self.kind.name(),
-                    meta.format,
+                    m.format,
                     self.me,
                     self.format
                 ),
             ));
         }
-        if meta.a > MAX_TOKENS || meta.b > MAX_TOKENS || meta.c > MAX_TOKENS {
-            return Err(Error::protocol(
-                c.src,
-                format!(
-                    "announced token counts ({}, {}, {}) above the limit of {MAX_TOKENS}",
-                    meta.a, meta.b, meta.c
-                ),
-            ));
-        }
-        self.metas[c.src] = Some(meta);
-        self.missing_metas -= 1;
         Ok(())
     }
 
-    /// The error for this rank's caller: `peer` aborted the operation.
-    fn aborted_by(&self, peer: usize, meta: &Meta) -> Error {
-        let meant = u32::try_from(meta.a)
-            .ok()
-            .and_then(OpKind::from_u32)
-            .map_or("operation", OpKind::name);
-        Error::PeerAborted {
-            peer,
-            op: self.kind.name().to_string(),
-            reason: format!("it rejected its arguments to its {meant}: {}", meta.reason),
+    /// Counts come from peers: each is bounded before anything is sized from it.
+    fn check_counts(&self, src: usize, tier: Tier, m: &Meta) -> Result<()> {
+        if self.to_rank.is_empty() {
+            return Ok(()); // this operation announces no counts
         }
+        let over = |what: String| Error::protocol(src, what);
+        match tier {
+            Tier::Rdma => {
+                if m.tokens > MAX_TOKENS {
+                    return Err(over(format!(
+                        "announced {} tokens, above the limit of {MAX_TOKENS}",
+                        m.tokens
+                    )));
+                }
+                if m.node_count > m.tokens {
+                    return Err(over(format!(
+                        "announced {} tokens for node {} out of its {}",
+                        m.node_count,
+                        self.topo.node_of(self.me),
+                        m.tokens
+                    )));
+                }
+                if let Some(c) = m.counts.iter().find(|&&c| c > m.node_count) {
+                    return Err(over(format!(
+                        "announced {c} tokens for one rank of node {} out of its {} for the node",
+                        self.topo.node_of(self.me),
+                        m.node_count
+                    )));
+                }
+            }
+            Tier::Nvl => {
+                for (n, pair) in m.counts.chunks_exact(2).enumerate() {
+                    let (count, tokens) = (pair[0], pair[1]);
+                    if tokens > MAX_TOKENS || count > tokens {
+                        return Err(over(format!(
+                            "relayed {count} tokens for rank {} out of {tokens} from node {n} \
+                             (limit {MAX_TOKENS})",
+                            self.me
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
-    /// Once every peer's record is in, a peer's abort ends this operation (on every rank).
+    /// Once all records are in, a peer's abort ends this operation (on every rank).
     fn raise_abort(&mut self) -> Result<()> {
         if self.metas_ready()
             && let Some(e) = self.aborted.take()
@@ -584,18 +665,19 @@ impl<'e> Op<'e> {
     /// (Work this rank has yet to send is not counted: a write to a peer that is gone fails
     /// by itself.)
     fn needs(&self, peer: usize) -> bool {
-        self.metas[peer].is_none()
-            || self.send[peer]
-                .as_ref()
-                .is_some_and(SendRing::awaiting_credit)
-            || self.recv[peer]
-                .as_ref()
-                .is_some_and(RecvRing::awaiting_data)
+        link(&self.topo, self.me, peer).is_some()
+            && (self.metas[peer].is_none()
+                || self.send[peer]
+                    .as_ref()
+                    .is_some_and(SendRing::awaiting_credit)
+                || self.recv[peer]
+                    .as_ref()
+                    .is_some_and(RecvRing::awaiting_data))
     }
 
     /// The error for a peer this rank still needs that has gone, if any.
     fn lost_peer(&self) -> Option<Error> {
-        for p in (0..self.topo.world_size()).filter(|&p| p != self.me && self.needs(p)) {
+        for p in (0..self.topo.world_size()).filter(|&p| self.needs(p)) {
             if let Some(d) = self.t.peer_gone(p) {
                 if d.completed_ops.is_some_and(|n| n > self.seq) {
                     continue; // it finished this operation: all it sent here has arrived
@@ -617,7 +699,7 @@ impl<'e> Op<'e> {
 
     fn describe_wait(&self) -> String {
         let missing: Vec<usize> = (0..self.metas.len())
-            .filter(|&p| self.metas[p].is_none())
+            .filter(|&p| link(&self.topo, self.me, p).is_some() && self.metas[p].is_none())
             .collect();
         let mut parts = Vec::new();
         if !missing.is_empty() {

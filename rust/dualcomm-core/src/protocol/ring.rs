@@ -17,6 +17,9 @@ pub struct RingGeometry {
     pub base: usize,
     pub capacity: u64,
     pub record_bytes: usize,
+    /// Where this rank's credits for the ring "land" at the peer: the start of the ring this
+    /// rank writes there (a credit is an immediate with no bytes, but still a write).
+    pub credit_offset: usize,
 }
 
 impl RingGeometry {
@@ -75,14 +78,7 @@ impl SendRing {
             let (now, rest) = segs.split_at(n * segs_per_record);
             let imm = Imm::new(ImmKind::Data, epoch, n as u32);
             let offset = self.geo.offset_of(self.tail);
-            t.write_with_imm(
-                self.geo.peer,
-                self.geo.tier,
-                self.geo.region,
-                offset,
-                now,
-                imm.0,
-            )?;
+            t.write_with_imm(self.geo.peer, self.geo.region, offset, now, imm.0)?;
             self.tail += n as u64;
             records -= n;
             segs = rest;
@@ -144,24 +140,23 @@ impl RecvRing {
         }
     }
 
-    /// Validates a DATA completion against where the next records must land.
+    /// Validates a DATA completion: the records landed at the ring's tail (the only place a
+    /// sender may put them), so only their count and length are the sender's to say.
     pub fn on_data(&mut self, c: &Completion, n: u64) -> Result<()> {
         let peer = self.geo.peer;
-        let want_offset = self.geo.offset_of(self.tail);
-        if c.tier != self.geo.tier || c.region != self.geo.region {
-            return Err(Error::protocol(peer, "data on the wrong tier or region"));
-        }
         if n == 0
-            || c.offset != want_offset
             || c.len as u64 != n * self.geo.record_bytes as u64
             || (self.tail % self.geo.capacity) + n > self.geo.capacity
         {
             return Err(Error::protocol(
                 peer,
                 format!(
-                    "write of {} bytes at offset {} announced as {n} records; expected whole \
-                     records of {} bytes at offset {want_offset}",
-                    c.len, c.offset, self.geo.record_bytes
+                    "write of {} bytes announced as {n} records; expected whole records of {} \
+                     bytes, not past the ring's end ({} of {} slots used)",
+                    c.len,
+                    self.geo.record_bytes,
+                    self.tail % self.geo.capacity,
+                    self.geo.capacity
                 ),
             ));
         }
@@ -222,7 +217,8 @@ impl RecvRing {
                 let n = left.min(Imm::MAX_VALUE as u64);
                 let imm = Imm::new(ImmKind::Credit, epoch, n as u32);
                 // A credit is an immediate without bytes.
-                t.write_with_imm(self.geo.peer, self.geo.tier, self.geo.region, 0, &[], imm.0)?;
+                let at = self.geo.credit_offset;
+                t.write_with_imm(self.geo.peer, self.geo.region, at, &[], imm.0)?;
                 left -= n;
             }
             self.returned = self.head;

@@ -6,7 +6,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::memory::{CompletionQueue, RegionMem};
-use super::{Completion, Departure, NUM_REGIONS, RegionId, Tier, TierCounters, Transport};
+use super::{Completion, Departure, NUM_REGIONS, RegionId, TierCounters, Transport, Wiring};
 use crate::error::{Error, Result};
 
 struct Slot {
@@ -52,7 +52,7 @@ impl LoopbackFabric {
     pub fn join(
         self: &Arc<Self>,
         rank: usize,
-        region_lens: [usize; NUM_REGIONS],
+        wiring: Arc<dyn Wiring>,
         fingerprint: String,
         timeout: Duration,
     ) -> Result<LoopbackTransport> {
@@ -60,7 +60,14 @@ impl LoopbackFabric {
         if rank >= w {
             return Err(Error::invalid("rank", format!("in [0, {w})"), rank));
         }
-        let regions = region_lens.map(RegionMem::new);
+        if wiring.world_size() != w {
+            return Err(Error::invalid(
+                "wiring",
+                format!("a plan for {w} ranks"),
+                wiring.world_size(),
+            ));
+        }
+        let regions = wiring.region_lens().map(RegionMem::new);
         if self.slots[rank].regions.set(regions).is_err() {
             return Err(Error::invalid(
                 "rank",
@@ -100,6 +107,7 @@ impl LoopbackFabric {
         Ok(LoopbackTransport {
             fabric: Arc::clone(self),
             rank,
+            wiring,
             wire: TierCounters::default(),
         })
     }
@@ -108,6 +116,7 @@ impl LoopbackFabric {
 pub struct LoopbackTransport {
     fabric: Arc<LoopbackFabric>,
     rank: usize,
+    wiring: Arc<dyn Wiring>,
     wire: TierCounters,
 }
 
@@ -134,7 +143,6 @@ impl Transport for LoopbackTransport {
     fn write_with_imm(
         &self,
         peer: usize,
-        tier: Tier,
         region: RegionId,
         offset: usize,
         segments: &[&[u8]],
@@ -154,6 +162,11 @@ impl Transport for LoopbackTransport {
             });
         }
         let len: usize = segments.iter().map(|s| s.len()).sum();
+        if !self.wiring.allows(peer, self.rank, region, offset, len) {
+            return Err(super::memory::outside_slots(
+                self.rank, peer, region, offset, len,
+            ));
+        }
         // SAFETY: the range is owned by this writer until the peer hands it back (protocol
         // credits), so nobody reads or writes it now.
         let dst = unsafe { self.regions(peer)[region as usize].range_mut(self.rank, offset, len)? };
@@ -162,14 +175,11 @@ impl Transport for LoopbackTransport {
             dst[at..at + s.len()].copy_from_slice(s);
             at += s.len();
         }
-        self.wire.add(tier, len);
+        self.wire.add(region.tier(), len);
         self.slot(peer).queue.push(Completion {
             src: self.rank,
-            tier,
-            region,
-            offset,
-            len,
             imm,
+            len,
         });
         Ok(())
     }
@@ -204,6 +214,10 @@ impl Transport for LoopbackTransport {
 
     fn wire_bytes(&self) -> &TierCounters {
         &self.wire
+    }
+
+    fn connections(&self) -> [usize; 2] {
+        super::links_per_tier(&*self.wiring, self.rank)
     }
 }
 

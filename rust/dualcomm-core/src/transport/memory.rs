@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
-use super::Completion;
+use super::{Completion, RegionId};
 use crate::error::{Error, Result};
 
 /// Heap bytes written by peers and read by the owner at disjoint ranges (see `Transport::local`).
@@ -61,6 +61,24 @@ impl RegionMem {
         self.check(rank, offset, len)?;
         // SAFETY: in bounds; writers only touch ranges the reader does not hold.
         Ok(unsafe { std::slice::from_raw_parts(self.ptr.add(offset), len) })
+    }
+}
+
+/// A write the wiring does not allow, refused by the writer's own transport: a bug on
+/// this rank (`rank`), never a caller's argument.
+pub fn outside_slots(
+    rank: usize,
+    peer: usize,
+    region: RegionId,
+    offset: usize,
+    len: usize,
+) -> Error {
+    Error::Internal {
+        rank,
+        detail: format!(
+            "a write of {len} bytes at offset {offset} of rank {peer}'s {region:?}, outside \
+             the slots this rank owns there"
+        ),
     }
 }
 

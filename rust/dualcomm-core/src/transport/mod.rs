@@ -8,7 +8,6 @@ pub mod memory;
 pub mod shm;
 pub mod tcp;
 
-use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -32,95 +31,114 @@ impl Tier {
     }
 }
 
-/// The regions every rank registers. Fixed ids keep the wire format free of handles.
+/// The regions every rank registers. Fixed ids keep the wire format free of handles. Each
+/// region belongs to one tier, so that one transport per tier can hold it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RegionId {
     /// Receive rings for peers on the same node.
     NvlRings = 0,
-    /// Receive rings for peers on other nodes.
+    /// Receive rings for twins on other nodes.
     RdmaRings = 1,
-    /// Per-operation metadata (token counts), double-buffered by operation parity.
-    Meta = 2,
+    /// Per-operation metadata from peers on the same node, double-buffered by parity.
+    NvlMeta = 2,
+    /// Per-operation metadata from twins, double-buffered by parity.
+    RdmaMeta = 3,
 }
 
-pub const NUM_REGIONS: usize = 3;
+pub const NUM_REGIONS: usize = 4;
 
 impl RegionId {
+    pub const ALL: [RegionId; NUM_REGIONS] = [
+        RegionId::NvlRings,
+        RegionId::RdmaRings,
+        RegionId::NvlMeta,
+        RegionId::RdmaMeta,
+    ];
+
     pub fn from_index(i: usize) -> Option<Self> {
-        match i {
-            0 => Some(Self::NvlRings),
-            1 => Some(Self::RdmaRings),
-            2 => Some(Self::Meta),
-            _ => None,
+        Self::ALL.get(i).copied()
+    }
+
+    /// The tier whose links write this region.
+    pub fn tier(self) -> Tier {
+        match self {
+            RegionId::NvlRings | RegionId::NvlMeta => Tier::Nvl,
+            RegionId::RdmaRings | RegionId::RdmaMeta => Tier::Rdma,
         }
     }
 }
 
-/// A rank's registered regions and, per sender, the byte ranges of each region that sender
-/// owns (its rings and metadata slots). A receiver that sees writes before they land (tcp)
-/// refuses any write outside the sender's ranges, so a faulty peer cannot touch the slots of
-/// another peer or of the owner.
+/// What transports are told about the protocol: region sizes, which ranks are linked (and
+/// over which tier), and where each sender may write. A transport connects only linked
+/// ranks and refuses writes outside the sender's slots wherever it sees a write's target
+/// (tcp at the receiver; shared memory and loopback at the writer, against the plan).
+pub trait Wiring: Send + Sync {
+    fn world_size(&self) -> usize;
+
+    fn region_lens(&self) -> [usize; NUM_REGIONS];
+
+    /// The tier that links `a` and `b`, if any.
+    fn link(&self, a: usize, b: usize) -> Option<Tier>;
+
+    /// Whether `sender` may write `len` bytes at `offset` of `receiver`'s `region`.
+    fn allows(
+        &self,
+        receiver: usize,
+        sender: usize,
+        region: RegionId,
+        offset: usize,
+        len: usize,
+    ) -> bool;
+}
+
+/// Every pair of ranks linked over every tier, whole regions writable by anyone: for
+/// transport benchmarks and tests that exercise a transport without the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WriteWindows {
-    lens: [usize; NUM_REGIONS],
-    /// `[sender][region]`: the ranges that sender may write.
-    windows: Vec<[Vec<Range<usize>>; NUM_REGIONS]>,
+pub struct OpenWiring {
+    pub lens: [usize; NUM_REGIONS],
+    pub world: usize,
+    pub tier: Tier,
 }
 
-impl WriteWindows {
-    /// Regions of `lens` bytes, each writable whole by every one of `world` senders.
-    pub fn whole(lens: [usize; NUM_REGIONS], world: usize) -> Self {
-        let all = lens.map(|l| std::iter::once(0..l).collect());
-        Self {
-            lens,
-            windows: vec![all; world],
-        }
+impl Wiring for OpenWiring {
+    fn world_size(&self) -> usize {
+        self.world
     }
 
-    /// Regions of `lens` bytes where no sender may write yet (see `allow`).
-    pub fn closed(lens: [usize; NUM_REGIONS], world: usize) -> Self {
-        Self {
-            lens,
-            windows: vec![Default::default(); world],
-        }
-    }
-
-    pub fn allow(&mut self, sender: usize, region: RegionId, range: Range<usize>) {
-        self.windows[sender][region as usize].push(range);
-    }
-
-    pub fn region_lens(&self) -> [usize; NUM_REGIONS] {
+    fn region_lens(&self) -> [usize; NUM_REGIONS] {
         self.lens
     }
 
-    pub fn world_size(&self) -> usize {
-        self.windows.len()
+    fn link(&self, a: usize, b: usize) -> Option<Tier> {
+        (a != b).then_some(self.tier)
     }
 
-    /// Whether `sender` may write `len` bytes at `offset` of `region` (a zero-length write,
-    /// an immediate alone, is always allowed).
-    pub fn allows(&self, sender: usize, region: RegionId, offset: usize, len: usize) -> bool {
-        let Some(end) = offset.checked_add(len) else {
-            return false;
-        };
-        len == 0 && offset <= self.lens[region as usize]
-            || self.windows.get(sender).is_some_and(|w| {
-                w[region as usize]
-                    .iter()
-                    .any(|r| r.start <= offset && end <= r.end)
-            })
+    fn allows(&self, _: usize, _: usize, region: RegionId, offset: usize, len: usize) -> bool {
+        offset
+            .checked_add(len)
+            .is_some_and(|end| end <= self.lens[region as usize])
     }
 }
 
-/// What the owner of a region learns about one completed incoming write.
+/// How many peers `rank` is linked to over each tier (`[nvl, rdma]`).
+pub fn links_per_tier(wiring: &dyn Wiring, rank: usize) -> [usize; 2] {
+    let mut n = [0; 2];
+    for p in 0..wiring.world_size() {
+        if let Some(t) = wiring.link(rank, p) {
+            n[t as usize] += 1;
+        }
+    }
+    n
+}
+
+/// What the owner of a region learns about one completed incoming write: exactly what a
+/// receive completion of an RDMA write with immediate says. Where the bytes landed follows
+/// from the protocol's ring state (which region and tier: from the link to `src`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Completion {
     pub src: usize,
-    pub tier: Tier,
-    pub region: RegionId,
-    pub offset: usize,
-    pub len: usize,
     pub imm: u32,
+    pub len: usize,
 }
 
 /// Bytes sent per tier. Transports count every byte they put on a link (wire bytes);
@@ -158,12 +176,12 @@ pub trait Transport: Send + Sync {
     /// Size in bytes of this rank's own region `region`.
     fn region_len(&self, region: RegionId) -> usize;
 
-    /// Writes the concatenation of `segments` into `peer`'s region at `offset`, then makes
-    /// `imm` visible to `peer`. The transport refuses writes outside the region.
+    /// Writes the concatenation of `segments` (a few scatter-gather entries) into `peer`'s
+    /// region at `offset`, then makes `imm` visible to `peer`, which learns only
+    /// `(this rank, imm, length)`. The transport refuses writes the wiring does not allow.
     fn write_with_imm(
         &self,
         peer: usize,
-        tier: Tier,
         region: RegionId,
         offset: usize,
         segments: &[&[u8]],
@@ -181,7 +199,7 @@ pub trait Transport: Send + Sync {
     /// borrow is sound only while no peer writes the range: the caller reads only ranges
     /// whose completion it has seen and whose space it has not handed back (ring credits),
     /// and a peer that writes there anyway breaks the protocol. Transports that can refuse
-    /// such writes do (tcp: see `WriteWindows`); over shared memory a peer that ignores its
+    /// such writes do (see `Wiring`); over shared memory a peer that ignores its
     /// credits can still race the reader, which is why records are copied out and validated
     /// before they are used, and never trusted after their credits are returned.
     unsafe fn local(&self, region: RegionId, offset: usize, len: usize) -> Result<&[u8]>;
@@ -205,4 +223,7 @@ pub trait Transport: Send + Sync {
     fn rejected_connections(&self) -> u64 {
         0
     }
+
+    /// Peers this rank is connected to, per tier (`[nvl, rdma]`).
+    fn connections(&self) -> [usize; 2];
 }

@@ -10,17 +10,20 @@
 //! so nothing stays in /dev/shm, whatever happens to the processes afterwards.
 
 use std::ffi::CString;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{Completion, Departure, NUM_REGIONS, RegionId, Tier, TierCounters, Transport};
+use super::{Completion, Departure, NUM_REGIONS, RegionId, TierCounters, Transport, Wiring};
 use crate::error::{Error, Result};
 
 const MAGIC: u64 = 0x6475_616c_636f_6d6d; // "dualcomm"
 const HEADER_BYTES: usize = 4096;
 /// Completions one peer may have outstanding here; writers wait (with a deadline) beyond.
 const CQ_SLOTS: u64 = 4096;
-const SLOT_BYTES: usize = 32;
+/// A completion as the writer publishes it: `imm: u32 | pad | len: u64` (the source is the
+/// queue it sits in).
+const SLOT_BYTES: usize = 16;
 const CQ_BYTES: usize = 64 + CQ_SLOTS as usize * SLOT_BYTES;
 /// Polls before sleeping on the doorbell: about 10-20 us, the cost of a futex wake-up.
 const SPIN: u32 = 4000;
@@ -366,13 +369,10 @@ fn futex_wake(word: &AtomicU32) {
     unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX) };
 }
 
-fn encode_slot(c: &Completion) -> [u8; SLOT_BYTES] {
+fn encode_slot(imm: u32, len: usize) -> [u8; SLOT_BYTES] {
     let mut b = [0u8; SLOT_BYTES];
-    b[0] = c.tier as u8;
-    b[1] = c.region as u8;
-    b[4..8].copy_from_slice(&c.imm.to_le_bytes());
-    b[8..16].copy_from_slice(&(c.offset as u64).to_le_bytes());
-    b[16..24].copy_from_slice(&(c.len as u64).to_le_bytes());
+    b[0..4].copy_from_slice(&imm.to_le_bytes());
+    b[8..16].copy_from_slice(&(len as u64).to_le_bytes());
     b
 }
 
@@ -434,6 +434,7 @@ pub fn unlink(name: &str) {
 
 pub struct ShmTransport {
     own: ShmSegment,
+    wiring: Arc<dyn Wiring>,
     /// Completions taken off our rings while this rank waited to write (see `write_with_imm`),
     /// handed out first by `poll`.
     early: std::sync::Mutex<Vec<Completion>>,
@@ -445,20 +446,32 @@ pub struct ShmTransport {
 }
 
 impl ShmTransport {
-    /// Maps every peer's segment (`job` as given to `ShmSegment::create` on every rank).
-    /// Call `unlink` once every rank has returned from here.
-    pub fn attach(own: ShmSegment, job: &str, timeout: Duration) -> Result<Self> {
+    /// Maps the segment of every linked peer (`job` as given to `ShmSegment::create` on
+    /// every rank). Call `unlink` once every rank has returned from here.
+    pub fn attach(
+        own: ShmSegment,
+        job: &str,
+        wiring: Arc<dyn Wiring>,
+        timeout: Duration,
+    ) -> Result<Self> {
         let lens = own.seg.region_lens;
+        if wiring.world_size() != own.world || wiring.region_lens() != lens {
+            return Err(Error::ConfigMismatch(format!(
+                "the shared-memory segment of rank {} was made for another world or sizes",
+                own.rank
+            )));
+        }
         let mut peers = Vec::with_capacity(own.world);
         for p in 0..own.world {
-            peers.push(if p == own.rank {
-                None
-            } else {
+            peers.push(if wiring.link(own.rank, p).is_some() {
                 Some(Segment::open(&segment_name(job, p), lens, own.world)?)
+            } else {
+                None
             });
         }
         Ok(Self {
             own,
+            wiring,
             early: std::sync::Mutex::new(Vec::new()),
             peers,
             wire: TierCounters::default(),
@@ -476,7 +489,7 @@ impl ShmTransport {
     fn take_completions(&self, out: &mut Vec<Completion>) -> Result<usize> {
         let seg = &self.own.seg;
         let mut n = 0;
-        for src in (0..self.own.world).filter(|&s| s != self.own.rank) {
+        for src in (0..self.own.world).filter(|&s| self.peers[s].is_some()) {
             let (head, tail, slots) = seg.cq(src);
             let (h, t) = (head.load(Ordering::Relaxed), tail.load(Ordering::Acquire));
             // The tail is the writer's: never trust it further than the queue's size.
@@ -494,18 +507,13 @@ impl ShmTransport {
                         SLOT_BYTES,
                     )
                 };
-                let (Some(region), Some(tier)) =
-                    (RegionId::from_index(b[1] as usize), Tier::from_index(b[0]))
-                else {
-                    return Err(Error::protocol(src, "malformed completion"));
-                };
                 out.push(Completion {
                     src,
-                    tier,
-                    region,
-                    offset: u64::from_le_bytes(b[8..16].try_into().unwrap()) as usize,
-                    len: u64::from_le_bytes(b[16..24].try_into().unwrap()) as usize,
-                    imm: u32::from_le_bytes(b[4..8].try_into().unwrap()),
+                    imm: u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")),
+                    // Saturates rather than wraps on 32-bit hosts: a bad length is refused
+                    // by the protocol, which knows what each message must hold.
+                    len: usize::try_from(u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")))
+                        .unwrap_or(usize::MAX),
                 });
                 n += 1;
             }
@@ -526,13 +534,13 @@ impl ShmTransport {
     }
 
     fn peer(&self, p: usize) -> Result<&Segment> {
-        self.peers.get(p).and_then(Option::as_ref).ok_or_else(|| {
-            Error::invalid(
-                "peer",
-                format!("another rank in [0, {})", self.own.world),
-                p,
-            )
-        })
+        self.peers
+            .get(p)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| Error::Internal {
+                rank: self.own.rank,
+                detail: format!("a write to rank {p}, which is not linked to this one"),
+            })
     }
 }
 
@@ -548,7 +556,6 @@ impl Transport for ShmTransport {
     fn write_with_imm(
         &self,
         peer: usize,
-        tier: Tier,
         region: RegionId,
         offset: usize,
         segments: &[&[u8]],
@@ -559,14 +566,25 @@ impl Transport for ShmTransport {
         }
         let seg = self.peer(peer)?;
         // Only the cheap state word here; the lifeline is checked while polling.
-        if seg.u64_at(hdr::STATE).load(Ordering::Acquire) != STATE_IN_JOB {
-            let d = self.peer_gone(peer).expect("left");
-            return Err(Error::PeerLost {
-                peer,
-                reason: d.reason,
-            });
+        let state = seg.u64_at(hdr::STATE).load(Ordering::Acquire);
+        if state != STATE_IN_JOB {
+            let reason = self
+                .peer_gone(peer)
+                .map_or_else(|| format!("its segment says state {state}"), |d| d.reason);
+            return Err(Error::PeerLost { peer, reason });
         }
         let len: usize = segments.iter().map(|s| s.len()).sum();
+        // The receiver cannot check a write that lands by a store: the writer checks it
+        // against the plan, so this rank never touches another sender's slots.
+        if !self.wiring.allows(peer, self.own.rank, region, offset, len) {
+            return Err(super::memory::outside_slots(
+                self.own.rank,
+                peer,
+                region,
+                offset,
+                len,
+            ));
+        }
         let at = seg.check(self.own.rank, region, offset, len)?;
         let mut w = at;
         for s in segments {
@@ -615,14 +633,7 @@ impl Transport for ShmTransport {
             }
             std::thread::yield_now();
         }
-        let slot = encode_slot(&Completion {
-            src: self.own.rank,
-            tier,
-            region,
-            offset,
-            len,
-            imm,
-        });
+        let slot = encode_slot(imm, len);
         // SAFETY: slot `t % CQ_SLOTS` is free (checked above) and only this rank writes it.
         unsafe {
             std::ptr::copy_nonoverlapping(
@@ -633,7 +644,7 @@ impl Transport for ShmTransport {
         };
         tail.store(t + 1, Ordering::Release);
         seg.ring();
-        self.wire.add(tier, len);
+        self.wire.add(region.tier(), len);
         Ok(())
     }
 
@@ -728,6 +739,16 @@ impl Transport for ShmTransport {
 
     fn wire_bytes(&self) -> &TierCounters {
         &self.wire
+    }
+
+    fn connections(&self) -> [usize; 2] {
+        let mut n = [0; 2];
+        for p in (0..self.own.world).filter(|&p| self.peers[p].is_some()) {
+            if let Some(t) = self.wiring.link(self.own.rank, p) {
+                n[t as usize] += 1;
+            }
+        }
+        n
     }
 }
 

@@ -1,17 +1,19 @@
 //! TCP: one-sided writes as frames over sockets, for machines without InfiniBand.
 //!
-//! Every ordered pair of ranks has one connection, opened by the writer. A frame is a
-//! 24-byte header `{kind, region, tier, imm, offset, len}` and `len` payload bytes. The
-//! receiving side's reader thread validates the header (known region, range inside it)
-//! before it reads a single payload byte, reads the payload straight into the region, and
-//! only then queues the completion: the RDMA ordering rule, kept by construction.
+//! Every ordered pair of linked ranks (see `Wiring`: the ranks of a node, and twins across
+//! nodes) has one connection, opened by the writer; other pairs never connect. A frame is a
+//! 24-byte header `{kind, region, imm, offset, len}` and `len` payload bytes, sent with one
+//! vectored write per batch of records. The receiving side's reader thread validates the
+//! header (known region, range inside the slots the sender owns) before it reads a single
+//! payload byte, reads the payload straight into the region, and only then queues the
+//! completion `(sender, imm, len)`: the RDMA ordering rule, kept by construction.
 //!
 //! A connection must open with the job's magic, protocol version, world size, the claimed
 //! rank and the per-job secret handed out through the bootstrap; anything else is logged and
 //! dropped before it can write a byte. A peer whose connection breaks without saying goodbye
 //! is lost; one that said goodbye reports how many operations it completed.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -19,9 +21,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::memory::{CompletionQueue, RegionMem};
-use super::{
-    Completion, Departure, NUM_REGIONS, RegionId, Tier, TierCounters, Transport, WriteWindows,
-};
+use super::{Completion, Departure, NUM_REGIONS, RegionId, TierCounters, Transport, Wiring};
 use crate::error::{Error, Result};
 
 const MAGIC: [u8; 4] = *b"DCOM";
@@ -63,7 +63,6 @@ impl TcpBinding {
 pub struct FrameHeader {
     pub kind: u8,
     pub region: u8,
-    pub tier: u8,
     pub imm: u32,
     pub offset: u64,
     pub len: u64,
@@ -74,7 +73,6 @@ impl FrameHeader {
         let mut b = [0u8; FRAME_HEADER_BYTES];
         b[0] = self.kind;
         b[1] = self.region;
-        b[2] = self.tier;
         b[4..8].copy_from_slice(&self.imm.to_le_bytes());
         b[8..16].copy_from_slice(&self.offset.to_le_bytes());
         b[16..24].copy_from_slice(&self.len.to_le_bytes());
@@ -85,7 +83,6 @@ impl FrameHeader {
         Self {
             kind: b[0],
             region: b[1],
-            tier: b[2],
             imm: u32::from_le_bytes(b[4..8].try_into().unwrap()),
             offset: u64::from_le_bytes(b[8..16].try_into().unwrap()),
             len: u64::from_le_bytes(b[16..24].try_into().unwrap()),
@@ -98,7 +95,6 @@ impl FrameHeader {
 pub enum Frame {
     Write {
         region: RegionId,
-        tier: Tier,
         offset: usize,
         len: usize,
         imm: u32,
@@ -120,11 +116,6 @@ pub fn validate(
         KIND_WRITE => {
             let region = RegionId::from_index(h.region as usize)
                 .ok_or_else(|| format!("unknown region {}", h.region))?;
-            let tier = match h.tier {
-                0 => Tier::Nvl,
-                1 => Tier::Rdma,
-                t => return Err(format!("unknown tier {t}")),
-            };
             let cap = region_lens[region as usize] as u64;
             if h.offset.checked_add(h.len).is_none_or(|end| end > cap) {
                 return Err(format!(
@@ -134,7 +125,6 @@ pub fn validate(
             }
             Ok(Frame::Write {
                 region,
-                tier,
                 offset: h.offset as usize,
                 len: h.len as usize,
                 imm: h.imm,
@@ -149,7 +139,7 @@ struct Shared {
     world: usize,
     secret: [u8; SECRET_BYTES],
     regions: [RegionMem; NUM_REGIONS],
-    windows: WriteWindows,
+    wiring: Arc<dyn Wiring>,
     cq: CompletionQueue,
     gone: Vec<Mutex<Option<Departure>>>,
     stop: AtomicBool,
@@ -162,7 +152,7 @@ struct Shared {
 
 impl Shared {
     fn region_lens(&self) -> [usize; NUM_REGIONS] {
-        [0, 1, 2].map(|i| self.regions[i].len())
+        std::array::from_fn(|i| self.regions[i].len())
     }
 
     fn lose(&self, peer: usize, reason: String) {
@@ -188,35 +178,35 @@ pub struct TcpTransport {
 }
 
 impl TcpTransport {
-    /// Connects to every peer (retrying until `timeout`) and waits until every peer has
-    /// connected here. `peers[r]` is rank r's published address.
+    /// Connects to every linked peer (retrying until `timeout`) and waits until every linked
+    /// peer has connected here. `peers[r]` is rank r's published address.
     pub fn establish(
         binding: TcpBinding,
         rank: usize,
         peers: &[String],
         secret: [u8; SECRET_BYTES],
-        windows: WriteWindows,
+        wiring: Arc<dyn Wiring>,
         timeout: Duration,
     ) -> Result<Self> {
         let world = peers.len();
         if rank >= world {
             return Err(Error::invalid("rank", format!("in [0, {world})"), rank));
         }
-        if windows.world_size() != world {
+        if wiring.world_size() != world {
             return Err(Error::invalid(
-                "windows",
-                format!("write windows for {world} ranks"),
-                windows.world_size(),
+                "wiring",
+                format!("a plan for {world} ranks"),
+                wiring.world_size(),
             ));
         }
-        let region_lens = windows.region_lens();
+        let region_lens = wiring.region_lens();
         let deadline = Instant::now() + timeout;
         let shared = Arc::new(Shared {
             rank,
             world,
             secret,
             regions: region_lens.map(RegionMem::new),
-            windows,
+            wiring,
             cq: CompletionQueue::default(),
             gone: (0..world).map(|_| Mutex::new(None)).collect(),
             stop: AtomicBool::new(false),
@@ -247,7 +237,7 @@ impl TcpTransport {
             e
         };
         for (p, addr) in peers.iter().enumerate() {
-            if p == rank {
+            if shared.wiring.link(rank, p).is_none() {
                 senders.push(None);
                 closers.push(None);
                 continue;
@@ -285,7 +275,7 @@ impl TcpTransport {
         let mut inbound = t.shared.inbound.lock().unwrap();
         loop {
             let missing: Vec<usize> = (0..world)
-                .filter(|&p| p != rank && inbound[p].is_none())
+                .filter(|&p| t.shared.wiring.link(rank, p).is_some() && inbound[p].is_none())
                 .collect();
             if missing.is_empty() {
                 break;
@@ -313,6 +303,20 @@ impl TcpTransport {
 
 fn io_error(what: &str, e: std::io::Error) -> Error {
     Error::os_from(what, e)
+}
+
+/// Writes every slice, one vectored system call per batch the kernel takes (a batch of
+/// records with their headers is one `writev`, not one call per segment).
+fn write_all_vectored(s: &mut TcpStream, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    while !slices.is_empty() {
+        match s.write_vectored(slices) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn connect(addr: &str, deadline: Instant) -> std::result::Result<TcpStream, String> {
@@ -402,8 +406,10 @@ fn hello(shared: &Shared, stream: &mut TcpStream) -> std::result::Result<usize, 
         ));
     }
     let peer = u32_at(12);
-    if peer >= shared.world || peer == shared.rank {
-        return Err(format!("claims to be rank {peer}"));
+    if peer >= shared.world || shared.wiring.link(shared.rank, peer).is_none() {
+        return Err(format!(
+            "claims to be rank {peer}, which is not linked to this one"
+        ));
     }
     // Compare all bytes whatever the first mismatch, so timing tells nothing.
     let diff = b[16..]
@@ -464,7 +470,7 @@ fn serve(
                 offset,
                 len,
                 ..
-            }) if !shared.windows.allows(peer, region, offset, len) => {
+            }) if !shared.wiring.allows(shared.rank, peer, region, offset, len) => {
                 let why = format!(
                     "it wrote {len} bytes at offset {offset} of region {region:?}, outside the \
                      slots it owns there"
@@ -475,7 +481,6 @@ fn serve(
             }
             Ok(Frame::Write {
                 region,
-                tier,
                 offset,
                 len,
                 imm,
@@ -493,11 +498,8 @@ fn serve(
                 }
                 shared.cq.push(Completion {
                     src: peer,
-                    tier,
-                    region,
-                    offset,
-                    len,
                     imm,
+                    len,
                 });
             }
             Err(why) => {
@@ -524,7 +526,6 @@ impl Transport for TcpTransport {
     fn write_with_imm(
         &self,
         peer: usize,
-        tier: Tier,
         region: RegionId,
         offset: usize,
         segments: &[&[u8]],
@@ -534,11 +535,10 @@ impl Transport for TcpTransport {
             return Err(Error::Destroyed);
         }
         let Some(sender) = self.senders.get(peer).and_then(Option::as_ref) else {
-            return Err(Error::invalid(
-                "peer",
-                format!("another rank in [0, {})", self.shared.world),
-                peer,
-            ));
+            return Err(Error::Internal {
+                rank: self.shared.rank,
+                detail: format!("a write to rank {peer}, which is not linked to this one"),
+            });
         };
         if let Some(d) = self.peer_gone(peer) {
             return Err(Error::PeerLost {
@@ -547,18 +547,32 @@ impl Transport for TcpTransport {
             });
         }
         let len: usize = segments.iter().map(|s| s.len()).sum();
+        if !self
+            .shared
+            .wiring
+            .allows(peer, self.shared.rank, region, offset, len)
+        {
+            return Err(super::memory::outside_slots(
+                self.shared.rank,
+                peer,
+                region,
+                offset,
+                len,
+            ));
+        }
         let header = FrameHeader {
             kind: KIND_WRITE,
             region: region as u8,
-            tier: tier as u8,
             imm,
             offset: offset as u64,
             len: len as u64,
-        };
+        }
+        .encode();
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(1 + segments.len());
+        slices.push(IoSlice::new(&header));
+        slices.extend(segments.iter().map(|s| IoSlice::new(s)));
         let mut s = sender.lock().unwrap();
-        let sent = s
-            .write_all(&header.encode())
-            .and_then(|_| segments.iter().try_for_each(|seg| s.write_all(seg)));
+        let sent = write_all_vectored(&mut s, &mut slices);
         if let Err(e) = sent {
             self.shared
                 .lose(peer, format!("a write to it failed ({e})"));
@@ -567,7 +581,7 @@ impl Transport for TcpTransport {
                 reason: format!("a write to it failed ({e})"),
             });
         }
-        self.wire.add(tier, FRAME_HEADER_BYTES + len);
+        self.wire.add(region.tier(), FRAME_HEADER_BYTES + len);
         Ok(())
     }
 
@@ -597,7 +611,6 @@ impl Transport for TcpTransport {
         let bye = FrameHeader {
             kind: KIND_GOODBYE,
             region: 0,
-            tier: 0,
             imm: 0,
             offset: completed_ops,
             len: 0,
@@ -635,6 +648,16 @@ impl Transport for TcpTransport {
     fn rejected_connections(&self) -> u64 {
         self.shared.rejected.load(Ordering::Relaxed)
     }
+
+    fn connections(&self) -> [usize; 2] {
+        let mut n = [0; 2];
+        for p in (0..self.shared.world).filter(|&p| self.senders[p].is_some()) {
+            if let Some(t) = self.shared.wiring.link(self.shared.rank, p) {
+                n[t as usize] += 1;
+            }
+        }
+        n
+    }
 }
 
 impl Drop for TcpTransport {
@@ -654,7 +677,7 @@ mod tests {
         /// or yields a write that lies inside its region.
         #[test]
         fn any_header_is_refused_or_in_bounds(bytes in proptest::array::uniform24(any::<u8>()),
-                                              lens in proptest::array::uniform3(0usize..1 << 20)) {
+                                              lens in proptest::array::uniform4(0usize..1 << 20)) {
             let h = FrameHeader::decode(&bytes);
             if let Ok(Frame::Write { region, offset, len, .. }) = validate(&h, &lens) {
                 prop_assert!(offset + len <= lens[region as usize]);
@@ -662,20 +685,92 @@ mod tests {
         }
 
         #[test]
-        fn headers_round_trip(kind in 0u8..4, region in 0u8..4, tier in 0u8..3, imm in any::<u32>(),
+        fn headers_round_trip(kind in 0u8..4, region in 0u8..5, imm in any::<u32>(),
                               offset in any::<u64>(), len in any::<u64>()) {
-            let h = FrameHeader { kind, region, tier, imm, offset, len };
+            let h = FrameHeader { kind, region, imm, offset, len };
             prop_assert_eq!(FrameHeader::decode(&h.encode()), h);
         }
     }
 
+    /// A peer that bypasses its own checks (a raw socket with the right hello) writes into
+    /// the ring of another sender: the receiver drops it before a byte lands.
+    #[test]
+    fn receiver_refuses_writes_outside_the_senders_slots() {
+        use crate::protocol::layout::RegionPlan;
+        use crate::topology::Topology;
+        let topo = Topology::new(1, 3).unwrap();
+        let plan = Arc::new(RegionPlan::new(topo, 3 * 64, 64));
+        let secret = [9u8; SECRET_BYTES];
+        let b0 = TcpBinding::bind("127.0.0.1").unwrap();
+        // Ranks 1 and 2 are played by hand: listeners rank 0 connects to, then raw sockets.
+        let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let l2 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peers = vec![
+            b0.local_addr().to_string(),
+            l1.local_addr().unwrap().to_string(),
+            l2.local_addr().unwrap().to_string(),
+        ];
+        let addr0 = b0.local_addr();
+        let hello = move |rank: u32| {
+            let mut h = Vec::new();
+            h.extend_from_slice(&MAGIC);
+            h.extend_from_slice(&VERSION.to_le_bytes());
+            h.extend_from_slice(&3u32.to_le_bytes());
+            h.extend_from_slice(&rank.to_le_bytes());
+            h.extend_from_slice(&secret);
+            h
+        };
+        let fakes = thread::spawn(move || {
+            let mut socks = Vec::new();
+            for rank in [1u32, 2] {
+                let mut s = TcpStream::connect(addr0).unwrap();
+                s.write_all(&hello(rank)).unwrap();
+                socks.push(s);
+            }
+            socks
+        });
+        let t0 =
+            TcpTransport::establish(b0, 0, &peers, secret, plan, Duration::from_secs(10)).unwrap();
+        let mut socks = fakes.join().unwrap();
+        // Rank 1's ring at rank 0 is bytes [64, 128) of the nvl rings; [128, 192) is rank 2's.
+        let frame = |offset: u64| FrameHeader {
+            kind: KIND_WRITE,
+            region: RegionId::NvlRings as u8,
+            imm: 1 << 30 | 1,
+            offset,
+            len: 64,
+        };
+        socks[0].write_all(&frame(64).encode()).unwrap();
+        socks[0].write_all(&[1u8; 64]).unwrap();
+        socks[0].write_all(&frame(128).encode()).unwrap();
+        socks[0].write_all(&[2u8; 64]).unwrap();
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while t0.peer_gone(1).is_none() && Instant::now() < deadline {
+            t0.poll(&mut got, Instant::now() + Duration::from_millis(50))
+                .unwrap();
+        }
+        // The write into its own ring arrived; the other one never landed.
+        assert_eq!(got.len(), 1, "{got:?}");
+        let gone = t0.peer_gone(1).expect("rank 1 dropped");
+        assert!(
+            gone.reason.contains("outside the slots it owns"),
+            "{gone:?}"
+        );
+        // SAFETY: no peer writes rank 2's ring here (rank 2 sent nothing).
+        let ring2 = unsafe { t0.local(RegionId::NvlRings, 128, 64) }.unwrap();
+        assert!(ring2.iter().all(|&b| b == 0));
+        assert!(t0.peer_gone(2).is_none());
+        drop(l1);
+        drop(l2);
+    }
+
     #[test]
     fn refuses_out_of_range_writes() {
-        let lens = [100, 0, 64];
+        let lens = [100, 0, 64, 8];
         let w = |region, offset, len| FrameHeader {
             kind: KIND_WRITE,
             region,
-            tier: 1,
             imm: 0,
             offset,
             len,
@@ -683,7 +778,7 @@ mod tests {
         assert!(validate(&w(0, 90, 10), &lens).is_ok());
         assert!(validate(&w(0, 90, 11), &lens).is_err());
         assert!(validate(&w(1, 0, 1), &lens).is_err());
-        assert!(validate(&w(3, 0, 0), &lens).is_err());
+        assert!(validate(&w(4, 0, 0), &lens).is_err());
         assert!(validate(&w(0, u64::MAX, 2), &lens).is_err());
     }
 }
