@@ -16,7 +16,10 @@ use crate::topology::Topology;
 use crate::transport::loopback::LoopbackFabric;
 use crate::transport::shm::{ShmSegment, ShmTransport};
 use crate::transport::tcp::{SECRET_BYTES, TcpBinding, TcpTransport};
-use crate::transport::{Completion, NUM_REGIONS, Tier, TierCounters, Transport, Wiring};
+use crate::transport::tiered::Tiered;
+use crate::transport::{
+    Completion, NUM_REGIONS, Tier, TierCounters, TierWiring, Transport, Wiring,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -54,6 +57,10 @@ pub struct Stats {
     pub operations: u64,
     /// Incoming connections the transport refused (TCP: bad hello or wrong secret).
     pub rejected_connections: u64,
+    /// Peers this rank is connected to over nvl and over rdma: the links of the two-hop
+    /// protocol, `ranks_per_node - 1` and `num_nodes - 1`, never a full mesh.
+    pub nvl_connections: usize,
+    pub rdma_connections: usize,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -120,6 +127,55 @@ impl Endpoint {
     pub fn shm(segment: ShmSegment, job: &str, topo: Topology, config: Config) -> Result<Self> {
         let t = ShmTransport::attach(segment, job, Self::wiring(&topo, &config), config.timeout)?;
         Ok(Self::new(Box::new(t), topo, config))
+    }
+
+    /// Joins a world with one transport per tier: shared memory inside the node (`segment`,
+    /// created on every rank first with `region_lens_of(Tier::Nvl)`), TCP between nodes
+    /// (`binding`; `peers[r]` is rank r's address). Only linked ranks map or connect.
+    #[allow(clippy::too_many_arguments)]
+    pub fn shm_tcp(
+        segment: ShmSegment,
+        job: &str,
+        binding: TcpBinding,
+        topo: Topology,
+        rank: usize,
+        peers: &[String],
+        secret: [u8; SECRET_BYTES],
+        config: Config,
+    ) -> Result<Self> {
+        if peers.len() != topo.world_size() {
+            return Err(Error::invalid(
+                "peers",
+                format!("one address per rank ({})", topo.world_size()),
+                peers.len(),
+            ));
+        }
+        let tier = |tier| -> Arc<dyn Wiring> {
+            Arc::new(TierWiring {
+                inner: Self::wiring(&topo, &config),
+                tier,
+            })
+        };
+        let nvl = ShmTransport::attach(segment, job, tier(Tier::Nvl), config.timeout)?;
+        let rdma = TcpTransport::establish(
+            binding,
+            rank,
+            peers,
+            secret,
+            tier(Tier::Rdma),
+            config.timeout,
+        )?;
+        let t = Tiered::new(Box::new(nvl), Box::new(rdma))?;
+        Ok(Self::new(Box::new(t), topo, config))
+    }
+
+    /// The region sizes of one tier's transport in a composed world (see `shm_tcp`).
+    pub fn tier_region_lens(topo: &Topology, config: &Config, tier: Tier) -> [usize; NUM_REGIONS] {
+        TierWiring {
+            inner: Self::wiring(topo, config),
+            tier,
+        }
+        .region_lens()
     }
 
     /// The region sizes every rank of a world registers, for a transport made outside.
@@ -291,10 +347,12 @@ impl Endpoint {
         Stats {
             nvl_payload_bytes: self.payload.get(Tier::Nvl),
             rdma_payload_bytes: self.payload.get(Tier::Rdma),
-            nvl_wire_bytes: wire.get(Tier::Nvl),
-            rdma_wire_bytes: wire.get(Tier::Rdma),
+            nvl_wire_bytes: wire[0],
+            rdma_wire_bytes: wire[1],
             operations: self.seq,
             rejected_connections: self.transport.rejected_connections(),
+            nvl_connections: self.transport.connections()[0],
+            rdma_connections: self.transport.connections()[1],
         }
     }
 

@@ -14,7 +14,7 @@ use dualcomm_core::protocol::imm::{Imm, ImmKind};
 use dualcomm_core::protocol::meta::offsets;
 use dualcomm_core::transport::loopback::LoopbackFabric;
 use dualcomm_core::transport::tcp::{TcpBinding, TcpTransport};
-use dualcomm_core::transport::{Completion, Departure, RegionId, TierCounters, Transport};
+use dualcomm_core::transport::{Completion, Departure, RegionId, Transport};
 use dualcomm_core::{
     CombineArgs, CombineOut, Config, DispatchArgs, Dtype, ElemType, Endpoint, Error, Result, Route,
     TopkArgs, Topology, VecSink,
@@ -194,7 +194,7 @@ impl Transport for Faulty {
         self.inner.shutdown(completed_ops)
     }
 
-    fn wire_bytes(&self) -> &TierCounters {
+    fn wire_bytes(&self) -> [u64; 2] {
         self.inner.wire_bytes()
     }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use dualcomm_core::transport::Tier;
 use dualcomm_core::transport::loopback::LoopbackFabric;
 use dualcomm_core::transport::shm::ShmSegment;
 use dualcomm_core::transport::tcp::TcpBinding;
@@ -28,7 +29,8 @@ struct Case {
     bf16: bool,
     /// Ranks talk over TCP sockets on 127.0.0.1 instead of the in-memory loopback.
     tcp: bool,
-    /// Ranks talk through shared-memory segments instead (wins over `tcp`).
+    /// Ranks talk through shared-memory segments instead; with `tcp` too, shared memory
+    /// carries the nvl tier and TCP the rdma tier (one transport per tier).
     shm: bool,
 }
 
@@ -80,7 +82,15 @@ fn record_bytes(c: &Case) -> usize {
 
 /// One rank's results: recv x, recv top-k idx and weights, combined x and weights,
 /// [rdma, nvl] payload bytes.
-type RankResult = (Vec<f32>, Vec<i64>, Vec<f32>, Vec<f32>, Vec<f32>, [u64; 2]);
+type RankResult = (
+    Vec<f32>,
+    Vec<i64>,
+    Vec<f32>,
+    Vec<f32>,
+    Vec<f32>,
+    [u64; 2],
+    [usize; 2],
+);
 
 /// Runs dispatch then combine (of the received rows unchanged) on every rank.
 fn run(c: &Case) -> Vec<RankResult> {
@@ -112,7 +122,11 @@ fn run(c: &Case) -> Vec<RankResult> {
     let mut segments: Vec<Option<ShmSegment>> = (0..w)
         .map(|r| {
             c.shm.then(|| {
-                let lens = Endpoint::region_lens(&topo, &config);
+                let lens = if c.tcp {
+                    Endpoint::tier_region_lens(&topo, &config, Tier::Nvl)
+                } else {
+                    Endpoint::region_lens(&topo, &config)
+                };
                 ShmSegment::create(&job, r, w, lens).unwrap()
             })
         })
@@ -125,7 +139,10 @@ fn run(c: &Case) -> Vec<RankResult> {
             let (t, k, e, h, bf16) = (c.tokens[r], c.topk, c.experts, c.hidden, c.bf16);
             thread::spawn(move || {
                 let mut ep = match (segment, binding) {
-                    (Some(seg), _) => Endpoint::shm(seg, &job, topo, config).unwrap(),
+                    (Some(seg), Some(b)) => {
+                        Endpoint::shm_tcp(seg, &job, b, topo, r, &addrs, secret, config).unwrap()
+                    }
+                    (Some(seg), None) => Endpoint::shm(seg, &job, topo, config).unwrap(),
                     (None, Some(b)) => Endpoint::tcp(b, topo, r, &addrs, secret, config).unwrap(),
                     (None, None) => Endpoint::loopback(&fabric, topo, r, config).unwrap(),
                 };
@@ -197,6 +214,7 @@ fn run(c: &Case) -> Vec<RankResult> {
                     bytemuck::pod_collect_to_vec(&comb_x),
                     comb_w,
                     [st.rdma_payload_bytes, st.nvl_payload_bytes],
+                    [st.nvl_connections, st.rdma_connections],
                 )
             })
         })
@@ -226,7 +244,13 @@ fn check(c: &Case) {
         }
     }
     for d in 0..w {
-        let (recv_x, recv_idx, recv_w, comb_x, comb_w, _) = &got[d];
+        let (recv_x, recv_idx, recv_w, comb_x, comb_w, _, connections) = &got[d];
+        // Only the links of the two-hop protocol: the node's other ranks, and the twins.
+        assert_eq!(
+            connections,
+            &[c.rpn - 1, c.nodes - 1],
+            "connections of rank {d} (nvl, rdma)"
+        );
         let mut want_x = Vec::new();
         let mut want_idx = Vec::new();
         let mut want_w = Vec::new();
@@ -411,6 +435,38 @@ fn shm_two_by_two_small_rings() {
         })
         .collect();
     assert!(residue.is_empty(), "segments left in /dev/shm: {residue:?}");
+}
+
+/// One transport per tier, as on a cluster: shared memory inside each (emulated) node, TCP
+/// between nodes. With 4 nodes of 2 ranks every rank holds 1 nvl and 3 rdma connections.
+#[test]
+fn shm_inside_nodes_tcp_between_them() {
+    check(&Case {
+        nodes: 4,
+        rpn: 2,
+        tokens: vec![30, 0, 17, 25, 8, 40, 1, 22],
+        hidden: 6,
+        topk: 3,
+        experts: 16,
+        ring_records: 2,
+        seed: 31,
+        bf16: true,
+        tcp: true,
+        shm: true,
+    });
+    check(&Case {
+        nodes: 2,
+        rpn: 3,
+        tokens: vec![10, 20, 30, 40, 50, 60],
+        hidden: 5,
+        topk: 2,
+        experts: 12,
+        ring_records: 3,
+        seed: 32,
+        bf16: false,
+        tcp: true,
+        shm: true,
+    });
 }
 
 #[test]

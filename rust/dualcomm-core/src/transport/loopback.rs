@@ -212,8 +212,17 @@ impl Transport for LoopbackTransport {
         }
     }
 
-    fn wire_bytes(&self) -> &TierCounters {
-        &self.wire
+    fn wire_bytes(&self) -> [u64; 2] {
+        self.wire.both()
+    }
+
+    fn wake(&self) {
+        self.slot(self.rank).queue.wake();
+    }
+
+    fn set_notify(&self, notify: super::Notify) -> bool {
+        self.slot(self.rank).queue.set_notify(notify);
+        true
     }
 
     fn connections(&self) -> [usize; 2] {

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
-use super::{Completion, RegionId};
+use super::{Completion, Notify, RegionId};
 use crate::error::{Error, Result};
 
 /// Heap bytes written by peers and read by the owner at disjoint ranges (see `Transport::local`).
@@ -114,12 +114,22 @@ struct Queue {
 pub struct CompletionQueue {
     queue: Mutex<Queue>,
     ready: Condvar,
+    notify: Mutex<Option<Notify>>,
 }
 
 impl CompletionQueue {
     pub fn push(&self, c: Completion) {
         self.queue.lock().unwrap().completions.push_back(c);
         self.ready.notify_all();
+        let notify = self.notify.lock().unwrap().clone();
+        if let Some(f) = notify {
+            f();
+        }
+    }
+
+    /// See `Transport::set_notify`.
+    pub fn set_notify(&self, f: Notify) {
+        *self.notify.lock().unwrap() = Some(f);
     }
 
     /// Wakes pollers without a completion (a peer left).

@@ -7,9 +7,11 @@ pub mod loopback;
 pub mod memory;
 pub mod shm;
 pub mod tcp;
+pub mod tiered;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::error::Result;
 
@@ -154,7 +156,54 @@ impl TierCounters {
     pub fn get(&self, tier: Tier) -> u64 {
         self.0[tier as usize].load(Ordering::Relaxed)
     }
+
+    /// `[nvl, rdma]`.
+    pub fn both(&self) -> [u64; 2] {
+        [self.get(Tier::Nvl), self.get(Tier::Rdma)]
+    }
 }
+
+/// The part of a plan one transport of a composed pair carries: the links and regions of
+/// `tier` (the other tier's regions are empty).
+pub struct TierWiring {
+    pub inner: Arc<dyn Wiring>,
+    pub tier: Tier,
+}
+
+impl Wiring for TierWiring {
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+
+    fn region_lens(&self) -> [usize; NUM_REGIONS] {
+        let lens = self.inner.region_lens();
+        std::array::from_fn(|i| {
+            if RegionId::ALL[i].tier() == self.tier {
+                lens[i]
+            } else {
+                0
+            }
+        })
+    }
+
+    fn link(&self, a: usize, b: usize) -> Option<Tier> {
+        self.inner.link(a, b).filter(|&t| t == self.tier)
+    }
+
+    fn allows(
+        &self,
+        receiver: usize,
+        sender: usize,
+        region: RegionId,
+        offset: usize,
+        len: usize,
+    ) -> bool {
+        region.tier() == self.tier && self.inner.allows(receiver, sender, region, offset, len)
+    }
+}
+
+/// Called by a transport after it queued a completion (see `Transport::set_notify`).
+pub type Notify = Arc<dyn Fn() + Send + Sync>;
 
 /// Why and when a peer left. A peer that left after completing the operation a rank is in
 /// owes that rank nothing for it; one that left earlier is lost.
@@ -189,8 +238,35 @@ pub trait Transport: Send + Sync {
     ) -> Result<()>;
 
     /// Moves pending completions into `out`. Blocks until at least one is there or until
-    /// `deadline`; returns how many were added (0 on deadline).
+    /// `deadline`; returns how many were added (0 on deadline, or when woken by `wake`).
     fn poll(&self, out: &mut Vec<Completion>, deadline: Instant) -> Result<usize>;
+
+    /// As `poll`, but also returns (with what it has, maybe nothing) as soon as `stop()`
+    /// holds; `stop` is checked before every sleep. A transport that can sleep and still
+    /// be woken by `wake` overrides this; the default sleeps in 1 ms slices.
+    fn poll_until(
+        &self,
+        out: &mut Vec<Completion>,
+        deadline: Instant,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<usize> {
+        loop {
+            let now = Instant::now();
+            let n = self.poll(out, deadline.min(now + Duration::from_millis(1)))?;
+            if n > 0 || stop() || Instant::now() >= deadline {
+                return Ok(n);
+            }
+        }
+    }
+
+    /// Makes a `poll` or `poll_until` that sleeps now return early.
+    fn wake(&self) {}
+
+    /// Calls `notify` after each completion this transport queues from now on; false if it
+    /// cannot (then a composite polling it must not sleep long on another transport).
+    fn set_notify(&self, _notify: Notify) -> bool {
+        false
+    }
 
     /// Read access to `len` bytes of this rank's own region at `offset` (bounds are checked).
     ///
@@ -211,8 +287,8 @@ pub trait Transport: Send + Sync {
     /// peers see `peer_gone`.
     fn shutdown(&self, completed_ops: u64);
 
-    /// Every byte this rank has written, per tier.
-    fn wire_bytes(&self) -> &TierCounters;
+    /// Every byte this rank has written, per tier (`[nvl, rdma]`).
+    fn wire_bytes(&self) -> [u64; 2];
 
     /// Where peers reach this rank, for transports with addresses.
     fn address(&self) -> Option<String> {

@@ -443,6 +443,8 @@ pub struct ShmTransport {
     left: std::sync::atomic::AtomicBool,
     /// How long a writer waits for a peer's full completion queue (the buffer's timeout).
     timeout: Duration,
+    /// Bumped by `wake`: a poller that sees it change returns.
+    woken: AtomicU64,
 }
 
 impl ShmTransport {
@@ -477,6 +479,7 @@ impl ShmTransport {
             wire: TierCounters::default(),
             left: std::sync::atomic::AtomicBool::new(false),
             timeout,
+            woken: AtomicU64::new(0),
         })
     }
 
@@ -649,8 +652,19 @@ impl Transport for ShmTransport {
     }
 
     fn poll(&self, out: &mut Vec<Completion>, deadline: Instant) -> Result<usize> {
+        self.poll_until(out, deadline, &|| false)
+    }
+
+    fn poll_until(
+        &self,
+        out: &mut Vec<Completion>,
+        deadline: Instant,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<usize> {
         let seg = &self.own.seg;
         let doorbell = seg.u32_at(hdr::DOORBELL);
+        let woken = self.woken.load(Ordering::SeqCst);
+        let stopped = || stop() || self.woken.load(Ordering::SeqCst) != woken;
         // Counted when about to sleep first (it costs a syscall per peer).
         let mut departed_before: Option<usize> = None;
         let mut spins = 0;
@@ -667,7 +681,7 @@ impl Transport for ShmTransport {
                 return Ok(n);
             }
             let now = Instant::now();
-            if now >= deadline || self.left.load(Ordering::Relaxed) {
+            if now >= deadline || self.left.load(Ordering::Relaxed) || stopped() {
                 return Ok(0);
             }
             if spins < SPIN {
@@ -679,7 +693,7 @@ impl Transport for ShmTransport {
             // Park: announce the sleep, re-check nothing arrived, then wait on the doorbell.
             // Sleep in short slices so a peer that died without ringing is noticed.
             seg.u32_at(hdr::SLEEPING).store(1, Ordering::SeqCst);
-            if doorbell.load(Ordering::SeqCst) == seen {
+            if doorbell.load(Ordering::SeqCst) == seen && !stopped() {
                 futex_wait(
                     doorbell,
                     seen,
@@ -737,8 +751,14 @@ impl Transport for ShmTransport {
         }
     }
 
-    fn wire_bytes(&self) -> &TierCounters {
-        &self.wire
+    fn wire_bytes(&self) -> [u64; 2] {
+        self.wire.both()
+    }
+
+    fn wake(&self) {
+        // Counted before the doorbell rings, so a poller that sleeps sees one or the other.
+        self.woken.fetch_add(1, Ordering::SeqCst);
+        self.own.seg.ring();
     }
 
     fn connections(&self) -> [usize; 2] {

@@ -636,8 +636,17 @@ impl Transport for TcpTransport {
         self.shared.cq.wake();
     }
 
-    fn wire_bytes(&self) -> &TierCounters {
-        &self.wire
+    fn wire_bytes(&self) -> [u64; 2] {
+        self.wire.both()
+    }
+
+    fn wake(&self) {
+        self.shared.cq.wake();
+    }
+
+    fn set_notify(&self, notify: super::Notify) -> bool {
+        self.shared.cq.set_notify(notify);
+        true
     }
 
     fn address(&self) -> Option<String> {

@@ -1,0 +1,140 @@
+//! One transport per tier, composed, as on a real cluster: the nvl tier over shared memory
+//! (later CUDA IPC) inside a node, the rdma tier over tcp (later verbs) between nodes. Each
+//! holds only its tier's regions and connects only its tier's links (see `TierWiring`).
+//!
+//! Polling sleeps on the nvl transport, which spins briefly and then parks; the rdma
+//! transport calls back on every completion it queues, which counts a generation and wakes
+//! the sleeper, so a completion on either tier is seen at once.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use super::{Completion, Departure, RegionId, Tier, Transport};
+use crate::error::{Error, Result};
+
+pub struct Tiered {
+    nvl: Arc<dyn Transport>,
+    rdma: Arc<dyn Transport>,
+    /// Bumped by the rdma transport after every completion it queues.
+    rdma_arrivals: Arc<AtomicU64>,
+    /// Whether the rdma transport calls back; if not, sleeps are cut into short slices.
+    notified: bool,
+}
+
+impl Tiered {
+    pub fn new(nvl: Box<dyn Transport>, rdma: Box<dyn Transport>) -> Result<Self> {
+        if nvl.rank() != rdma.rank() {
+            return Err(Error::Internal {
+                rank: nvl.rank(),
+                detail: format!(
+                    "composing the transports of ranks {} and {}",
+                    nvl.rank(),
+                    rdma.rank()
+                ),
+            });
+        }
+        let nvl: Arc<dyn Transport> = Arc::from(nvl);
+        let rdma: Arc<dyn Transport> = Arc::from(rdma);
+        let rdma_arrivals = Arc::new(AtomicU64::new(0));
+        let sleeper = Arc::downgrade(&nvl);
+        let arrivals = Arc::clone(&rdma_arrivals);
+        let notified = rdma.set_notify(Arc::new(move || {
+            arrivals.fetch_add(1, Ordering::SeqCst);
+            if let Some(nvl) = sleeper.upgrade() {
+                nvl.wake();
+            }
+        }));
+        Ok(Self {
+            nvl,
+            rdma,
+            rdma_arrivals,
+            notified,
+        })
+    }
+
+    fn of(&self, tier: Tier) -> &dyn Transport {
+        match tier {
+            Tier::Nvl => &*self.nvl,
+            Tier::Rdma => &*self.rdma,
+        }
+    }
+}
+
+impl Transport for Tiered {
+    fn rank(&self) -> usize {
+        self.nvl.rank()
+    }
+
+    fn region_len(&self, region: RegionId) -> usize {
+        self.of(region.tier()).region_len(region)
+    }
+
+    fn write_with_imm(
+        &self,
+        peer: usize,
+        region: RegionId,
+        offset: usize,
+        segments: &[&[u8]],
+        imm: u32,
+    ) -> Result<()> {
+        self.of(region.tier())
+            .write_with_imm(peer, region, offset, segments, imm)
+    }
+
+    fn poll(&self, out: &mut Vec<Completion>, deadline: Instant) -> Result<usize> {
+        let seen = self.rdma_arrivals.load(Ordering::SeqCst);
+        let now = Instant::now();
+        let n = self.rdma.poll(out, now)? + self.nvl.poll(out, now)?;
+        if n > 0 || now >= deadline {
+            return Ok(n);
+        }
+        let n = if self.notified {
+            let arrived = || self.rdma_arrivals.load(Ordering::SeqCst) != seen;
+            self.nvl.poll_until(out, deadline, &arrived)?
+        } else {
+            let slice = deadline.min(now + std::time::Duration::from_millis(1));
+            self.nvl.poll(out, slice)?
+        };
+        Ok(n + self.rdma.poll(out, Instant::now())?)
+    }
+
+    unsafe fn local(&self, region: RegionId, offset: usize, len: usize) -> Result<&[u8]> {
+        // SAFETY: forwarded with the caller's guarantee.
+        unsafe { self.of(region.tier()).local(region, offset, len) }
+    }
+
+    fn peer_gone(&self, peer: usize) -> Option<Departure> {
+        self.nvl
+            .peer_gone(peer)
+            .or_else(|| self.rdma.peer_gone(peer))
+    }
+
+    fn shutdown(&self, completed_ops: u64) {
+        self.nvl.shutdown(completed_ops);
+        self.rdma.shutdown(completed_ops);
+    }
+
+    fn wake(&self) {
+        self.nvl.wake();
+        self.rdma.wake();
+    }
+
+    fn wire_bytes(&self) -> [u64; 2] {
+        let (a, b) = (self.nvl.wire_bytes(), self.rdma.wire_bytes());
+        [a[0] + b[0], a[1] + b[1]]
+    }
+
+    fn address(&self) -> Option<String> {
+        self.rdma.address()
+    }
+
+    fn rejected_connections(&self) -> u64 {
+        self.nvl.rejected_connections() + self.rdma.rejected_connections()
+    }
+
+    fn connections(&self) -> [usize; 2] {
+        let (a, b) = (self.nvl.connections(), self.rdma.connections());
+        [a[0] + b[0], a[1] + b[1]]
+    }
+}
