@@ -184,7 +184,7 @@ def test_cached_dispatch_repeats_layout():
 def test_streams_through_buffers_20x_smaller_than_payload():
     world, hidden, k = 4, 64, 4
     inputs = ref.random_inputs(world, [120] * world, hidden, k, 16, torch.float32, seed=12)
-    record = 16 + hidden * 4 + k * 12  # header + row + top-k: one record per ring is enough
+    record = 24 + hidden * 4 + k * 12  # header + row + top-k: one record per ring is enough
     nvl, rdma = 2 * record, 2 * record
 
     def body(buf: Buffer):

@@ -76,7 +76,7 @@ def _shm_names() -> set[str]:
     return {f.name for f in Path("/dev/shm").glob("dualcomm-*")}
 
 
-@pytest.mark.parametrize("transport", ["tcp", "shm"])
+@pytest.mark.parametrize("transport", ["tcp", "shm", "shm+tcp"])
 @pytest.mark.parametrize("topology", [(1, 2), (1, 4), (2, 2), (4, 1)], ids=lambda t: f"{t[0]}x{t[1]}")
 def test_processes_match_reference_and_loopback(topology, transport, tmp_path):
     nodes, rpn = topology
@@ -103,8 +103,11 @@ def test_processes_match_reference_and_loopback(topology, transport, tmp_path):
         for key in ("recv_x", "recv_idx", "recv_w", "combined", "combined_w"):
             assert torch.equal(got[d][key], loopback[d][key]), f"{key} of rank {d} differs from loopback"
         assert got[d]["transport"] == transport
-        if transport == "tcp":
+        if transport != "shm":
             assert got[d]["address"].startswith("127.0.0.1:")
+        # Only the two-hop protocol's links: the node's other ranks, and one twin per other node.
+        stats = got[d]["stats"]
+        assert (stats["nvl_connections"], stats["rdma_connections"]) == (rpn - 1, nodes - 1)
     assert _shm_names() == before, "no segment names stay in /dev/shm"
     for s in range(world):
         want = ref.combine([g["recv_x"] for g in got], origins, s, p["tokens"][s])
@@ -120,7 +123,23 @@ def test_processes_match_reference_and_loopback(topology, transport, tmp_path):
     assert rdma == 2 * pairs * p["hidden"] * 2
 
 
-@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_auto_takes_shared_memory_inside_nodes_and_tcp_between_them(tmp_path):
+    """4 emulated nodes of 2 ranks on one host: "auto" composes one transport per tier, and
+    each rank holds exactly 1 nvl and 3 rdma connections (no full mesh: not 7 sockets)."""
+    p = _params(4, 2, transport="auto")
+    got = launch(8, "match", p, tmp_path)
+    for d, g in enumerate(got):
+        assert "error" not in g, g
+        assert g["transport"] == "shm+tcp"
+        assert (g["stats"]["nvl_connections"], g["stats"]["rdma_connections"]) == (1, 3), g["stats"]
+        assert g["stats"]["nvl_payload_bytes"] > 0 and g["stats"]["rdma_payload_bytes"] > 0
+    inputs = mp_worker._inputs(p)
+    for d in range(8):
+        want_x = ref.dispatch(inputs, p["experts"], 8, d)[0]
+        assert torch.equal(got[d]["recv_x"], want_x)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm", "shm+tcp"])
 def test_killed_rank_fails_the_others_quickly(transport, tmp_path):
     p = _params(2, 2, victim=1, timeout=30.0, transport=transport)
     before = _shm_names()

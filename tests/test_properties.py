@@ -32,7 +32,7 @@ def test_random_worlds_match_reference(case):
     num_nodes, rpn, tokens, hidden, k, num_experts, dtype, ring_records, seed = case
     world = num_nodes * rpn
     inputs = ref.random_inputs(world, tokens, hidden, k, num_experts, dtype, seed)
-    record = 16 + hidden * 4 + k * 12  # the largest record either operation uses here
+    record = 24 + hidden * 4 + k * 12  # the largest record either operation uses here
 
     def body(buf: Buffer):
         inp = inputs[buf.rank]

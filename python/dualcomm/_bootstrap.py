@@ -66,13 +66,15 @@ def make_endpoint(
     timeout: float,
 ) -> tuple[Endpoint, str]:
     """Exchanges what the ranks need through `group` and joins them; returns the endpoint
-    and the transport used. "auto" takes shared memory when every rank is on this host and
-    no nodes are emulated, TCP otherwise (emulated nodes talk over TCP, as real ones would)."""
+    and the transport used. "auto" takes shared memory when the whole world is one node on
+    this host; one transport per tier ("shm+tcp": shared memory inside each node, TCP between
+    nodes, as a cluster has NVLink inside and the network between) when every node's ranks
+    share a host; TCP for everything otherwise."""
     import torch.distributed as dist
 
     rank = dist.get_rank(group)
     world = dist.get_world_size(group)
-    listener = TcpListener(local_address()) if transport in ("auto", "tcp") else None
+    listener = TcpListener(local_address()) if transport in ("auto", "tcp", "shm+tcp") else None
     mine = {
         "address": None if listener is None else listener.address,
         "host": socket.gethostname(),
@@ -92,22 +94,53 @@ def make_endpoint(
     rpn = _ranks_per_node(infos, ranks_per_node)
     secret = secret_box[0]
     assert isinstance(secret, bytes)
-    one_host = len({i["host"] for i in infos}) == 1
+    hosts = [i["host"] for i in infos]
+    one_host = len(set(hosts)) == 1
+    nodes_on_one_host = all(len(set(hosts[n : n + rpn])) == 1 for n in range(0, world, rpn))
     if transport == "shm" and not one_host:
         raise TransportUnavailableError(
-            "transport='shm': the ranks run on several hosts "
-            f"({sorted({i['host'] for i in infos})}); use 'tcp' or 'auto'"
+            f"transport='shm': the ranks run on several hosts ({sorted(set(hosts))}); use 'shm+tcp', 'tcp' or 'auto'"
         )
-    if transport == "shm" or (transport == "auto" and one_host and rpn == world):
-        job = secret.hex()[:16]
-        segment = ShmSegment(job, rank, world // rpn, rpn, num_nvl_bytes, num_rdma_bytes)
+    if transport == "shm+tcp" and not nodes_on_one_host:
+        raise TransportUnavailableError(
+            f"transport='shm+tcp': the ranks of a node must share a host for shared memory, but nodes of "
+            f"{rpn} ranks span hosts {hosts}; set ranks_per_node to the ranks per host, or use 'tcp'"
+        )
+    if transport == "auto":
+        if one_host and rpn == world:
+            transport = "shm"
+        elif nodes_on_one_host and rpn > 1:
+            transport = "shm+tcp"
+        else:
+            transport = "tcp"
+    job = secret.hex()[:16]
+    nodes = world // rpn
+    if transport in ("shm", "shm+tcp"):
+        segment = ShmSegment(job, rank, nodes, rpn, num_nvl_bytes, num_rdma_bytes, nvl_only=transport == "shm+tcp")
         dist.barrier(group)  # every segment exists
         try:
-            ep = Endpoint.shm(segment, job, world // rpn, rpn, num_nvl_bytes, num_rdma_bytes, float(timeout))
+            if transport == "shm":
+                ep = Endpoint.shm(segment, job, nodes, rpn, num_nvl_bytes, num_rdma_bytes, float(timeout))
+            else:
+                assert listener is not None
+                peers = [i["address"] for i in infos]
+                ep = Endpoint.shm_tcp(
+                    segment,
+                    job,
+                    listener,
+                    nodes,
+                    rpn,
+                    rank,
+                    peers,
+                    secret,
+                    num_nvl_bytes,
+                    num_rdma_bytes,
+                    float(timeout),
+                )
         finally:
             dist.barrier(group)  # every segment is mapped (or failed): the names can go
             unlink_segment(job, rank)
-        return ep, "shm"
+        return ep, transport
     assert listener is not None
     ep = Endpoint.tcp(
         listener,

@@ -59,6 +59,7 @@ class ShmSegment:
         ranks_per_node: int,
         num_nvl_bytes: int,
         num_rdma_bytes: int,
+        nvl_only: bool = False,
     ) -> ShmSegment: ...
 
 def unlink_segment(job: str, rank: int) -> None: ...
@@ -105,6 +106,20 @@ class Endpoint:
         job: str,
         num_nodes: int,
         ranks_per_node: int,
+        num_nvl_bytes: int,
+        num_rdma_bytes: int,
+        timeout_s: float,
+    ) -> Endpoint: ...
+    @staticmethod
+    def shm_tcp(
+        segment: ShmSegment,
+        job: str,
+        listener: TcpListener,
+        num_nodes: int,
+        ranks_per_node: int,
+        rank: int,
+        peers: list[str],
+        secret: bytes,
         num_nvl_bytes: int,
         num_rdma_bytes: int,
         timeout_s: float,

@@ -90,9 +90,11 @@ class Buffer:
         ranks_per_node: overrides the layout found from host names, so one machine can
             emulate several nodes.
         timeout: seconds any wait may take before it fails with `CommTimeoutError`.
-        transport: "auto" (loopback for a LoopbackGroup; for a process group, shared memory
-            when all ranks share this host and no nodes are emulated, else TCP), "shm" (every
-            tier through shared memory, one host only), "tcp", or "loopback".
+        transport: "auto" (loopback for a LoopbackGroup; for a process group: shared memory
+            when the whole world is one node on this host; "shm+tcp" when each node's ranks
+            share a host; else TCP), "shm+tcp" (one transport per tier: shared memory inside
+            each node, TCP between nodes, as NVLink and the network on a cluster), "shm"
+            (every tier through shared memory, one host only), "tcp", or "loopback".
     """
 
     num_sms: int = 20
@@ -119,8 +121,8 @@ class Buffer:
             raise _checks.fail("low_latency_mode", "False (the low-latency kernels are not part of dualcomm yet)", True)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise _checks.fail("timeout", "a positive number of seconds", _checks.describe(timeout))
-        if transport not in ("auto", "loopback", "tcp", "shm"):
-            raise _checks.fail("transport", "'auto', 'tcp', 'shm' or 'loopback'", repr(transport))
+        if transport not in ("auto", "loopback", "tcp", "shm", "shm+tcp"):
+            raise _checks.fail("transport", "'auto', 'shm+tcp', 'tcp', 'shm' or 'loopback'", repr(transport))
         self.group = group
         self.num_nvl_bytes = num_nvl_bytes
         self.num_rdma_bytes = num_rdma_bytes

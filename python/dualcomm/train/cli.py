@@ -52,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-overlap", action="store_true", help="run the forward-backward pairs one after the other")
-    p.add_argument("--transport", choices=("auto", "tcp", "shm"), default="auto")
+    p.add_argument("--transport", choices=("auto", "shm+tcp", "tcp", "shm"), default="auto")
     p.add_argument("--out", type=Path, default=Path("dualcomm-train-output"), help="output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

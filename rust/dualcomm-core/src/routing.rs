@@ -2,7 +2,7 @@
 //! per-token plan (destination nodes, local-rank bitmask per node) that the protocol follows.
 
 use crate::error::{Error, Result};
-use crate::topology::Topology;
+use crate::topology::{LocalMask, Topology};
 
 /// The counts `get_dispatch_layout` returns (DeepEP's names and dtypes).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,7 +118,7 @@ fn node_hit_before(topo: &Topology, in_rank: &[bool], r: usize) -> bool {
 pub struct SendPlan {
     topo: Topology,
     num_tokens: usize,
-    node_masks: Vec<u64>,
+    node_masks: Vec<LocalMask>,
     count_to_rank: Vec<u64>,
     count_to_node: Vec<u64>,
 }
@@ -149,7 +149,7 @@ impl SendPlan {
         for t in 0..num_tokens {
             let row = &is_token_in_rank[t * w..(t + 1) * w];
             for n in 0..nn {
-                let mut mask = 0u64;
+                let mut mask: LocalMask = 0;
                 for l in 0..rpn {
                     if row[n * rpn + l] {
                         mask |= 1 << l;
@@ -174,7 +174,7 @@ impl SendPlan {
     }
 
     /// Bitmask of local ranks on `node` that receive `token`.
-    pub fn mask(&self, token: usize, node: usize) -> u64 {
+    pub fn mask(&self, token: usize, node: usize) -> LocalMask {
         self.node_masks[token * self.topo.num_nodes() + node]
     }
 
@@ -193,7 +193,7 @@ impl SendPlan {
 
     /// Tokens (in index order) that go to `rank`.
     pub fn tokens_to_rank(&self, rank: usize) -> impl Iterator<Item = usize> + '_ {
-        let (n, bit) = (self.topo.node_of(rank), 1u64 << self.topo.local_of(rank));
+        let (n, bit) = (self.topo.node_of(rank), 1 << self.topo.local_of(rank));
         (0..self.num_tokens).filter(move |&t| self.mask(t, n) & bit != 0)
     }
 }

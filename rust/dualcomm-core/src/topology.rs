@@ -2,8 +2,12 @@
 
 use crate::error::{Error, Result};
 
-/// Local ranks of one node are addressed by bit in a `u64` mask, hence the cap.
-pub const MAX_RANKS_PER_NODE: usize = 64;
+/// A set of local ranks of one node, one bit each (token headers carry one per destination
+/// node). 128 bits: an NVL72 rack is one NVLink domain of 72 GPUs.
+pub type LocalMask = u128;
+
+/// Local ranks of one node are addressed by bit in a [`LocalMask`], hence the cap.
+pub const MAX_RANKS_PER_NODE: usize = LocalMask::BITS as usize;
 /// Keeps the per-token node sets and the meta exchange small; far above real clusters' EP groups.
 pub const MAX_WORLD_SIZE: usize = 4096;
 
@@ -87,6 +91,8 @@ mod tests {
         assert_eq!(t.forwarder(7, 2), 11);
         assert_eq!(t.forwarder(7, 1), 7);
         assert!(Topology::new(0, 1).is_err());
-        assert!(Topology::new(1, 65).is_err());
+        // An NVL72 rack is one node; beyond the mask's width is refused.
+        assert!(Topology::new(2, 72).is_ok());
+        assert!(Topology::new(1, 129).is_err());
     }
 }

@@ -77,7 +77,7 @@ fn inputs(c: &Case) -> Vec<RankInput> {
 }
 
 fn record_bytes(c: &Case) -> usize {
-    16 + c.hidden * 4 + c.topk * 12
+    24 + c.hidden * 4 + c.topk * 12
 }
 
 /// One rank's results: recv x, recv top-k idx and weights, combined x and weights,
@@ -107,7 +107,7 @@ fn run(c: &Case) -> Vec<RankResult> {
         .collect();
     let secret = [7u8; 16];
     let ins = Arc::new(inputs(c));
-    let rec = record_bytes(c).max(16 + c.hidden * 4 + c.topk * 4);
+    let rec = record_bytes(c).max(24 + c.hidden * 4 + c.topk * 4);
     let config = Config {
         num_nvl_bytes: c.rpn * rec * c.ring_records,
         num_rdma_bytes: c.nodes * rec * c.ring_records,
@@ -466,6 +466,26 @@ fn shm_inside_nodes_tcp_between_them() {
         bf16: false,
         tcp: true,
         shm: true,
+    });
+}
+
+/// A node of 72 ranks (an NVL72 rack is one NVLink domain): local-rank masks wider than 64
+/// bits, tokens forwarded to ranks whose bits lie above 64.
+#[test]
+fn nodes_of_72_ranks() {
+    let w = 144;
+    check(&Case {
+        nodes: 2,
+        rpn: 72,
+        tokens: (0..w).map(|r| [3, 0, 5][r % 3]).collect(),
+        hidden: 2,
+        topk: 4,
+        experts: 288,
+        ring_records: 2,
+        seed: 72,
+        bf16: false,
+        tcp: false,
+        shm: false,
     });
 }
 

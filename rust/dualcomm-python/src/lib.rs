@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::Duration;
 
 use dualcomm_core::routing::{SendPlan, dispatch_layout};
+use dualcomm_core::transport::Tier;
 use dualcomm_core::transport::loopback::LoopbackFabric;
 use dualcomm_core::transport::tcp::{SECRET_BYTES, TcpBinding};
 use dualcomm_core::{
@@ -35,6 +36,16 @@ fn config(num_nvl_bytes: usize, num_rdma_bytes: usize, timeout_s: f64) -> PyResu
         num_nvl_bytes,
         num_rdma_bytes,
         timeout: Duration::from_secs_f64(timeout_s),
+    })
+}
+
+fn secret_bytes(secret: &[u8]) -> PyResult<[u8; SECRET_BYTES]> {
+    secret.try_into().map_err(|_| {
+        to_py(Error::invalid(
+            "secret",
+            format!("{SECRET_BYTES} bytes"),
+            format!("{} bytes", secret.len()),
+        ))
     })
 }
 
@@ -112,8 +123,11 @@ struct ShmSegment {
 
 #[pymethods]
 impl ShmSegment {
+    /// `nvl_only`: the segment of a world where shared memory carries the nvl tier and TCP
+    /// the rdma tier (`Endpoint.shm_tcp`).
     #[new]
     #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (job, rank, num_nodes, ranks_per_node, num_nvl_bytes, num_rdma_bytes, nvl_only=false))]
     fn new(
         job: &str,
         rank: usize,
@@ -121,10 +135,15 @@ impl ShmSegment {
         ranks_per_node: usize,
         num_nvl_bytes: usize,
         num_rdma_bytes: usize,
+        nvl_only: bool,
     ) -> PyResult<Self> {
         let topo = Topology::new(num_nodes, ranks_per_node).map_err(to_py)?;
         let config = config(num_nvl_bytes, num_rdma_bytes, 1.0)?;
-        let lens = CoreEndpoint::region_lens(&topo, &config);
+        let lens = if nvl_only {
+            CoreEndpoint::tier_region_lens(&topo, &config, Tier::Nvl)
+        } else {
+            CoreEndpoint::region_lens(&topo, &config)
+        };
         let seg =
             dualcomm_core::transport::shm::ShmSegment::create(job, rank, topo.world_size(), lens)
                 .map_err(to_py)?;
@@ -381,13 +400,7 @@ impl Endpoint {
     ) -> PyResult<Self> {
         let config = config(num_nvl_bytes, num_rdma_bytes, timeout_s)?;
         let topo = Topology::new(num_nodes, ranks_per_node).map_err(to_py)?;
-        let secret: [u8; SECRET_BYTES] = secret.as_slice().try_into().map_err(|_| {
-            to_py(Error::invalid(
-                "secret",
-                format!("{SECRET_BYTES} bytes"),
-                format!("{} bytes", secret.len()),
-            ))
-        })?;
+        let secret = secret_bytes(&secret)?;
         let binding = take_once(&listener.inner, "listener")?;
         let ep = py
             .detach(move || CoreEndpoint::tcp(binding, topo, rank, &peers, secret, config))
@@ -414,6 +427,38 @@ impl Endpoint {
         let seg = take_once(&segment.inner, "segment")?;
         let ep = py
             .detach(move || CoreEndpoint::shm(seg, &job, topo, config))
+            .map_err(to_py)?;
+        Self::start(ep)
+    }
+
+    /// Joins a world with shared memory inside each node and TCP between nodes; every rank
+    /// created its segment (`nvl_only=True`) and bound its listener first.
+    #[staticmethod]
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (segment, job, listener, num_nodes, ranks_per_node, rank, peers, secret, num_nvl_bytes, num_rdma_bytes, timeout_s))]
+    fn shm_tcp(
+        py: Python<'_>,
+        segment: &ShmSegment,
+        job: String,
+        listener: &TcpListener,
+        num_nodes: usize,
+        ranks_per_node: usize,
+        rank: usize,
+        peers: Vec<String>,
+        secret: Vec<u8>,
+        num_nvl_bytes: usize,
+        num_rdma_bytes: usize,
+        timeout_s: f64,
+    ) -> PyResult<Self> {
+        let config = config(num_nvl_bytes, num_rdma_bytes, timeout_s)?;
+        let topo = Topology::new(num_nodes, ranks_per_node).map_err(to_py)?;
+        let secret = secret_bytes(&secret)?;
+        let seg = take_once(&segment.inner, "segment")?;
+        let binding = take_once(&listener.inner, "listener")?;
+        let ep = py
+            .detach(move || {
+                CoreEndpoint::shm_tcp(seg, &job, binding, topo, rank, &peers, secret, config)
+            })
             .map_err(to_py)?;
         Self::start(ep)
     }
@@ -822,6 +867,8 @@ impl Endpoint {
         d.set_item("rdma_wire_bytes", s.rdma_wire_bytes)?;
         d.set_item("operations", s.operations)?;
         d.set_item("rejected_connections", s.rejected_connections)?;
+        d.set_item("nvl_connections", s.nvl_connections)?;
+        d.set_item("rdma_connections", s.rdma_connections)?;
         Ok(d)
     }
 

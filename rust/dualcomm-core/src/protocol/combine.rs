@@ -15,6 +15,7 @@ use super::op::{Announce, Op, OpKind, Session};
 use super::record::{ElemType, HEADER_BYTES, Header, Layout, RecordFormat};
 use super::reduce::{Dtype, add_into, read_f32s, store};
 use crate::error::{Error, Result};
+use crate::topology::LocalMask;
 use crate::transport::{Tier, TierCounters};
 
 pub struct CombineArgs<'a> {
@@ -58,7 +59,7 @@ fn at_least<T: Copy + Default>(mut v: Vec<T>, n: usize) -> Vec<T> {
 struct Entry {
     src: u32,
     idx: u32,
-    mask: u64,
+    mask: LocalMask,
 }
 
 /// Row geometry of one combine.
@@ -84,7 +85,7 @@ impl Shape {
 struct Reducer {
     entries: Vec<Entry>,
     first_row: Vec<usize>,
-    present: Vec<u64>,
+    present: Vec<LocalMask>,
     rows: Vec<u8>,
     shape: Shape,
     /// The sum of the entry `add` just completed (rows, then weights).
@@ -541,7 +542,7 @@ impl Reducer {
                 )
             })?;
         let entry = self.entries[e];
-        let bit = 1u64 << l;
+        let bit: LocalMask = 1 << l;
         if entry.mask & bit == 0 || self.present[e] & bit != 0 {
             return Err(Error::protocol(
                 via,
@@ -555,7 +556,7 @@ impl Reducer {
         let rb = self.shape.row_bytes();
         let cb = rb + self.shape.k * 4;
         let first = self.first_row[e];
-        let slot = |b: u64| first + (entry.mask & (b - 1)).count_ones() as usize;
+        let slot = |b: LocalMask| first + (entry.mask & (b - 1)).count_ones() as usize;
         if self.present[e] != entry.mask {
             let at = slot(bit) * cb;
             self.rows[at..at + rb].copy_from_slice(row);

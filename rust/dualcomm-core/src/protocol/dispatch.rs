@@ -9,9 +9,10 @@
 use std::sync::Arc;
 
 use super::op::{Announce, Op, OpKind, Session};
-use super::record::{ElemType, Header, Layout, RecordFormat, SourceOrder};
+use super::record::{ElemType, HEADER_BYTES, Header, Layout, RecordFormat, SourceOrder};
 use crate::error::{Error, Result};
 use crate::routing::{SendPlan, check_expert_indices, experts_per_rank};
+use crate::topology::LocalMask;
 use crate::transport::{Tier, TierCounters};
 
 pub struct TopkArgs<'a> {
@@ -49,7 +50,7 @@ pub enum Route<'a> {
 pub struct Forwarded {
     pub src: u32,
     pub idx: u32,
-    pub mask: u64,
+    pub mask: LocalMask,
 }
 
 /// Everything combine and a cached dispatch need to repeat or reverse a dispatch.
@@ -451,7 +452,7 @@ pub(crate) fn run(
             if n > 0 {
                 let batch = &ob.tokens[ob.sent..ob.sent + n];
                 let dst_node = topo.node_of(ob.peer);
-                let headers: Vec<[u8; 16]> = batch
+                let headers: Vec<[u8; HEADER_BYTES]> = batch
                     .iter()
                     .map(|&tok| {
                         let mask = match ob.tier {
@@ -623,11 +624,7 @@ fn forward(
         .collect();
     let mut batches: Vec<Vec<&[u8]>> = vec![Vec::new(); rpn];
     let mut taken = 0;
-    let valid_mask = if rpn == 64 {
-        u64::MAX
-    } else {
-        (1u64 << rpn) - 1
-    };
+    let valid_mask = LocalMask::MAX >> (LocalMask::BITS as usize - rpn);
     for i in 0..avail {
         let rec = ring.record(t, i)?;
         let h = Header::decode(rec);

@@ -23,6 +23,16 @@ use crate::error::{Error, Result};
 use crate::topology::Topology;
 use crate::transport::{Completion, Tier, Transport};
 
+/// Receives every transport keeps posted per linked peer: an immediate consumes one (RDMA
+/// semantics), and the protocol never has more in flight towards a peer. Between two linked
+/// ranks at most `MAX_RING_RECORDS` data immediates (each announces at least one record of
+/// a ring that holds at most that many), as many credit immediates (each returns at least one
+/// record of the reverse ring) and two metadata records (this operation's and the next's)
+/// are unreaped at once: `2 * RECV_DEPTH / 4 + 2 < RECV_DEPTH`.
+pub const RECV_DEPTH: usize = 1024;
+/// Records a ring holds at most, whatever its bytes (see `RECV_DEPTH`).
+pub const MAX_RING_RECORDS: u64 = (RECV_DEPTH / 4) as u64;
+
 /// Largest token count a rank may announce: token indices travel as u32, and every count
 /// from a peer is bounded by this before anything is sized from it.
 pub const MAX_TOKENS: u64 = 1 << 31;
@@ -211,7 +221,7 @@ impl<'e> Op<'e> {
                 tier,
                 region,
                 base,
-                capacity: (plan.ring_bytes(tier) / record_bytes) as u64,
+                capacity: ((plan.ring_bytes(tier) / record_bytes) as u64).min(MAX_RING_RECORDS),
                 record_bytes,
                 credit_offset: plan.ring_of(to, tier).1,
             }

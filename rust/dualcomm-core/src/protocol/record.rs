@@ -2,6 +2,7 @@
 //! The header lets a forwarder pass a token on without asking anyone where it goes.
 
 use crate::error::{Error, Result};
+use crate::topology::LocalMask;
 
 /// The element type of a record's rows, as ranks tell each other (fault 3 of the hardening
 /// issue: equal record sizes are not enough, the ranks must agree on what the bytes mean).
@@ -115,14 +116,14 @@ impl std::fmt::Display for RecordFormat {
     }
 }
 
-pub const HEADER_BYTES: usize = 16;
+pub const HEADER_BYTES: usize = 24;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
     pub src_rank: u32,
     pub src_idx: u32,
     /// Local ranks of the destination node that need this token (dispatch only).
-    pub mask: u64,
+    pub mask: LocalMask,
 }
 
 impl Header {
@@ -130,7 +131,7 @@ impl Header {
         let mut out = [0u8; HEADER_BYTES];
         out[0..4].copy_from_slice(&self.src_rank.to_le_bytes());
         out[4..8].copy_from_slice(&self.src_idx.to_le_bytes());
-        out[8..16].copy_from_slice(&self.mask.to_le_bytes());
+        out[8..24].copy_from_slice(&self.mask.to_le_bytes());
         out
     }
 
@@ -138,7 +139,7 @@ impl Header {
         Header {
             src_rank: u32::from_le_bytes(record[0..4].try_into().unwrap()),
             src_idx: u32::from_le_bytes(record[4..8].try_into().unwrap()),
-            mask: u64::from_le_bytes(record[8..16].try_into().unwrap()),
+            mask: LocalMask::from_le_bytes(record[8..24].try_into().expect("16 bytes")),
         }
     }
 }

@@ -216,6 +216,13 @@ pub struct Departure {
 
 /// One rank's view of the fabric.
 ///
+/// The contract is what an RC queue pair with RDMA_WRITE_WITH_IMM gives, and nothing more:
+/// a write's source is local memory in a few segments, its target a peer's region at an
+/// offset the sender computed (never out of bounds: the sender knows every region's length);
+/// the peer learns `(source, immediate, length)` only; each immediate consumes one of the
+/// `protocol::op::RECV_DEPTH` receives the peer keeps posted for this rank, and the protocol
+/// never has more in flight; a write to a peer that is gone fails.
+///
 /// Ordering guarantee (the one RDMA gives with write-with-immediate on a reliable
 /// connection): completions from one source arrive in the order that source posted them,
 /// and a completion is delivered only after its bytes are readable in the region.

@@ -19,8 +19,10 @@ use crate::error::{Error, Result};
 
 const MAGIC: u64 = 0x6475_616c_636f_6d6d; // "dualcomm"
 const HEADER_BYTES: usize = 4096;
-/// Completions one peer may have outstanding here; writers wait (with a deadline) beyond.
+/// Completions one peer may have outstanding here (its posted receives); writers wait (with
+/// a deadline) beyond. The protocol keeps at most `RECV_DEPTH` in flight.
 const CQ_SLOTS: u64 = 4096;
+const _: () = assert!(CQ_SLOTS as usize >= crate::protocol::op::RECV_DEPTH);
 /// A completion as the writer publishes it: `imm: u32 | pad | len: u64` (the source is the
 /// queue it sits in).
 const SLOT_BYTES: usize = 16;

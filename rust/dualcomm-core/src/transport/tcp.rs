@@ -25,7 +25,7 @@ use super::{Completion, Departure, NUM_REGIONS, RegionId, TierCounters, Transpor
 use crate::error::{Error, Result};
 
 const MAGIC: [u8; 4] = *b"DCOM";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 pub const SECRET_BYTES: usize = 16;
 const HELLO_BYTES: usize = 4 + 4 + 4 + 4 + SECRET_BYTES;
 pub const FRAME_HEADER_BYTES: usize = 24;
