@@ -305,7 +305,8 @@ def test_bad_group_and_transport_choices():
         Buffer(object())
     with pytest.raises(InvalidArgumentError, match=r"^num_nvl_bytes: expected a non-negative int, got int -1"):
         Buffer(object(), num_nvl_bytes=-1)
-    with pytest.raises(InvalidArgumentError, match=r"^transport: expected 'auto', 'shm\+tcp', 'tcp', 'shm' or 'loopback'"):
+    expected = r"^transport: expected 'auto', 'shm\+tcp', 'tcp', 'shm' or 'loopback'"
+    with pytest.raises(InvalidArgumentError, match=expected):
         Buffer(object(), transport="ib")
     group = dualcomm.LoopbackGroup(LoopbackWorld(1), 0, 1, 1)
     with pytest.raises(TransportUnavailableError, match="loopback world runs as threads of one process"):

@@ -128,7 +128,7 @@ def test_auto_takes_shared_memory_inside_nodes_and_tcp_between_them(tmp_path):
     each rank holds exactly 1 nvl and 3 rdma connections (no full mesh: not 7 sockets)."""
     p = _params(4, 2, transport="auto")
     got = launch(8, "match", p, tmp_path)
-    for d, g in enumerate(got):
+    for g in got:
         assert "error" not in g, g
         assert g["transport"] == "shm+tcp"
         assert (g["stats"]["nvl_connections"], g["stats"]["rdma_connections"]) == (1, 3), g["stats"]
