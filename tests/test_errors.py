@@ -221,7 +221,7 @@ def test_buffer_too_small_for_one_token():
 
     # 2 rings of 10000 bytes each: room for the small test rows, not for a 16 KiB one.
     msgs = _expect_error_then_recover(bad, num_nvl_bytes=20000, num_rdma_bytes=20000)
-    assert all(m.startswith("num_nvl_bytes: expected at least 32800 bytes") for m in msgs), msgs[0]
+    assert all(m.startswith("num_nvl_bytes: expected at least 32816 bytes") for m in msgs), msgs[0]
     assert all(m.endswith("got 20000") for m in msgs)
 
 

@@ -169,6 +169,10 @@ impl SendPlan {
         &self.topo
     }
 
+    pub fn num_nodes(&self) -> usize {
+        self.topo.num_nodes()
+    }
+
     pub fn num_tokens(&self) -> usize {
         self.num_tokens
     }

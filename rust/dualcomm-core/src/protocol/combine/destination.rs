@@ -1,0 +1,122 @@
+//! The destination role of combine: every row this rank received in the dispatch goes back
+//! to the rank of its node that forwarded it (the one with the source's local index), which
+//! reduces it with the node's other rows of that token. Rows whose reducer is this rank
+//! itself are reduced at once.
+
+use super::finisher::Finisher;
+use super::reducer::Reducer;
+use crate::error::Result;
+use crate::protocol::dispatch::DispatchHandle;
+use crate::protocol::op::Op;
+use crate::protocol::record::{HEADER_BYTES, Header};
+use crate::topology::Topology;
+use crate::transport::{Tier, TierCounters};
+
+/// This rank's rows (in dispatch's receive order) with their top-k weights.
+pub(super) struct Rows<'a> {
+    pub x: &'a [u8],
+    pub weights: &'a [u8],
+    pub row_bytes: usize,
+    pub topk: usize,
+}
+
+impl<'a> Rows<'a> {
+    fn row(&self, j: usize) -> [&'a [u8]; 2] {
+        let (rb, k) = (self.row_bytes, self.topk);
+        [
+            &self.x[j * rb..(j + 1) * rb],
+            &self.weights[j * k * 4..(j + 1) * k * 4],
+        ]
+    }
+}
+
+pub(super) struct Destination {
+    topo: Topology,
+    me: usize,
+    /// Row indices per local rank of the reducer.
+    to_reducer: Vec<Vec<usize>>,
+    sent: Vec<usize>,
+}
+
+impl Destination {
+    pub fn new(handle: &DispatchHandle, topo: &Topology, me: usize) -> Self {
+        let my_node = topo.node_of(me);
+        let mut to_reducer: Vec<Vec<usize>> = vec![Vec::new(); topo.ranks_per_node()];
+        for j in 0..handle.num_recv {
+            let f = topo.forwarder(handle.recv_src_rank[j] as usize, my_node);
+            to_reducer[topo.local_of(f)].push(j);
+        }
+        Self {
+            topo: *topo,
+            me,
+            sent: vec![0; topo.ranks_per_node()],
+            to_reducer,
+        }
+    }
+
+    fn header(handle: &DispatchHandle, j: usize) -> Header {
+        Header {
+            src_rank: handle.recv_src_rank[j],
+            src_idx: handle.recv_src_idx[j],
+            mask: 0,
+        }
+    }
+
+    /// Reduces the rows whose reducer is this rank itself.
+    pub fn reduce_own(
+        &mut self,
+        rows: &Rows<'_>,
+        handle: &DispatchHandle,
+        red: &mut Reducer,
+        fin: &mut Finisher<'_>,
+    ) -> Result<()> {
+        let (me, topo) = (self.me, self.topo);
+        let own = std::mem::take(&mut self.to_reducer[topo.local_of(me)]);
+        for j in own {
+            let [row, w] = rows.row(j);
+            if let Some(done) = red.add(me, topo.local_of(me), &Self::header(handle, j), row, w)? {
+                red.route(done, me, topo.node_of(me), fin, &handle.plan)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends rows to the node's other reducers as credits allow.
+    pub fn post(
+        &mut self,
+        op: &mut Op<'_>,
+        rows: &Rows<'_>,
+        handle: &DispatchHandle,
+        payload: &TierCounters,
+    ) -> Result<bool> {
+        let (t, epoch, topo, me) = (op.t, op.epoch, self.topo, self.me);
+        let my_node = topo.node_of(me);
+        let mut progress = false;
+        for l in (0..topo.ranks_per_node()).filter(|&l| l != topo.local_of(me)) {
+            let f = topo.rank_at(my_node, l);
+            let ring = op.send_ring(f);
+            let list = &self.to_reducer[l];
+            let n = (ring.free() as usize).min(list.len() - self.sent[l]);
+            if n > 0 {
+                let batch = &list[self.sent[l]..self.sent[l] + n];
+                let headers: Vec<[u8; HEADER_BYTES]> = batch
+                    .iter()
+                    .map(|&j| Self::header(handle, j).encode())
+                    .collect();
+                let mut segs: Vec<&[u8]> = Vec::with_capacity(3 * n);
+                for (hdr, &j) in headers.iter().zip(batch) {
+                    segs.push(hdr);
+                    segs.extend(rows.row(j));
+                }
+                ring.post(t, epoch, &segs, 3)?;
+                payload.add(Tier::Nvl, n * rows.row_bytes);
+                self.sent[l] += n;
+                progress = true;
+            }
+            if self.sent[l] == list.len() {
+                ring.closed = true;
+            }
+        }
+        Ok(progress)
+    }
+}
