@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::handoff::PendingHandle;
 use crate::protocol::combine::{self, CombineArgs, CombineOut, Scratch};
 use crate::protocol::dispatch::{
     self, DispatchArgs, DispatchHandle, DispatchOutput, RecvSink, Route,
@@ -20,6 +21,13 @@ use crate::transport::tiered::Tiered;
 use crate::transport::{
     Completion, NUM_REGIONS, Tier, TierCounters, TierWiring, Transport, Wiring,
 };
+
+/// Where a queued dispatch sends its tokens: a new plan, or the route of an earlier
+/// dispatch, named by its (maybe still pending) handle.
+pub enum QueuedRoute {
+    Fresh(Arc<SendPlan>),
+    Cached(PendingHandle),
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -326,6 +334,42 @@ impl Endpoint {
         };
         let r = dispatch::run(session, id, payload, args, route, sink);
         self.finish(kind, r)
+    }
+
+    /// A dispatch queued behind others: a cached one names its earlier dispatch by a handle
+    /// that resolves only now. On success `result` resolves to this dispatch's handle.
+    pub fn dispatch_queued(
+        &mut self,
+        args: &DispatchArgs<'_>,
+        route: &QueuedRoute,
+        sink: &mut dyn RecvSink,
+        result: &PendingHandle,
+    ) -> Result<DispatchOutput> {
+        self.usable()?;
+        let out = match route {
+            QueuedRoute::Fresh(plan) => self.dispatch(args, Route::Fresh(Arc::clone(plan)), sink),
+            QueuedRoute::Cached(h) => match h.resolve() {
+                Ok(h) => self.dispatch(args, Route::Cached(h), sink),
+                // This rank will not run it: its peers hear so (see `finish`).
+                Err(e) => self.finish(OpKind::CachedDispatch, Err(e)),
+            },
+        }?;
+        result.fill(&out.handle);
+        Ok(out)
+    }
+
+    /// A combine queued behind others, of a dispatch whose handle resolves only now.
+    pub fn combine_queued(
+        &mut self,
+        args: &CombineArgs<'_>,
+        handle: &PendingHandle,
+        out: CombineOut<'_>,
+    ) -> Result<()> {
+        self.usable()?;
+        match handle.resolve() {
+            Ok(h) => self.combine(args, h, out),
+            Err(e) => self.finish(OpKind::Combine, Err(e)),
+        }
     }
 
     /// Combines into `out` (`[num_tokens, hidden]` rows and `[num_tokens, num_topk]` weights).

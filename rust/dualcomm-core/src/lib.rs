@@ -5,14 +5,16 @@
 pub mod endpoint;
 pub mod engine;
 pub mod error;
+pub mod handoff;
 pub mod protocol;
 pub mod routing;
 pub mod topology;
 pub mod transport;
 
-pub use endpoint::{Config, Endpoint, Stats};
+pub use endpoint::{Config, Endpoint, QueuedRoute, Stats};
 pub use engine::{Engine, Ticket};
 pub use error::{Error, Result};
+pub use handoff::{PendingHandle, RawBuffer, RecvHandoff, RecvMemory, RecvRequest, recv_handoff};
 pub use protocol::combine::{CombineArgs, CombineOut};
 pub use protocol::dispatch::{
     DispatchArgs, DispatchHandle, DispatchOutput, RecvBuffers, RecvShape, RecvSink, Route,

@@ -6,7 +6,7 @@ mod errors;
 mod jobs;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dualcomm_core::routing::{SendPlan, dispatch_layout};
@@ -15,14 +15,15 @@ use dualcomm_core::transport::loopback::LoopbackFabric;
 use dualcomm_core::transport::tcp::{SECRET_BYTES, TcpBinding};
 use dualcomm_core::{
     CombineArgs, CombineOut, Config, DispatchArgs, DispatchHandle, Dtype, ElemType,
-    Endpoint as CoreEndpoint, Engine, Error, OpKind, Route, Ticket, TopkArgs, Topology,
+    Endpoint as CoreEndpoint, Engine, Error, OpKind, PendingHandle, QueuedRoute, RecvMemory,
+    Ticket, TopkArgs, Topology, recv_handoff,
 };
 use numpy::{PyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use errors::to_py;
-use jobs::{ChannelSink, Raw, RecvRaw, RecvReply, input, now, output};
+use jobs::{Raw, input, now, output};
 
 fn config(num_nvl_bytes: usize, num_rdma_bytes: usize, timeout_s: f64) -> PyResult<Config> {
     if !(timeout_s.is_finite() && timeout_s > 0.0) {
@@ -163,7 +164,7 @@ fn unlink_segment(job: &str, rank: usize) {
 /// once its dispatch has finished; operations queued behind that dispatch can use it at once.
 #[pyclass(module = "dualcomm._native", frozen)]
 struct Handle {
-    cell: HandleCell,
+    cell: PendingHandle,
     num_recv: usize,
     num_tokens: usize,
     buffer_id: u64,
@@ -216,16 +217,6 @@ impl Handle {
             self.cell.get().is_some()
         )
     }
-}
-
-/// Filled when the dispatch that made the handle finishes.
-type HandleCell = Arc<OnceLock<Arc<DispatchHandle>>>;
-
-/// Where a queued dispatch sends its tokens: a plan made at submission, or the handle of an
-/// earlier dispatch, resolved when the job runs (after that dispatch, by queue order).
-enum JobRoute {
-    Fresh(Arc<SendPlan>),
-    Cached(HandleCell),
 }
 
 /// What a finished job reports: per-expert counts (dispatch with top-k), and when it ran.
@@ -590,7 +581,7 @@ impl Endpoint {
                             "a handle from another buffer",
                         )));
                     }
-                    JobRoute::Cached(Arc::clone(&h.cell))
+                    QueuedRoute::Cached(h.cell.clone())
                 }
                 (None, Some(itr)) => {
                     let itr = itr.as_slice().map_err(|_| {
@@ -600,7 +591,7 @@ impl Endpoint {
                             "a strided view",
                         ))
                     })?;
-                    JobRoute::Fresh(Arc::new(
+                    QueuedRoute::Fresh(Arc::new(
                         SendPlan::from_is_token_in_rank(&self.topo, itr, t).map_err(to_py)?,
                     ))
                 }
@@ -617,26 +608,18 @@ impl Endpoint {
         let (x_dtype, keep, x_raw, scales_raw, sb, topk, route) =
             staged.inspect_err(|e| self.reject_next(kind, e.to_string()))?;
         let has_topk = topk.is_some();
-        let (shape_tx, shape_rx) = mpsc::channel();
-        let (buf_tx, buf_rx) = mpsc::channel::<RecvReply>();
-        let cell: HandleCell = match &route {
-            JobRoute::Cached(c) => Arc::clone(c),
-            JobRoute::Fresh(_) => Arc::new(OnceLock::new()),
+        let cell = match &route {
+            QueuedRoute::Cached(c) => c.clone(),
+            QueuedRoute::Fresh(_) => PendingHandle::new(),
         };
-        let job_cell = Arc::clone(&cell);
-        let timeout = self.timeout;
+        let job_cell = cell.clone();
+        let (mut sink, request) = recv_handoff::<Vec<Py<PyAny>>>(self.rank, self.timeout);
+        sink.hold(keep);
         let ticket = self
             .engine
             .submit(move |ep: &mut CoreEndpoint| {
                 let started = now();
-                let mut sink = ChannelSink {
-                    shapes: Some(shape_tx),
-                    buffers: buf_rx,
-                    timeout,
-                    held: keep,
-                    rank: ep.rank(),
-                };
-                // SAFETY: `sink.held` keeps the input arrays alive until this job ends.
+                // SAFETY: `sink` holds the input arrays until this job ends.
                 let args = unsafe {
                     DispatchArgs {
                         num_tokens: t,
@@ -655,21 +638,9 @@ impl Endpoint {
                         expert_alignment,
                     }
                 };
-                let result = match route {
-                    JobRoute::Fresh(plan) => ep.dispatch(&args, Route::Fresh(plan), &mut sink),
-                    JobRoute::Cached(c) => match c.get() {
-                        Some(h) => ep.dispatch(&args, Route::Cached(h), &mut sink),
-                        None => Err(Error::invalid(
-                            "handle",
-                            "the handle of a dispatch that succeeded",
-                            "one whose dispatch failed",
-                        )),
-                    },
-                };
-                let result = result.map(|out| {
-                    let _ = job_cell.set(Arc::clone(&out.handle));
-                    has_topk.then_some(out.num_recv_tokens_per_expert)
-                });
+                let result = ep
+                    .dispatch_queued(&args, &route, &mut sink, &job_cell)
+                    .map(|out| has_topk.then_some(out.num_recv_tokens_per_expert));
                 Finished {
                     result,
                     started,
@@ -678,8 +649,8 @@ impl Endpoint {
             })
             .map_err(to_py)?;
         // Wait (GIL released) for the receive counts, or for the job to end without them.
-        let shape = py.detach(move || shape_rx.recv());
-        let Ok(shape) = shape else {
+        let (shape, request) = py.detach(move || (request.shape(), request));
+        let Some(shape) = shape else {
             let err = match py.detach(|| ticket.wait()) {
                 Ok(Finished { result: Err(e), .. }) | Err(e) => e,
                 Ok(_) => Error::Internal {
@@ -701,7 +672,7 @@ impl Endpoint {
                 recv_idx.as_any().clone().unbind(),
                 recv_w.as_any().clone().unbind(),
             ];
-            let raw = RecvRaw {
+            let raw = RecvMemory {
                 x: x_out,
                 scales: s_out,
                 topk_idx: i_out,
@@ -715,7 +686,7 @@ impl Endpoint {
             Err(e) => (None, Err(e.to_string())),
         };
         // If the job gave up waiting, its error arrives through the event.
-        let _ = buf_tx.send(reply);
+        request.answer(reply);
         let Some((recv_x, recv_scales, recv_idx, recv_w)) = arrays else {
             // The job fails too (and leaves the world, so peers do not wait for it).
             let err = match py.detach(|| ticket.wait()) {
@@ -808,37 +779,30 @@ impl Endpoint {
         })();
         let (dtype, out_dtype, hidden, keep, x_raw, weights, k, out_x, ox, out_w, ow) =
             staged.inspect_err(|e| self.reject_next(OpKind::Combine, e.to_string()))?;
-        let cell = Arc::clone(&handle.cell);
+        let cell = handle.cell.clone();
         let ticket = self
             .engine
             .submit(move |ep: &mut CoreEndpoint| {
                 let _held = keep;
                 let started = now();
-                let result = match cell.get() {
-                    // SAFETY: `_held` keeps every array alive until this job ends; the
-                    // outputs were made for this job alone.
-                    Some(h) => unsafe {
-                        ep.combine(
-                            &CombineArgs {
-                                x: x_raw.slice(),
-                                hidden,
-                                dtype,
-                                weights: weights.map(|w| w.0.slice()),
-                                num_topk: k,
-                                out_dtype,
-                            },
-                            h,
-                            CombineOut {
-                                x: ox.slice_mut(),
-                                weights: ow.slice_mut(),
-                            },
-                        )
-                    },
-                    None => Err(Error::invalid(
-                        "handle",
-                        "the handle of a dispatch that succeeded",
-                        "one whose dispatch failed",
-                    )),
+                // SAFETY: `_held` keeps every array alive until this job ends; the outputs
+                // were made for this job alone.
+                let result = unsafe {
+                    ep.combine_queued(
+                        &CombineArgs {
+                            x: x_raw.slice(),
+                            hidden,
+                            dtype,
+                            weights: weights.map(|w| w.0.slice()),
+                            num_topk: k,
+                            out_dtype,
+                        },
+                        &cell,
+                        CombineOut {
+                            x: ox.slice_mut(),
+                            weights: ow.slice_mut(),
+                        },
+                    )
                 };
                 Finished {
                     result: result.map(|()| None),
