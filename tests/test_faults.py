@@ -28,10 +28,7 @@ import torch
 
 import dualcomm
 import reference as ref
-from dualcomm import InvalidArgumentError, PeerLostError, ProtocolError
-
-#: Added by issue 8; looked up lazily so that this file imports (and its other tests run) before it exists.
-PeerAbortedError = getattr(dualcomm, "PeerAbortedError", None)
+from dualcomm import InvalidArgumentError, PeerAbortedError, PeerLostError, ProtocolError
 
 STRESS_REPS = 200
 REPS = int(os.environ.get("DUALCOMM_STRESS_REPS", "50"))
@@ -260,7 +257,6 @@ def test_bad_argument_on_one_rank_aborts_the_others_quickly(transport, nodes, rp
     InvalidArgumentError; the others PeerAbortedError naming rank 2 and the argument within 5 s of
     their call (the buffer timeout is 60 s); then one more round on the same buffers matches the
     reference on every rank."""
-    assert PeerAbortedError is not None, "dualcomm.PeerAbortedError does not exist (issue 8 adds it)"
     assert issubclass(PeerAbortedError, dualcomm.DualcommError)
     culprit = 2
     p = _params(nodes, rpn, transport, timeout=60.0, culprit=culprit, bad=bad)
