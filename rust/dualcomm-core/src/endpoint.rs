@@ -71,6 +71,17 @@ pub struct Stats {
     pub rdma_connections: usize,
 }
 
+fn check_addresses(peers: &[String], topo: &Topology) -> Result<()> {
+    if peers.len() != topo.world_size() {
+        return Err(Error::invalid(
+            "peers",
+            format!("one address per rank ({})", topo.world_size()),
+            peers.len(),
+        ));
+    }
+    Ok(())
+}
+
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 pub struct Endpoint {
@@ -118,13 +129,7 @@ impl Endpoint {
         secret: [u8; SECRET_BYTES],
         config: Config,
     ) -> Result<Self> {
-        if peers.len() != topo.world_size() {
-            return Err(Error::invalid(
-                "peers",
-                format!("one address per rank ({})", topo.world_size()),
-                peers.len(),
-            ));
-        }
+        check_addresses(peers, &topo)?;
         let wiring = Self::wiring(&topo, &config);
         let t = TcpTransport::establish(binding, rank, peers, secret, wiring, config.timeout)?;
         Ok(Self::new(Box::new(t), topo, config))
@@ -151,13 +156,7 @@ impl Endpoint {
         secret: [u8; SECRET_BYTES],
         config: Config,
     ) -> Result<Self> {
-        if peers.len() != topo.world_size() {
-            return Err(Error::invalid(
-                "peers",
-                format!("one address per rank ({})", topo.world_size()),
-                peers.len(),
-            ));
-        }
+        check_addresses(peers, &topo)?;
         let tier = |tier| -> Arc<dyn Wiring> {
             Arc::new(TierWiring {
                 inner: Self::wiring(&topo, &config),

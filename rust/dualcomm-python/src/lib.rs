@@ -50,6 +50,19 @@ fn secret_bytes(secret: &[u8]) -> PyResult<[u8; SECRET_BYTES]> {
     })
 }
 
+/// The layout and configuration every endpoint constructor starts from.
+fn world(
+    num_nodes: usize,
+    ranks_per_node: usize,
+    num_nvl_bytes: usize,
+    num_rdma_bytes: usize,
+    timeout_s: f64,
+) -> PyResult<(Topology, Config)> {
+    let config = config(num_nvl_bytes, num_rdma_bytes, timeout_s)?;
+    let topo = Topology::new(num_nodes, ranks_per_node).map_err(to_py)?;
+    Ok((topo, config))
+}
+
 /// Hands over a resource an endpoint consumes (a bound listener, a created segment) once.
 fn take_once<T>(cell: &Mutex<Option<T>>, name: &str) -> PyResult<T> {
     cell.lock().unwrap().take().ok_or_else(|| {
@@ -364,8 +377,13 @@ impl Endpoint {
         num_rdma_bytes: usize,
         timeout_s: f64,
     ) -> PyResult<Self> {
-        let config = config(num_nvl_bytes, num_rdma_bytes, timeout_s)?;
-        let topo = Topology::new(num_nodes, ranks_per_node).map_err(to_py)?;
+        let (topo, config) = world(
+            num_nodes,
+            ranks_per_node,
+            num_nvl_bytes,
+            num_rdma_bytes,
+            timeout_s,
+        )?;
         let fabric = Arc::clone(&world.fabric);
         let ep = py
             .detach(move || CoreEndpoint::loopback(&fabric, topo, rank, config))
@@ -389,8 +407,13 @@ impl Endpoint {
         num_rdma_bytes: usize,
         timeout_s: f64,
     ) -> PyResult<Self> {
-        let config = config(num_nvl_bytes, num_rdma_bytes, timeout_s)?;
-        let topo = Topology::new(num_nodes, ranks_per_node).map_err(to_py)?;
+        let (topo, config) = world(
+            num_nodes,
+            ranks_per_node,
+            num_nvl_bytes,
+            num_rdma_bytes,
+            timeout_s,
+        )?;
         let secret = secret_bytes(&secret)?;
         let binding = take_once(&listener.inner, "listener")?;
         let ep = py
@@ -413,8 +436,13 @@ impl Endpoint {
         num_rdma_bytes: usize,
         timeout_s: f64,
     ) -> PyResult<Self> {
-        let config = config(num_nvl_bytes, num_rdma_bytes, timeout_s)?;
-        let topo = Topology::new(num_nodes, ranks_per_node).map_err(to_py)?;
+        let (topo, config) = world(
+            num_nodes,
+            ranks_per_node,
+            num_nvl_bytes,
+            num_rdma_bytes,
+            timeout_s,
+        )?;
         let seg = take_once(&segment.inner, "segment")?;
         let ep = py
             .detach(move || CoreEndpoint::shm(seg, &job, topo, config))
@@ -441,8 +469,13 @@ impl Endpoint {
         num_rdma_bytes: usize,
         timeout_s: f64,
     ) -> PyResult<Self> {
-        let config = config(num_nvl_bytes, num_rdma_bytes, timeout_s)?;
-        let topo = Topology::new(num_nodes, ranks_per_node).map_err(to_py)?;
+        let (topo, config) = world(
+            num_nodes,
+            ranks_per_node,
+            num_nvl_bytes,
+            num_rdma_bytes,
+            timeout_s,
+        )?;
         let secret = secret_bytes(&secret)?;
         let seg = take_once(&segment.inner, "segment")?;
         let binding = take_once(&listener.inner, "listener")?;
