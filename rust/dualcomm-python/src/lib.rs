@@ -51,7 +51,7 @@ fn secret_bytes(secret: &[u8]) -> PyResult<[u8; SECRET_BYTES]> {
 }
 
 /// The layout and configuration every endpoint constructor starts from.
-fn world(
+fn world_of(
     num_nodes: usize,
     ranks_per_node: usize,
     num_nvl_bytes: usize,
