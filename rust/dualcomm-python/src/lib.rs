@@ -377,7 +377,7 @@ impl Endpoint {
         num_rdma_bytes: usize,
         timeout_s: f64,
     ) -> PyResult<Self> {
-        let (topo, config) = world(
+        let (topo, config) = world_of(
             num_nodes,
             ranks_per_node,
             num_nvl_bytes,
@@ -407,7 +407,7 @@ impl Endpoint {
         num_rdma_bytes: usize,
         timeout_s: f64,
     ) -> PyResult<Self> {
-        let (topo, config) = world(
+        let (topo, config) = world_of(
             num_nodes,
             ranks_per_node,
             num_nvl_bytes,
@@ -436,7 +436,7 @@ impl Endpoint {
         num_rdma_bytes: usize,
         timeout_s: f64,
     ) -> PyResult<Self> {
-        let (topo, config) = world(
+        let (topo, config) = world_of(
             num_nodes,
             ranks_per_node,
             num_nvl_bytes,
@@ -469,7 +469,7 @@ impl Endpoint {
         num_rdma_bytes: usize,
         timeout_s: f64,
     ) -> PyResult<Self> {
-        let (topo, config) = world(
+        let (topo, config) = world_of(
             num_nodes,
             ranks_per_node,
             num_nvl_bytes,
