@@ -84,7 +84,8 @@ def scenario_killed(rank: int, p: dict[str, Any]) -> dict[str, Any]:
 
 def _hostile(address: str) -> None:
     host, port = address.rsplit(":", 1)
-    hello = b"DCOM" + (1).to_bytes(4, "little") + (2).to_bytes(4, "little") + (0).to_bytes(4, "little")
+    version = 2  # the tcp transport's wire version
+    hello = b"DCOM" + version.to_bytes(4, "little") + (2).to_bytes(4, "little") + (0).to_bytes(4, "little")
     frame = (
         bytes([1, 0, 1, 0]) + (0).to_bytes(4, "little") + (1 << 40).to_bytes(8, "little") + (64).to_bytes(8, "little")
     )
