@@ -340,12 +340,19 @@ impl Lifeline {
     }
 }
 
-impl Drop for Lifeline {
-    fn drop(&mut self) {
+impl Lifeline {
+    /// Lets go of the mutex (what the kernel does for a process that dies).
+    fn release(&mut self) {
         drop(self.release.take());
         if let Some(h) = self.holder.take() {
             let _ = h.join();
         }
+    }
+}
+
+impl Drop for Lifeline {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -777,5 +784,98 @@ impl Transport for ShmTransport {
 impl Drop for ShmTransport {
     fn drop(&mut self) {
         self.shutdown(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::{OpenWiring, Tier};
+
+    fn pair(tag: &str) -> (ShmTransport, ShmTransport) {
+        let job = format!("unit{}{tag}", std::process::id());
+        let lens = [4096, 0, 0, 0];
+        let wiring = || -> Arc<dyn Wiring> {
+            Arc::new(OpenWiring {
+                lens,
+                world: 2,
+                tier: Tier::Nvl,
+            })
+        };
+        let s0 = ShmSegment::create(&job, 0, 2, lens).unwrap();
+        let s1 = ShmSegment::create(&job, 1, 2, lens).unwrap();
+        let t0 = ShmTransport::attach(s0, &job, wiring(), Duration::from_secs(2)).unwrap();
+        let t1 = ShmTransport::attach(s1, &job, wiring(), Duration::from_secs(2)).unwrap();
+        t0.unlink();
+        t1.unlink();
+        (t0, t1)
+    }
+
+    #[test]
+    fn a_corrupt_tail_from_a_peer_is_an_error_not_an_endless_loop() {
+        let (t0, t1) = pair("tail");
+        t1.write_with_imm(0, RegionId::NvlRings, 0, &[&[1u8; 8]], 7)
+            .unwrap();
+        // Rank 1's tail in rank 0's segment, pushed far beyond what the queue can hold.
+        let (head, tail, _) = t0.own.seg.cq(1);
+        tail.store(
+            head.load(Ordering::Relaxed) + CQ_SLOTS + 5,
+            Ordering::Release,
+        );
+        let mut out = Vec::new();
+        let err = t0
+            .poll(&mut out, Instant::now() + Duration::from_secs(1))
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Protocol { peer: 1, detail } if detail.contains("tail")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_corrupt_head_from_a_peer_is_an_error_not_back_pressure() {
+        let (t0, t1) = pair("head");
+        // Rank 0 owns the head of rank 1's queue in its segment; it claims to be ahead.
+        let (head, tail, _) = t0.own.seg.cq(1);
+        head.store(tail.load(Ordering::Relaxed) + 5, Ordering::Release);
+        let err = t1
+            .write_with_imm(0, RegionId::NvlRings, 0, &[&[1u8; 8]], 7)
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Protocol { peer: 0, detail } if detail.contains("head")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_full_queue_waits_for_the_buffers_timeout_then_fails() {
+        let (_t0, t1) = pair("full");
+        for _ in 0..CQ_SLOTS {
+            t1.write_with_imm(0, RegionId::NvlRings, 0, &[], 1).unwrap();
+        }
+        // Rank 0 never polls: the writer waits for the transport's timeout (2 s here, the
+        // buffer's in a job), not a fixed minute.
+        let start = Instant::now();
+        let err = t1
+            .write_with_imm(0, RegionId::NvlRings, 0, &[], 1)
+            .unwrap_err();
+        assert!(matches!(err, Error::Timeout { .. }), "{err}");
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+            "{took:?}"
+        );
+    }
+
+    #[test]
+    fn a_peer_whose_lifeline_holder_is_gone_is_seen_gone() {
+        let (t0, mut t1) = pair("life");
+        assert!(t0.peer_gone(1).is_none());
+        assert!(t0.peer_gone(1).is_none(), "a second look changes nothing");
+        // Rank 1's lifeline is let go without a goodbye (as when its process dies).
+        t1.own._lifeline.release();
+        let gone = t0.peer_gone(1).expect("rank 1 seen gone");
+        assert!(gone.completed_ops.is_none(), "{gone:?}");
+        assert!(t0.peer_gone(1).is_some(), "and stays gone");
     }
 }
