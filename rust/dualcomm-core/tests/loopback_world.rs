@@ -2,13 +2,14 @@
 //! each destination gets the rows of the tokens routed to it, ordered by (source, index);
 //! combine returns, per token, the sum over the ranks it went to.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
 use dualcomm_core::transport::Tier;
 use dualcomm_core::transport::loopback::LoopbackFabric;
-use dualcomm_core::transport::shm::ShmSegment;
+use dualcomm_core::transport::shm::{ShmSegment, segment_name};
 use dualcomm_core::transport::tcp::TcpBinding;
 use dualcomm_core::{
     CombineArgs, CombineOut, Config, DispatchArgs, Dtype, ElemType, Endpoint, Error, Route,
@@ -219,7 +220,16 @@ fn run(c: &Case) -> Vec<RankResult> {
             })
         })
         .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let got = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    // Every segment name of this world went as soon as every rank had mapped them.
+    let residue: Vec<usize> = (0..w)
+        .filter(|&r| Path::new(&format!("/dev/shm{}", segment_name(&job, r))).exists())
+        .collect();
+    assert!(
+        residue.is_empty(),
+        "segments of ranks {residue:?} left in /dev/shm"
+    );
+    got
 }
 
 fn check(c: &Case) {
@@ -425,16 +435,6 @@ fn shm_two_by_two_small_rings() {
         tcp: false,
         shm: true,
     });
-    let residue: Vec<_> = std::fs::read_dir("/dev/shm")
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with(&format!("dualcomm-test{}x", std::process::id()))
-        })
-        .collect();
-    assert!(residue.is_empty(), "segments left in /dev/shm: {residue:?}");
 }
 
 /// One transport per tier, as on a cluster: shared memory inside each (emulated) node, TCP
