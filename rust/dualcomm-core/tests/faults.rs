@@ -86,6 +86,7 @@ fn class_of(imm: u32) -> Option<Class> {
         ImmKind::Meta => Some(Class::Meta),
         ImmKind::Data => Some(Class::Data),
         ImmKind::Credit => Some(Class::Credit),
+        ImmKind::Goodbye => None,
     }
 }
 
@@ -534,14 +535,20 @@ fn malformed_immediate() {
     // Kind bits 0: no such message.
     case(
         data(0, 0, 0),
-        Fault::FlipImm(1 << 30),
+        Fault::FlipImm(1 << 29),
         "malformed immediate",
     );
 }
 
 #[test]
+fn goodbye_immediate_reaching_the_protocol() {
+    // Data turned into a goodbye: transports consume goodbyes; the protocol refuses one.
+    case(data(0, 0, 0), Fault::FlipImm(5 << 29), "control message");
+}
+
+#[test]
 fn immediate_of_another_epoch() {
-    case(data(0, 0, 0), Fault::FlipImm(2 << 28), "operation epoch");
+    case(data(0, 0, 0), Fault::FlipImm(2 << 27), "operation epoch");
 }
 
 #[test]

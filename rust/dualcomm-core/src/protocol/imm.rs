@@ -1,5 +1,6 @@
-//! The 32-bit immediate: `kind:2 | epoch:2 | value:28`. The epoch (operation number mod 4)
-//! lets a rank tell a fast peer's next operation from the current one.
+//! The 32-bit immediate: `kind:3 | epoch:2 | value:27`. The epoch (operation number mod 4)
+//! lets a rank tell a fast peer's next operation from the current one. Kinds 5 to 7 are
+//! unused, room for more control messages.
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ImmKind {
@@ -9,34 +10,63 @@ pub enum ImmKind {
     Credit = 2,
     /// The operation's metadata was written to the meta region.
     Meta = 3,
+    /// Control: the sender leaves after completing `value` operations (mod 2^27). A
+    /// transport without a goodbye of its own (verbs: an immediate with no bytes) consumes
+    /// it and reports the departure; it never reaches the protocol.
+    Goodbye = 4,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Imm(pub u32);
 
 impl Imm {
-    pub const MAX_VALUE: u32 = (1 << 28) - 1;
+    pub const VALUE_BITS: u32 = 27;
+    pub const MAX_VALUE: u32 = (1 << Self::VALUE_BITS) - 1;
 
     pub fn new(kind: ImmKind, epoch: u32, value: u32) -> Self {
         debug_assert!(value <= Self::MAX_VALUE);
-        Imm(((kind as u32) << 30) | ((epoch & 3) << 28) | (value & Self::MAX_VALUE))
+        Imm(((kind as u32) << 29) | ((epoch & 3) << Self::VALUE_BITS) | (value & Self::MAX_VALUE))
     }
 
     pub fn kind(self) -> Option<ImmKind> {
-        match self.0 >> 30 {
+        match self.0 >> 29 {
             1 => Some(ImmKind::Data),
             2 => Some(ImmKind::Credit),
             3 => Some(ImmKind::Meta),
+            4 => Some(ImmKind::Goodbye),
             _ => None,
         }
     }
 
     pub fn epoch(self) -> u32 {
-        (self.0 >> 28) & 3
+        (self.0 >> Self::VALUE_BITS) & 3
     }
 
     pub fn value(self) -> u32 {
         self.0 & Self::MAX_VALUE
+    }
+
+    /// The goodbye of a rank that completed `completed_ops` operations.
+    pub fn goodbye(completed_ops: u64) -> Self {
+        Self::new(
+            ImmKind::Goodbye,
+            0,
+            (completed_ops & Self::MAX_VALUE as u64) as u32,
+        )
+    }
+
+    /// The operations a goodbye says its sender completed, read by a rank that has
+    /// completed `mine`: linked ranks are never more than one operation apart, so the
+    /// count is the one nearest `mine` with the goodbye's low bits.
+    pub fn goodbye_ops(self, mine: u64) -> u64 {
+        let modulus = 1u64 << Self::VALUE_BITS;
+        let low = self.value() as u64;
+        let base = mine - mine % modulus;
+        [base.wrapping_sub(modulus), base, base + modulus]
+            .into_iter()
+            .map(|b| b.wrapping_add(low))
+            .min_by_key(|&c| c.abs_diff(mine))
+            .expect("three candidates")
     }
 }
 
@@ -47,8 +77,8 @@ mod tests {
 
     proptest! {
         #[test]
-        fn round_trips(epoch in 0u32..4, value in 0u32..=Imm::MAX_VALUE, k in 0usize..3) {
-            let kind = [ImmKind::Data, ImmKind::Credit, ImmKind::Meta][k];
+        fn round_trips(epoch in 0u32..4, value in 0u32..=Imm::MAX_VALUE, k in 0usize..4) {
+            let kind = [ImmKind::Data, ImmKind::Credit, ImmKind::Meta, ImmKind::Goodbye][k];
             let imm = Imm::new(kind, epoch, value);
             prop_assert_eq!(imm.kind(), Some(kind));
             prop_assert_eq!(imm.epoch(), epoch);
@@ -57,7 +87,18 @@ mod tests {
     }
 
     #[test]
-    fn kind_zero_is_invalid() {
+    fn unused_kinds_are_invalid() {
         assert_eq!(Imm(5).kind(), None);
+        for k in 5..8u32 {
+            assert_eq!(Imm(k << 29).kind(), None);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn goodbye_counts_survive_the_wrap(mine in 0u64..1 << 40, delta in -1i64..=1) {
+            let theirs = mine.saturating_add_signed(delta);
+            prop_assert_eq!(Imm::goodbye(theirs).goodbye_ops(mine), theirs);
+        }
     }
 }

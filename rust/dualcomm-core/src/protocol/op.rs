@@ -452,6 +452,16 @@ impl<'e> Op<'e> {
         let kind = imm
             .kind()
             .ok_or_else(|| Error::protocol(c.src, format!("malformed immediate {:#x}", c.imm)))?;
+        // Transports consume their control messages; one that reaches here is a fault.
+        let control = || {
+            Error::protocol(
+                c.src,
+                "a control message the transport should have consumed",
+            )
+        };
+        if kind == ImmKind::Goodbye {
+            return Err(control());
+        }
         if imm.epoch() != self.epoch {
             if imm.epoch() == (self.epoch + 1) % 4 {
                 self.stash.push(c);
@@ -482,6 +492,7 @@ impl<'e> Op<'e> {
                     "credit from a rank with no ring here",
                 )),
             },
+            ImmKind::Goodbye => Err(control()),
         }
     }
 
