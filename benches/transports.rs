@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use dualcomm_core::transport::loopback::LoopbackFabric;
 use dualcomm_core::transport::shm::{ShmSegment, ShmTransport};
 use dualcomm_core::transport::tcp::{TcpBinding, TcpTransport};
-use dualcomm_core::transport::{OpenWiring, RegionId, Tier, Transport, Wiring};
+use dualcomm_core::transport::{OpenWiring, RegionId, Sge, Tier, Transport, Wiring};
 
 const CHUNK: usize = 1 << 20;
 const TOTAL: usize = 1 << 30;
@@ -69,6 +69,17 @@ fn loopback_pair() -> (Box<dyn Transport>, Box<dyn Transport>) {
     (Box::new(t0), Box::new(t1.join().unwrap()))
 }
 
+/// `mem` registered with `t` as one write's source (it outlives every write in this file).
+fn source(t: &dyn Transport, mem: &[u8]) -> Sge {
+    // SAFETY: the callers keep `mem` alive and unchanged while they write from it.
+    let key = unsafe { t.register(mem.as_ptr(), mem.len()) }.unwrap();
+    Sge {
+        key,
+        offset: 0,
+        len: mem.len(),
+    }
+}
+
 /// Streams TOTAL bytes from `a` to `b` in CHUNK writes; returns bytes per second.
 fn stream(a: &dyn Transport, b: &dyn Transport) -> f64 {
     let chunk = vec![3u8; CHUNK];
@@ -85,9 +96,10 @@ fn stream(a: &dyn Transport, b: &dyn Transport) -> f64 {
                     .unwrap();
             }
         });
+        let src = source(a, &chunk);
         for i in 0..n {
             let offset = (i * CHUNK) % REGION;
-            a.write_with_imm(1, RegionId::RdmaRings, offset, &[&chunk], i as u32)
+            a.write_with_imm(1, RegionId::RdmaRings, offset, &[src], i as u32)
                 .unwrap();
         }
     });
@@ -129,6 +141,7 @@ fn memcpy_rate() -> f64 {
 /// Median round trip of a 64-byte write answered by a 64-byte write.
 fn ping_pong(a: &dyn Transport, b: &dyn Transport) -> Duration {
     let msg = [5u8; 64];
+    let (from_a, from_b) = (source(a, &msg), source(b, &msg));
     let mut rtts = Vec::with_capacity(PINGS);
     thread::scope(|s| {
         s.spawn(|| {
@@ -140,14 +153,14 @@ fn ping_pong(a: &dyn Transport, b: &dyn Transport) -> Duration {
                     .unwrap()
                     == 0
                 {}
-                b.write_with_imm(0, RegionId::RdmaRings, 0, &[&msg], 0)
+                b.write_with_imm(0, RegionId::RdmaRings, 0, &[from_b], 0)
                     .unwrap();
             }
         });
         let mut out = Vec::new();
         for _ in 0..PINGS {
             let t = Instant::now();
-            a.write_with_imm(1, RegionId::RdmaRings, 0, &[&msg], 0)
+            a.write_with_imm(1, RegionId::RdmaRings, 0, &[from_a], 0)
                 .unwrap();
             out.clear();
             while a

@@ -5,8 +5,9 @@
 //! (a peer-loss error, or the same protocol error where they see the fault too): never a
 //! panic, an abort or a hang. Each case names the validation branch it reaches.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use dualcomm_core::protocol::imm::{Imm, ImmKind};
 use dualcomm_core::protocol::meta::offsets;
 use dualcomm_core::transport::loopback::LoopbackFabric;
 use dualcomm_core::transport::tcp::{TcpBinding, TcpTransport};
-use dualcomm_core::transport::{Completion, Departure, RegionId, Transport};
+use dualcomm_core::transport::{Completion, Departure, MemKey, RegionId, Sge, Transport};
 use dualcomm_core::{
     CombineArgs, CombineOut, Config, DispatchArgs, Dtype, ElemType, Endpoint, Error, Result, Route,
     TopkArgs, Topology, VecSink,
@@ -79,6 +80,10 @@ struct Faulty {
     seen: AtomicUsize,
     fired: AtomicBool,
     stopped: AtomicBool,
+    /// What the rank registered (key -> address, length), to read a write it tampers with.
+    registered: Mutex<HashMap<u32, (usize, usize)>>,
+    /// Tampered copies that were written.
+    copies: Mutex<Vec<Vec<u8>>>,
 }
 
 fn class_of(imm: u32) -> Option<Class> {
@@ -91,6 +96,47 @@ fn class_of(imm: u32) -> Option<Class> {
 }
 
 impl Faulty {
+    /// The bytes a write would gather.
+    fn gather(&self, src: &[Sge]) -> Vec<u8> {
+        let registered = self.registered.lock().unwrap();
+        let mut all = Vec::new();
+        for e in src {
+            let (ptr, _) = match e.key.as_region() {
+                Some(r) => {
+                    let (p, l) = self.inner.region_memory(r);
+                    (p as usize, l)
+                }
+                None => registered[&e.key.0],
+            };
+            // SAFETY: registered memory (or this rank's own region), alive while the write
+            // that names it is being posted.
+            all.extend_from_slice(unsafe {
+                std::slice::from_raw_parts((ptr as *const u8).add(e.offset), e.len)
+            });
+        }
+        all
+    }
+
+    /// Writes `bytes` (a tampered copy, kept registered for the world's lifetime).
+    fn send_copy(
+        &self,
+        peer: usize,
+        region: RegionId,
+        offset: usize,
+        bytes: Vec<u8>,
+        imm: u32,
+    ) -> Result<()> {
+        // SAFETY: the copy is kept in `copies` until the wrapper drops.
+        let key = unsafe { self.inner.register(bytes.as_ptr(), bytes.len())? };
+        let src = Sge {
+            key,
+            offset: 0,
+            len: bytes.len(),
+        };
+        self.copies.lock().unwrap().push(bytes);
+        self.inner.write_with_imm(peer, region, offset, &[src], imm)
+    }
+
     fn hits(&self, peer: usize, imm: u32) -> bool {
         let t = self.target;
         if self.fired.load(Ordering::Relaxed)
@@ -117,46 +163,66 @@ impl Transport for Faulty {
         self.inner.region_len(region)
     }
 
+    unsafe fn register(&self, ptr: *const u8, len: usize) -> Result<MemKey> {
+        // SAFETY: the caller's contract, passed on.
+        let key = unsafe { self.inner.register(ptr, len)? };
+        self.registered
+            .lock()
+            .unwrap()
+            .insert(key.0, (ptr as usize, len));
+        Ok(key)
+    }
+
+    fn deregister(&self, key: MemKey) {
+        self.registered.lock().unwrap().remove(&key.0);
+        self.inner.deregister(key);
+    }
+
+    fn region_memory(&self, region: RegionId) -> (*const u8, usize) {
+        self.inner.region_memory(region)
+    }
+
+    fn flush(&self, deadline: Instant) -> Result<()> {
+        self.inner.flush(deadline)
+    }
+
     fn write_with_imm(
         &self,
         peer: usize,
         region: RegionId,
         offset: usize,
-        segments: &[&[u8]],
+        src: &[Sge],
         imm: u32,
     ) -> Result<()> {
         if self.stopped.load(Ordering::Relaxed) {
             return Ok(()); // swallowed: the far side never hears of it
         }
         if matches!(self.fault, Fault::AsFrom(_)) || !self.hits(peer, imm) {
-            return self
-                .inner
-                .write_with_imm(peer, region, offset, segments, imm);
+            return self.inner.write_with_imm(peer, region, offset, src, imm);
         }
-        let w = |peer, offset, segs: &[&[u8]], imm| {
-            self.inner.write_with_imm(peer, region, offset, segs, imm)
+        let w = |peer, offset, src: &[Sge], imm| {
+            self.inner.write_with_imm(peer, region, offset, src, imm)
         };
         match self.fault {
             Fault::Poke { at, bytes, value } => {
-                let mut first = segments[0].to_vec();
-                first[at..at + bytes].copy_from_slice(&value.to_le_bytes()[..bytes]);
-                let mut segs: Vec<&[u8]> = vec![&first];
-                segs.extend_from_slice(&segments[1..]);
-                w(peer, offset, &segs, imm)
+                let mut all = self.gather(src);
+                all[at..at + bytes].copy_from_slice(&value.to_le_bytes()[..bytes]);
+                self.send_copy(peer, region, offset, all, imm)
             }
-            Fault::FlipImm(bits) => w(peer, offset, segments, imm ^ bits),
-            Fault::ImmValue(v) => w(peer, offset, segments, (imm & !Imm::MAX_VALUE) | v),
+            Fault::FlipImm(bits) => w(peer, offset, src, imm ^ bits),
+            Fault::ImmValue(v) => w(peer, offset, src, (imm & !Imm::MAX_VALUE) | v),
             Fault::Truncate => {
-                let all: Vec<u8> = segments.concat();
-                w(peer, offset, &[&all[..all.len() - 1]], imm)
+                let mut all = self.gather(src);
+                all.pop();
+                self.send_copy(peer, region, offset, all, imm)
             }
             Fault::Duplicate => {
-                w(peer, offset, segments, imm)?;
-                w(peer, offset, segments, imm)
+                w(peer, offset, src, imm)?;
+                w(peer, offset, src, imm)
             }
-            Fault::Shift(delta) => w(peer, offset.wrapping_add_signed(delta), segments, imm),
-            Fault::Redirect(other) => w(other, offset, segments, imm),
-            Fault::OutOfBounds => w(peer, self.inner.region_len(region) + 8, segments, imm),
+            Fault::Shift(delta) => w(peer, offset.wrapping_add_signed(delta), src, imm),
+            Fault::Redirect(other) => w(other, offset, src, imm),
+            Fault::OutOfBounds => w(peer, self.inner.region_len(region) + 8, src, imm),
             Fault::StopHere => {
                 self.stopped.store(true, Ordering::Relaxed);
                 let inner = &self.inner;
@@ -257,6 +323,8 @@ fn run_world_on(target: Target, fault: Fault, tcp: bool) -> Vec<Result<()>> {
                         seen: AtomicUsize::new(0),
                         fired: AtomicBool::new(false),
                         stopped: AtomicBool::new(false),
+                        registered: Mutex::new(HashMap::new()),
+                        copies: Mutex::new(Vec::new()),
                     })
                 } else {
                     t

@@ -10,3 +10,4 @@ pub mod op;
 pub mod record;
 pub mod reduce;
 pub mod ring;
+pub mod sources;

@@ -21,7 +21,7 @@ use super::record::{ElemType, RecordFormat};
 use super::ring::{RecvRing, RingGeometry, SendRing};
 use crate::error::{Error, Result};
 use crate::topology::Topology;
-use crate::transport::{Completion, Tier, Transport};
+use crate::transport::{Completion, MemKey, Sge, Tier, Transport};
 
 /// Receives every transport keeps posted per linked peer: an immediate consumes one (RDMA
 /// semantics), and the protocol never has more in flight towards a peer. Between two linked
@@ -130,6 +130,20 @@ pub struct Op<'e> {
     inbox: Vec<Completion>,
     /// Set when a peer aborted this operation; raised once all metadata is in.
     aborted: Option<Error>,
+    /// This operation's outgoing metadata records, one slot per link (a posted write's
+    /// source stays untouched until flushed), registered with the transport as `meta_key`.
+    meta_out: Vec<u8>,
+    meta_key: Option<MemKey>,
+    meta_slot: usize,
+    meta_sent: usize,
+}
+
+impl Drop for Op<'_> {
+    fn drop(&mut self) {
+        if let Some(k) = self.meta_key.take() {
+            self.t.deregister(k);
+        }
+    }
 }
 
 /// The format field of an abort record (unused).
@@ -160,7 +174,7 @@ pub fn abort(s: Session<'_>, kind: OpKind, reason: &str) -> Result<()> {
     while !op.metas_ready() {
         op.pump(true)?;
     }
-    Ok(())
+    op.flush()
 }
 
 impl<'e> Op<'e> {
@@ -239,6 +253,7 @@ impl<'e> Op<'e> {
             send.push(tier.map(|tier| SendRing::new(geometry(me, p, tier))));
             recv.push(tier.map(|tier| RecvRing::new(geometry(p, me, tier))));
         }
+        let slot = plan.meta_bytes(Tier::Nvl).max(plan.meta_bytes(Tier::Rdma));
         let mut op = Op {
             t,
             topo,
@@ -264,7 +279,14 @@ impl<'e> Op<'e> {
             stash: s.stash,
             inbox: Vec::new(),
             aborted: None,
+            meta_out: vec![0; (twins + locals) * slot],
+            meta_key: None,
+            meta_slot: slot,
+            meta_sent: 0,
         };
+        // SAFETY: the buffer lives in the operation, which deregisters it when it drops
+        // (after flushing its writes); it only changes in slots not yet posted.
+        op.meta_key = Some(unsafe { t.register(op.meta_out.as_ptr(), op.meta_out.len())? });
         for n in (0..topo.num_nodes()).filter(|&n| n != topo.node_of(me)) {
             let twin = topo.forwarder(me, n);
             let mut m = op.record();
@@ -306,12 +328,24 @@ impl<'e> Op<'e> {
         }
     }
 
-    fn send_meta(&self, peer: usize, tier: Tier, m: &Meta) -> Result<()> {
+    fn send_meta(&mut self, peer: usize, tier: Tier, m: &Meta) -> Result<()> {
         let (region, offset) = self.plan.meta_slot(self.seq, self.me, tier);
-        let bytes = m.encode(self.plan.meta_bytes(tier));
+        let len = self.plan.meta_bytes(tier);
+        let at = self.meta_sent * self.meta_slot;
+        self.meta_sent += 1;
+        self.meta_out[at..at + len].copy_from_slice(&m.encode(len));
+        let src = Sge {
+            key: self.meta_key.expect("registered at open"),
+            offset: at,
+            len,
+        };
         let imm = Imm::new(ImmKind::Meta, self.epoch, 0);
-        self.t
-            .write_with_imm(peer, region, offset, &[&bytes], imm.0)
+        self.t.write_with_imm(peer, region, offset, &[src], imm.0)
+    }
+
+    /// Waits (until the deadline) for every write this operation posted to have left.
+    pub fn flush(&self) -> Result<()> {
+        self.t.flush(self.deadline)
     }
 
     /// Once every twin's record is in: tells each rank of the node, per node, what the
@@ -321,11 +355,11 @@ impl<'e> Op<'e> {
             return Ok(());
         }
         self.nvl_sent = true;
-        let topo = self.topo;
-        let my_node = topo.node_of(self.me);
+        let (topo, me) = (self.topo, self.me);
+        let my_node = topo.node_of(me);
         for d in (0..topo.ranks_per_node())
             .map(|l| topo.rank_at(my_node, l))
-            .filter(|&d| d != self.me)
+            .filter(|&d| d != me)
         {
             let mut m = self.record();
             if self.note.is_none() && !self.to_rank.is_empty() {
@@ -334,7 +368,7 @@ impl<'e> Op<'e> {
                         if n == my_node {
                             [self.to_rank[d], self.tokens]
                         } else {
-                            let twin = self.meta(topo.forwarder(self.me, n));
+                            let twin = self.meta(topo.forwarder(me, n));
                             [twin.counts[topo.local_of(d)], twin.tokens]
                         }
                     })
@@ -668,6 +702,11 @@ impl<'e> Op<'e> {
     }
 
     pub fn return_credits(&mut self) -> Result<()> {
+        // Records forwarded from a ring are written on from where they landed: those writes
+        // must have left before the space goes back to the sender.
+        if self.recv.iter().flatten().any(RecvRing::credit_due) {
+            self.t.flush(self.deadline)?;
+        }
         for ring in self.recv.iter_mut().flatten() {
             ring.return_credits(self.t, self.epoch)?;
         }

@@ -6,7 +6,7 @@
 
 use super::imm::{Imm, ImmKind};
 use crate::error::{Error, Result};
-use crate::transport::{Completion, RegionId, Tier, Transport};
+use crate::transport::{Completion, MAX_SGE, MemKey, RegionId, Sge, Tier, Transport};
 
 /// Where a ring sits: the receiver's region, the byte offset of the ring in it, and its size.
 #[derive(Debug, Clone, Copy)]
@@ -60,28 +60,35 @@ impl SendRing {
         self.closed && self.credited == self.tail
     }
 
-    /// Writes `records`, each the concatenation of `segs_per_record` consecutive segments,
-    /// splitting at the ring's end. The caller checked `free()`.
+    /// Writes `records`, each gathered from `per_record` consecutive entries of `src`,
+    /// splitting at the ring's end and so that no write gathers more than `MAX_SGE`
+    /// entries (empty ones are left out). The caller checked `free()`.
     pub fn post(
         &mut self,
         t: &dyn Transport,
         epoch: u32,
-        segments: &[&[u8]],
-        segs_per_record: usize,
+        src: &[Sge],
+        per_record: usize,
     ) -> Result<()> {
-        let mut records = segments.len() / segs_per_record;
+        let mut records = src.len() / per_record;
         debug_assert!(records as u64 <= self.free());
-        let mut segs = segments;
+        let mut rest = src;
+        let mut gathered: Vec<Sge> = Vec::with_capacity(MAX_SGE);
         while records > 0 {
             let until_wrap = (self.geo.capacity - self.tail % self.geo.capacity) as usize;
-            let n = records.min(until_wrap).min(Imm::MAX_VALUE as usize);
-            let (now, rest) = segs.split_at(n * segs_per_record);
+            let n = records
+                .min(until_wrap)
+                .min(Imm::MAX_VALUE as usize)
+                .min((MAX_SGE / per_record).max(1));
+            let (now, later) = rest.split_at(n * per_record);
+            gathered.clear();
+            gathered.extend(now.iter().filter(|e| e.len > 0));
             let imm = Imm::new(ImmKind::Data, epoch, n as u32);
             let offset = self.geo.offset_of(self.tail);
-            t.write_with_imm(self.geo.peer, self.geo.region, offset, now, imm.0)?;
+            t.write_with_imm(self.geo.peer, self.geo.region, offset, &gathered, imm.0)?;
             self.tail += n as u64;
             records -= n;
-            segs = rest;
+            rest = later;
         }
         Ok(())
     }
@@ -188,6 +195,17 @@ impl RecvRing {
         self.head
     }
 
+    /// The `i`-th record after the head, as a write's source (forwarding sends it on from
+    /// where it landed).
+    pub fn record_source(&self, i: u64) -> Sge {
+        debug_assert!(i < self.available());
+        Sge {
+            key: MemKey::region(self.geo.region),
+            offset: self.geo.offset_of(self.head + i),
+            len: self.geo.record_bytes,
+        }
+    }
+
     /// The `i`-th record after the head.
     pub fn record<'t>(&self, t: &'t dyn Transport, i: u64) -> Result<&'t [u8]> {
         debug_assert!(i < self.available());
@@ -207,11 +225,17 @@ impl RecvRing {
         self.head += n;
     }
 
+    /// Whether `return_credits` would hand space back now.
+    pub fn credit_due(&self) -> bool {
+        let owed = self.head - self.returned;
+        owed > 0 && (owed * 2 >= self.geo.capacity || self.available() == 0)
+    }
+
     /// Hands consumed space back: in batches of half a ring, and always once the ring is
     /// empty (the sender may be waiting on exactly those slots).
     pub fn return_credits(&mut self, t: &dyn Transport, epoch: u32) -> Result<()> {
         let owed = self.head - self.returned;
-        if owed > 0 && (owed * 2 >= self.geo.capacity || self.available() == 0) {
+        if self.credit_due() {
             let mut left = owed;
             while left > 0 {
                 let n = left.min(Imm::MAX_VALUE as u64);

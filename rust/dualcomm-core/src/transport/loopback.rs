@@ -5,8 +5,10 @@
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::memory::{CompletionQueue, RegionMem};
-use super::{Completion, Departure, NUM_REGIONS, RegionId, TierCounters, Transport, Wiring};
+use super::memory::{CompletionQueue, RegionMem, Registry};
+use super::{
+    Completion, Departure, MemKey, NUM_REGIONS, RegionId, Sge, TierCounters, Transport, Wiring,
+};
 use crate::error::{Error, Result};
 
 struct Slot {
@@ -109,6 +111,7 @@ impl LoopbackFabric {
             rank,
             wiring,
             wire: TierCounters::default(),
+            registry: Registry::default(),
         })
     }
 }
@@ -118,6 +121,7 @@ pub struct LoopbackTransport {
     rank: usize,
     wiring: Arc<dyn Wiring>,
     wire: TierCounters,
+    registry: Registry,
 }
 
 impl LoopbackTransport {
@@ -140,48 +144,34 @@ impl Transport for LoopbackTransport {
         self.regions(self.rank)[region as usize].len()
     }
 
+    unsafe fn register(&self, ptr: *const u8, len: usize) -> Result<MemKey> {
+        // SAFETY: the caller's contract (`Transport::register`).
+        Ok(unsafe { self.registry.register(ptr, len) })
+    }
+
+    fn deregister(&self, key: MemKey) {
+        self.registry.deregister(key);
+    }
+
     fn write_with_imm(
         &self,
         peer: usize,
         region: RegionId,
         offset: usize,
-        segments: &[&[u8]],
+        src: &[Sge],
         imm: u32,
     ) -> Result<()> {
-        if self.slot(self.rank).gone.lock().unwrap().is_some() {
-            return Err(Error::Destroyed);
-        }
-        let w = self.fabric.world_size();
-        if peer >= w {
-            return Err(Error::invalid("peer", format!("a rank in [0, {w})"), peer));
-        }
-        if let Some(d) = self.peer_gone(peer) {
-            return Err(Error::PeerLost {
-                peer,
-                reason: d.reason,
-            });
-        }
-        let len: usize = segments.iter().map(|s| s.len()).sum();
-        if !self.wiring.allows(peer, self.rank, region, offset, len) {
-            return Err(super::memory::outside_slots(
-                self.rank, peer, region, offset, len,
-            ));
-        }
-        // SAFETY: the range is owned by this writer until the peer hands it back (protocol
-        // credits), so nobody reads or writes it now.
-        let dst = unsafe { self.regions(peer)[region as usize].range_mut(self.rank, offset, len)? };
-        let mut at = 0;
-        for s in segments {
-            dst[at..at + s.len()].copy_from_slice(s);
-            at += s.len();
-        }
-        self.wire.add(region.tier(), len);
-        self.slot(peer).queue.push(Completion {
-            src: self.rank,
-            imm,
-            len,
-        });
-        Ok(())
+        let segments = self
+            .registry
+            .gather(self.rank(), src, |region, offset, len| {
+                self.regions(self.rank)[region as usize].range(self.rank, offset, len)
+            })?;
+        self.write_segments(peer, region, offset, &segments, imm)
+    }
+
+    fn region_memory(&self, region: RegionId) -> (*const u8, usize) {
+        let r = &self.regions(self.rank)[region as usize];
+        (r.as_ptr(), r.len())
     }
 
     fn poll(&self, out: &mut Vec<Completion>, deadline: Instant) -> Result<usize> {
@@ -240,5 +230,52 @@ impl Drop for LoopbackTransport {
                 completed_ops: None,
             });
         }
+    }
+}
+
+impl LoopbackTransport {
+    /// Copies `segments` to `peer` (see `Transport::write_with_imm`).
+    fn write_segments(
+        &self,
+        peer: usize,
+        region: RegionId,
+        offset: usize,
+        segments: &[&[u8]],
+        imm: u32,
+    ) -> Result<()> {
+        if self.slot(self.rank).gone.lock().unwrap().is_some() {
+            return Err(Error::Destroyed);
+        }
+        let w = self.fabric.world_size();
+        if peer >= w {
+            return Err(Error::invalid("peer", format!("a rank in [0, {w})"), peer));
+        }
+        if let Some(d) = self.peer_gone(peer) {
+            return Err(Error::PeerLost {
+                peer,
+                reason: d.reason,
+            });
+        }
+        let len: usize = segments.iter().map(|s| s.len()).sum();
+        if !self.wiring.allows(peer, self.rank, region, offset, len) {
+            return Err(super::memory::outside_slots(
+                self.rank, peer, region, offset, len,
+            ));
+        }
+        // SAFETY: the range is owned by this writer until the peer hands it back (protocol
+        // credits), so nobody reads or writes it now.
+        let dst = unsafe { self.regions(peer)[region as usize].range_mut(self.rank, offset, len)? };
+        let mut at = 0;
+        for s in segments {
+            dst[at..at + s.len()].copy_from_slice(s);
+            at += s.len();
+        }
+        self.wire.add(region.tier(), len);
+        self.slot(peer).queue.push(Completion {
+            src: self.rank,
+            imm,
+            len,
+        });
+        Ok(())
     }
 }

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
-use super::{Completion, Notify, RegionId};
+use super::{Completion, MAX_SGE, MemKey, NUM_REGIONS, Notify, RegionId, Sge};
 use crate::error::{Error, Result};
 
 /// Heap bytes written by peers and read by the owner at disjoint ranges (see `Transport::local`).
@@ -29,6 +29,10 @@ impl RegionMem {
 
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr
     }
 
     pub fn is_empty(&self) -> bool {
@@ -154,5 +158,83 @@ impl CompletionQueue {
             }
             q = self.ready.wait_timeout(q, deadline - now).unwrap().0;
         }
+    }
+}
+
+/// Memory registered as a source of writes (beyond a rank's own regions, whose keys are
+/// fixed): what a memory-region table is to a NIC. Every entry of a write is checked
+/// against it, so a source the caller did not register is refused, not read.
+#[derive(Default)]
+pub struct Registry {
+    /// Indexed by key minus the region keys; `None` once deregistered.
+    table: Mutex<Vec<Option<(usize, usize)>>>,
+}
+
+impl Registry {
+    /// # Safety
+    /// See `Transport::register`.
+    pub unsafe fn register(&self, ptr: *const u8, len: usize) -> MemKey {
+        let mut t = self.table.lock().unwrap();
+        let slot = match t.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                t.push(None);
+                t.len() - 1
+            }
+        };
+        t[slot] = Some((ptr as usize, len));
+        MemKey((NUM_REGIONS + slot) as u32)
+    }
+
+    pub fn deregister(&self, key: MemKey) {
+        if let Some(slot) = (key.0 as usize).checked_sub(NUM_REGIONS)
+            && let Some(e) = self.table.lock().unwrap().get_mut(slot)
+        {
+            *e = None;
+        }
+    }
+
+    /// The bytes of each entry of `src`: own regions through `own`, the rest from the table.
+    /// `rank` is this rank, for errors (a bad source is a bug here, not a peer's fault).
+    pub fn gather<'a>(
+        &'a self,
+        rank: usize,
+        src: &[Sge],
+        own: impl Fn(RegionId, usize, usize) -> Result<&'a [u8]>,
+    ) -> Result<Vec<&'a [u8]>> {
+        if src.len() > MAX_SGE {
+            return Err(Error::Internal {
+                rank,
+                detail: format!("a write of {} entries (at most {MAX_SGE})", src.len()),
+            });
+        }
+        let t = self.table.lock().unwrap();
+        src.iter()
+            .map(|e| match e.key.as_region() {
+                Some(region) => own(region, e.offset, e.len),
+                None => {
+                    let slot = e.key.0 as usize - NUM_REGIONS;
+                    let (ptr, len) =
+                        t.get(slot)
+                            .copied()
+                            .flatten()
+                            .ok_or_else(|| Error::Internal {
+                                rank,
+                                detail: format!(
+                                    "a write from unregistered memory (key {})",
+                                    e.key.0
+                                ),
+                            })?;
+                    if e.offset.checked_add(e.len).is_none_or(|end| end > len) {
+                        return Err(out_of_bounds(rank, e.offset, e.len, len));
+                    }
+                    // SAFETY: registered and in bounds; the registrant keeps it valid until
+                    // it deregisters (`Transport::register`), which it does after the write.
+                    Ok(unsafe {
+                        std::slice::from_raw_parts((ptr as *const u8).add(e.offset), e.len)
+                    })
+                }
+            })
+            .collect()
     }
 }

@@ -202,6 +202,35 @@ impl Wiring for TierWiring {
     }
 }
 
+/// A handle on local memory a transport may take the bytes of a write from (an RDMA memory
+/// region's key). A rank's own regions have fixed keys (`MemKey::region`); more memory (the
+/// caller's tensors, headers, staging) is registered per operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MemKey(pub u32);
+
+impl MemKey {
+    pub fn region(region: RegionId) -> Self {
+        MemKey(region as u32)
+    }
+
+    /// The own region this key names, if it names one.
+    pub fn as_region(self) -> Option<RegionId> {
+        RegionId::from_index(self.0 as usize)
+    }
+}
+
+/// One scatter-gather entry of a write's source: `len` bytes at `offset` of registered
+/// memory `key`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sge {
+    pub key: MemKey,
+    pub offset: usize,
+    pub len: usize,
+}
+
+/// Most entries one write gathers (a ConnectX send queue takes 30 per work request).
+pub const MAX_SGE: usize = 30;
+
 /// Called by a transport after it queued a completion (see `Transport::set_notify`).
 pub type Notify = Arc<dyn Fn() + Send + Sync>;
 
@@ -232,17 +261,39 @@ pub trait Transport: Send + Sync {
     /// Size in bytes of this rank's own region `region`.
     fn region_len(&self, region: RegionId) -> usize;
 
-    /// Writes the concatenation of `segments` (a few scatter-gather entries) into `peer`'s
-    /// region at `offset`, then makes `imm` visible to `peer`, which learns only
-    /// `(this rank, imm, length)`. The transport refuses writes the wiring does not allow.
+    /// Makes `len` bytes at `ptr` a source of writes, until `deregister`.
+    ///
+    /// # Safety
+    /// The memory stays allocated until `deregister(key)` has returned, and the caller does
+    /// not change bytes that a posted write gathers until `flush` has returned.
+    unsafe fn register(&self, ptr: *const u8, len: usize) -> Result<MemKey>;
+
+    fn deregister(&self, key: MemKey);
+
+    /// Posts a write: the bytes of `src` (at most `MAX_SGE` entries of registered memory)
+    /// go to `peer`'s region at `offset`, then `imm` becomes visible to `peer`, which learns
+    /// only `(this rank, imm, length)`. The transport refuses sources it does not know and
+    /// writes the wiring does not allow. A transport whose sends queue up may block here
+    /// (back-pressure) until the deadline it was made with.
     fn write_with_imm(
         &self,
         peer: usize,
         region: RegionId,
         offset: usize,
-        segments: &[&[u8]],
+        src: &[Sge],
         imm: u32,
     ) -> Result<()>;
+
+    /// Returns once every write posted so far has left this rank's memory (its send
+    /// completion was reaped), so its sources may change or go; an error completion is the
+    /// peer's loss. The host-memory transports copy while posting: nothing to wait for.
+    fn flush(&self, _deadline: Instant) -> Result<()> {
+        Ok(())
+    }
+
+    /// Where this rank's own `region` lives (for composing transports, which register one
+    /// transport's regions with the other).
+    fn region_memory(&self, region: RegionId) -> (*const u8, usize);
 
     /// Moves pending completions into `out`. Blocks until at least one is there or until
     /// `deadline`; returns how many were added (0 on deadline, or when woken by `wake`).

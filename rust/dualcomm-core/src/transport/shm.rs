@@ -14,7 +14,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{Completion, Departure, NUM_REGIONS, RegionId, TierCounters, Transport, Wiring};
+use super::memory::Registry;
+use super::{
+    Completion, Departure, MemKey, NUM_REGIONS, RegionId, Sge, TierCounters, Transport, Wiring,
+};
 use crate::error::{Error, Result};
 
 const MAGIC: u64 = 0x6475_616c_636f_6d6d; // "dualcomm"
@@ -449,6 +452,7 @@ pub struct ShmTransport {
     early: std::sync::Mutex<Vec<Completion>>,
     peers: Vec<Option<Segment>>,
     wire: TierCounters,
+    registry: Registry,
     left: std::sync::atomic::AtomicBool,
     /// How long a writer waits for a peer's full completion queue (the buffer's timeout).
     timeout: Duration,
@@ -486,6 +490,7 @@ impl ShmTransport {
             early: std::sync::Mutex::new(Vec::new()),
             peers,
             wire: TierCounters::default(),
+            registry: Registry::default(),
             left: std::sync::atomic::AtomicBool::new(false),
             timeout,
             woken: AtomicU64::new(0),
@@ -565,99 +570,38 @@ impl Transport for ShmTransport {
         self.own.seg.region_lens[region as usize]
     }
 
+    unsafe fn register(&self, ptr: *const u8, len: usize) -> Result<MemKey> {
+        // SAFETY: the caller's contract (`Transport::register`).
+        Ok(unsafe { self.registry.register(ptr, len) })
+    }
+
+    fn deregister(&self, key: MemKey) {
+        self.registry.deregister(key);
+    }
+
     fn write_with_imm(
         &self,
         peer: usize,
         region: RegionId,
         offset: usize,
-        segments: &[&[u8]],
+        src: &[Sge],
         imm: u32,
     ) -> Result<()> {
-        if self.left.load(Ordering::Relaxed) {
-            return Err(Error::Destroyed);
-        }
-        let seg = self.peer(peer)?;
-        // Only the cheap state word here; the lifeline is checked while polling.
-        let state = seg.u64_at(hdr::STATE).load(Ordering::Acquire);
-        if state != STATE_IN_JOB {
-            let reason = self
-                .peer_gone(peer)
-                .map_or_else(|| format!("its segment says state {state}"), |d| d.reason);
-            return Err(Error::PeerLost { peer, reason });
-        }
-        let len: usize = segments.iter().map(|s| s.len()).sum();
-        // The receiver cannot check a write that lands by a store: the writer checks it
-        // against the plan, so this rank never touches another sender's slots.
-        if !self.wiring.allows(peer, self.own.rank, region, offset, len) {
-            return Err(super::memory::outside_slots(
-                self.own.rank,
-                peer,
-                region,
-                offset,
-                len,
-            ));
-        }
-        let at = seg.check(self.own.rank, region, offset, len)?;
-        let mut w = at;
-        for s in segments {
-            // SAFETY: checked to lie inside the peer's region; the range is this writer's
-            // until the peer hands it back (protocol credits).
-            unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), seg.base.add(w), s.len()) };
-            w += s.len();
-        }
-        let (head, tail, slots) = seg.cq(self.own.rank);
-        let t = tail.load(Ordering::Relaxed);
-        let deadline = Instant::now() + self.timeout;
-        loop {
-            // The head is the peer's to write: a value that is not behind our tail by at most
-            // the queue's size is corruption, not back-pressure.
-            let used = t.wrapping_sub(head.load(Ordering::Acquire));
-            if used > CQ_SLOTS {
-                return Err(Error::protocol(
-                    peer,
-                    format!(
-                        "completion queue head {} is not within {CQ_SLOTS} of tail {t}",
-                        t.wrapping_sub(used)
-                    ),
-                ));
-            }
-            if used < CQ_SLOTS {
-                break;
-            }
-            // The peer may be waiting the same way on us: keep our own rings draining.
-            let mut early = self.early.lock().unwrap();
-            self.take_completions(&mut early)?;
-            drop(early);
-            if self.left.load(Ordering::Relaxed) {
-                return Err(Error::Destroyed);
-            }
-            if let Some(d) = self.peer_gone(peer) {
-                return Err(Error::PeerLost {
-                    peer,
-                    reason: d.reason,
-                });
-            }
-            if Instant::now() > deadline {
-                return Err(Error::Timeout {
-                    what: format!("rank {peer} to take completions from its full queue"),
-                    timeout: self.timeout,
-                });
-            }
-            std::thread::yield_now();
-        }
-        let slot = encode_slot(imm, len);
-        // SAFETY: slot `t % CQ_SLOTS` is free (checked above) and only this rank writes it.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                slot.as_ptr(),
-                slots.add((t % CQ_SLOTS) as usize * SLOT_BYTES),
-                SLOT_BYTES,
-            )
-        };
-        tail.store(t + 1, Ordering::Release);
-        seg.ring();
-        self.wire.add(region.tier(), len);
-        Ok(())
+        let segments = self
+            .registry
+            .gather(self.rank(), src, |region, offset, len| {
+                let at = self.own.seg.check(self.own.rank, region, offset, len)?;
+                // SAFETY: checked; a rank reads its own region only where the protocol lets it.
+                Ok(unsafe { std::slice::from_raw_parts(self.own.seg.base.add(at), len) })
+            })?;
+        self.write_segments(peer, region, offset, &segments, imm)
+    }
+
+    fn region_memory(&self, region: RegionId) -> (*const u8, usize) {
+        let seg = &self.own.seg;
+        // SAFETY: the region lies inside the mapping (see `layout`).
+        let p = unsafe { seg.base.add(seg.region_offsets[region as usize]) };
+        (p as *const u8, seg.region_lens[region as usize])
     }
 
     fn poll(&self, out: &mut Vec<Completion>, deadline: Instant) -> Result<usize> {
@@ -787,10 +731,120 @@ impl Drop for ShmTransport {
     }
 }
 
+impl ShmTransport {
+    /// Copies `segments` to `peer` (see `Transport::write_with_imm`).
+    fn write_segments(
+        &self,
+        peer: usize,
+        region: RegionId,
+        offset: usize,
+        segments: &[&[u8]],
+        imm: u32,
+    ) -> Result<()> {
+        if self.left.load(Ordering::Relaxed) {
+            return Err(Error::Destroyed);
+        }
+        let seg = self.peer(peer)?;
+        // Only the cheap state word here; the lifeline is checked while polling.
+        let state = seg.u64_at(hdr::STATE).load(Ordering::Acquire);
+        if state != STATE_IN_JOB {
+            let reason = self
+                .peer_gone(peer)
+                .map_or_else(|| format!("its segment says state {state}"), |d| d.reason);
+            return Err(Error::PeerLost { peer, reason });
+        }
+        let len: usize = segments.iter().map(|s| s.len()).sum();
+        // The receiver cannot check a write that lands by a store: the writer checks it
+        // against the plan, so this rank never touches another sender's slots.
+        if !self.wiring.allows(peer, self.own.rank, region, offset, len) {
+            return Err(super::memory::outside_slots(
+                self.own.rank,
+                peer,
+                region,
+                offset,
+                len,
+            ));
+        }
+        let at = seg.check(self.own.rank, region, offset, len)?;
+        let mut w = at;
+        for s in segments {
+            // SAFETY: checked to lie inside the peer's region; the range is this writer's
+            // until the peer hands it back (protocol credits).
+            unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), seg.base.add(w), s.len()) };
+            w += s.len();
+        }
+        let (head, tail, slots) = seg.cq(self.own.rank);
+        let t = tail.load(Ordering::Relaxed);
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            // The head is the peer's to write: a value that is not behind our tail by at most
+            // the queue's size is corruption, not back-pressure.
+            let used = t.wrapping_sub(head.load(Ordering::Acquire));
+            if used > CQ_SLOTS {
+                return Err(Error::protocol(
+                    peer,
+                    format!(
+                        "completion queue head {} is not within {CQ_SLOTS} of tail {t}",
+                        t.wrapping_sub(used)
+                    ),
+                ));
+            }
+            if used < CQ_SLOTS {
+                break;
+            }
+            // The peer may be waiting the same way on us: keep our own rings draining.
+            let mut early = self.early.lock().unwrap();
+            self.take_completions(&mut early)?;
+            drop(early);
+            if self.left.load(Ordering::Relaxed) {
+                return Err(Error::Destroyed);
+            }
+            if let Some(d) = self.peer_gone(peer) {
+                return Err(Error::PeerLost {
+                    peer,
+                    reason: d.reason,
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Timeout {
+                    what: format!("rank {peer} to take completions from its full queue"),
+                    timeout: self.timeout,
+                });
+            }
+            std::thread::yield_now();
+        }
+        let slot = encode_slot(imm, len);
+        // SAFETY: slot `t % CQ_SLOTS` is free (checked above) and only this rank writes it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                slot.as_ptr(),
+                slots.add((t % CQ_SLOTS) as usize * SLOT_BYTES),
+                SLOT_BYTES,
+            )
+        };
+        tail.store(t + 1, Ordering::Release);
+        seg.ring();
+        self.wire.add(region.tier(), len);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::{OpenWiring, Tier};
+    use crate::transport::{OpenWiring, Sge, Tier};
+
+    /// Eight registered bytes of `t` as a write's source.
+    fn eight_bytes(t: &ShmTransport) -> Sge {
+        static BYTES: [u8; 8] = [1; 8];
+        // SAFETY: static memory.
+        let key = unsafe { t.register(BYTES.as_ptr(), 8) }.unwrap();
+        Sge {
+            key,
+            offset: 0,
+            len: 8,
+        }
+    }
 
     fn pair(tag: &str) -> (ShmTransport, ShmTransport) {
         let job = format!("unit{}{tag}", std::process::id());
@@ -814,7 +868,7 @@ mod tests {
     #[test]
     fn a_corrupt_tail_from_a_peer_is_an_error_not_an_endless_loop() {
         let (t0, t1) = pair("tail");
-        t1.write_with_imm(0, RegionId::NvlRings, 0, &[&[1u8; 8]], 7)
+        t1.write_with_imm(0, RegionId::NvlRings, 0, &[eight_bytes(&t1)], 7)
             .unwrap();
         // Rank 1's tail in rank 0's segment, pushed far beyond what the queue can hold.
         let (head, tail, _) = t0.own.seg.cq(1);
@@ -839,10 +893,38 @@ mod tests {
         let (head, tail, _) = t0.own.seg.cq(1);
         head.store(tail.load(Ordering::Relaxed) + 5, Ordering::Release);
         let err = t1
-            .write_with_imm(0, RegionId::NvlRings, 0, &[&[1u8; 8]], 7)
+            .write_with_imm(0, RegionId::NvlRings, 0, &[eight_bytes(&t1)], 7)
             .unwrap_err();
         assert!(
             matches!(&err, Error::Protocol { peer: 0, detail } if detail.contains("head")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sources_must_be_registered() {
+        let (_t0, t1) = pair("reg");
+        let src = eight_bytes(&t1);
+        t1.deregister(src.key);
+        let err = t1
+            .write_with_imm(0, RegionId::NvlRings, 0, &[src], 7)
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Internal { detail, .. } if detail.contains("unregistered")),
+            "{err}"
+        );
+        let src = eight_bytes(&t1);
+        let past = Sge { offset: 4, ..src };
+        let err = t1
+            .write_with_imm(0, RegionId::NvlRings, 0, &[past], 7)
+            .unwrap_err();
+        assert!(matches!(err, Error::Internal { .. }), "{err}");
+        let many = vec![Sge { len: 0, ..src }; crate::transport::MAX_SGE + 1];
+        let err = t1
+            .write_with_imm(0, RegionId::NvlRings, 0, &many, 7)
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Internal { detail, .. } if detail.contains("entries")),
             "{err}"
         );
     }

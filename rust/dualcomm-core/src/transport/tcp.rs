@@ -20,8 +20,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::memory::{CompletionQueue, RegionMem};
-use super::{Completion, Departure, NUM_REGIONS, RegionId, TierCounters, Transport, Wiring};
+use super::memory::{CompletionQueue, RegionMem, Registry};
+use super::{
+    Completion, Departure, MemKey, NUM_REGIONS, RegionId, Sge, TierCounters, Transport, Wiring,
+};
 use crate::error::{Error, Result};
 
 const MAGIC: [u8; 4] = *b"DCOM";
@@ -174,6 +176,7 @@ pub struct TcpTransport {
     /// Clones of the senders, to close a connection whose writer is stuck holding its lock.
     closers: Vec<Option<TcpStream>>,
     wire: TierCounters,
+    registry: Registry,
     closed: AtomicBool,
 }
 
@@ -269,6 +272,7 @@ impl TcpTransport {
             senders,
             closers,
             wire: TierCounters::default(),
+            registry: Registry::default(),
             closed: AtomicBool::new(false),
         };
         // Every peer must have introduced itself before the first operation.
@@ -523,66 +527,34 @@ impl Transport for TcpTransport {
         self.shared.regions[region as usize].len()
     }
 
+    unsafe fn register(&self, ptr: *const u8, len: usize) -> Result<MemKey> {
+        // SAFETY: the caller's contract (`Transport::register`).
+        Ok(unsafe { self.registry.register(ptr, len) })
+    }
+
+    fn deregister(&self, key: MemKey) {
+        self.registry.deregister(key);
+    }
+
     fn write_with_imm(
         &self,
         peer: usize,
         region: RegionId,
         offset: usize,
-        segments: &[&[u8]],
+        src: &[Sge],
         imm: u32,
     ) -> Result<()> {
-        if self.closed.load(Ordering::Relaxed) {
-            return Err(Error::Destroyed);
-        }
-        let Some(sender) = self.senders.get(peer).and_then(Option::as_ref) else {
-            return Err(Error::Internal {
-                rank: self.shared.rank,
-                detail: format!("a write to rank {peer}, which is not linked to this one"),
-            });
-        };
-        if let Some(d) = self.peer_gone(peer) {
-            return Err(Error::PeerLost {
-                peer,
-                reason: d.reason,
-            });
-        }
-        let len: usize = segments.iter().map(|s| s.len()).sum();
-        if !self
-            .shared
-            .wiring
-            .allows(peer, self.shared.rank, region, offset, len)
-        {
-            return Err(super::memory::outside_slots(
-                self.shared.rank,
-                peer,
-                region,
-                offset,
-                len,
-            ));
-        }
-        let header = FrameHeader {
-            kind: KIND_WRITE,
-            region: region as u8,
-            imm,
-            offset: offset as u64,
-            len: len as u64,
-        }
-        .encode();
-        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(1 + segments.len());
-        slices.push(IoSlice::new(&header));
-        slices.extend(segments.iter().map(|s| IoSlice::new(s)));
-        let mut s = sender.lock().unwrap();
-        let sent = write_all_vectored(&mut s, &mut slices);
-        if let Err(e) = sent {
-            self.shared
-                .lose(peer, format!("a write to it failed ({e})"));
-            return Err(Error::PeerLost {
-                peer,
-                reason: format!("a write to it failed ({e})"),
-            });
-        }
-        self.wire.add(region.tier(), FRAME_HEADER_BYTES + len);
-        Ok(())
+        let segments = self
+            .registry
+            .gather(self.rank(), src, |region, offset, len| {
+                self.shared.regions[region as usize].range(self.shared.rank, offset, len)
+            })?;
+        self.write_segments(peer, region, offset, &segments, imm)
+    }
+
+    fn region_memory(&self, region: RegionId) -> (*const u8, usize) {
+        let r = &self.shared.regions[region as usize];
+        (r.as_ptr(), r.len())
     }
 
     fn poll(&self, out: &mut Vec<Completion>, deadline: Instant) -> Result<usize> {
@@ -675,6 +647,71 @@ impl Drop for TcpTransport {
     }
 }
 
+impl TcpTransport {
+    /// Copies `segments` to `peer` (see `Transport::write_with_imm`).
+    fn write_segments(
+        &self,
+        peer: usize,
+        region: RegionId,
+        offset: usize,
+        segments: &[&[u8]],
+        imm: u32,
+    ) -> Result<()> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(Error::Destroyed);
+        }
+        let Some(sender) = self.senders.get(peer).and_then(Option::as_ref) else {
+            return Err(Error::Internal {
+                rank: self.shared.rank,
+                detail: format!("a write to rank {peer}, which is not linked to this one"),
+            });
+        };
+        if let Some(d) = self.peer_gone(peer) {
+            return Err(Error::PeerLost {
+                peer,
+                reason: d.reason,
+            });
+        }
+        let len: usize = segments.iter().map(|s| s.len()).sum();
+        if !self
+            .shared
+            .wiring
+            .allows(peer, self.shared.rank, region, offset, len)
+        {
+            return Err(super::memory::outside_slots(
+                self.shared.rank,
+                peer,
+                region,
+                offset,
+                len,
+            ));
+        }
+        let header = FrameHeader {
+            kind: KIND_WRITE,
+            region: region as u8,
+            imm,
+            offset: offset as u64,
+            len: len as u64,
+        }
+        .encode();
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(1 + segments.len());
+        slices.push(IoSlice::new(&header));
+        slices.extend(segments.iter().map(|s| IoSlice::new(s)));
+        let mut s = sender.lock().unwrap();
+        let sent = write_all_vectored(&mut s, &mut slices);
+        if let Err(e) = sent {
+            self.shared
+                .lose(peer, format!("a write to it failed ({e})"));
+            return Err(Error::PeerLost {
+                peer,
+                reason: format!("a write to it failed ({e})"),
+            });
+        }
+        self.wire.add(region.tier(), FRAME_HEADER_BYTES + len);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -759,6 +796,8 @@ mod tests {
             t0.poll(&mut got, Instant::now() + Duration::from_millis(50))
                 .unwrap();
         }
+        // What arrived before the peer was dropped is queued ahead of its departure.
+        t0.poll(&mut got, Instant::now()).unwrap();
         // The write into its own ring arrived; the other one never landed.
         assert_eq!(got.len(), 1, "{got:?}");
         let gone = t0.peer_gone(1).expect("rank 1 dropped");

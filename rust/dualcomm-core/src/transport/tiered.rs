@@ -6,11 +6,12 @@
 //! transport calls back on every completion it queues, which counts a generation and wakes
 //! the sleeper, so a completion on either tier is seen at once.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use super::{Completion, Departure, RegionId, Tier, Transport};
+use super::{Completion, Departure, MemKey, NUM_REGIONS, RegionId, Sge, Tier, Transport};
 use crate::error::{Error, Result};
 
 pub struct Tiered {
@@ -20,6 +21,13 @@ pub struct Tiered {
     rdma_arrivals: Arc<AtomicU64>,
     /// Whether the rdma transport calls back; if not, sleeps are cut into short slices.
     notified: bool,
+    /// Each own region's key at `[nvl, rdma]`: its holder's fixed key, and an alias the
+    /// other transport registered (a forwarder sends what arrived over one tier on the
+    /// other, straight from where it landed).
+    region_keys: [[MemKey; 2]; NUM_REGIONS],
+    /// Keys handed out by `register`, and the inner transports' keys for them.
+    keys: Mutex<HashMap<u32, [MemKey; 2]>>,
+    next_key: AtomicU32,
 }
 
 impl Tiered {
@@ -45,12 +53,50 @@ impl Tiered {
                 nvl.wake();
             }
         }));
+        let mut region_keys = [[MemKey(0); 2]; NUM_REGIONS];
+        for region in RegionId::ALL {
+            let (holder, other) = match region.tier() {
+                Tier::Nvl => (&nvl, &rdma),
+                Tier::Rdma => (&rdma, &nvl),
+            };
+            let (ptr, len) = holder.region_memory(region);
+            // SAFETY: the holder's region lives as long as the holder, which this composite
+            // owns together with `other`; both go together.
+            let alias = unsafe { other.register(ptr, len)? };
+            region_keys[region as usize] = match region.tier() {
+                Tier::Nvl => [MemKey::region(region), alias],
+                Tier::Rdma => [alias, MemKey::region(region)],
+            };
+        }
         Ok(Self {
             nvl,
             rdma,
             rdma_arrivals,
             notified,
+            region_keys,
+            keys: Mutex::new(HashMap::new()),
+            next_key: AtomicU32::new(NUM_REGIONS as u32),
         })
+    }
+
+    /// `src` in the keys of the transport of `tier`.
+    fn translate(&self, tier: Tier, src: &[Sge]) -> Result<Vec<Sge>> {
+        let keys = self.keys.lock().unwrap();
+        src.iter()
+            .map(|e| {
+                let key = match e.key.as_region() {
+                    Some(r) => self.region_keys[r as usize][tier as usize],
+                    None => keys
+                        .get(&e.key.0)
+                        .map(|k| k[tier as usize])
+                        .ok_or_else(|| Error::Internal {
+                            rank: self.rank(),
+                            detail: format!("a write from unregistered memory (key {})", e.key.0),
+                        })?,
+                };
+                Ok(Sge { key, ..*e })
+            })
+            .collect()
     }
 
     fn of(&self, tier: Tier) -> &dyn Transport {
@@ -70,16 +116,50 @@ impl Transport for Tiered {
         self.of(region.tier()).region_len(region)
     }
 
+    unsafe fn register(&self, ptr: *const u8, len: usize) -> Result<MemKey> {
+        // SAFETY: the caller's contract, passed on.
+        let nvl = unsafe { self.nvl.register(ptr, len)? };
+        // SAFETY: as above.
+        let rdma = match unsafe { self.rdma.register(ptr, len) } {
+            Ok(k) => k,
+            Err(e) => {
+                self.nvl.deregister(nvl);
+                return Err(e);
+            }
+        };
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        self.keys.lock().unwrap().insert(key, [nvl, rdma]);
+        Ok(MemKey(key))
+    }
+
+    fn deregister(&self, key: MemKey) {
+        if let Some([nvl, rdma]) = self.keys.lock().unwrap().remove(&key.0) {
+            self.nvl.deregister(nvl);
+            self.rdma.deregister(rdma);
+        }
+    }
+
     fn write_with_imm(
         &self,
         peer: usize,
         region: RegionId,
         offset: usize,
-        segments: &[&[u8]],
+        src: &[Sge],
         imm: u32,
     ) -> Result<()> {
-        self.of(region.tier())
-            .write_with_imm(peer, region, offset, segments, imm)
+        let tier = region.tier();
+        let src = self.translate(tier, src)?;
+        self.of(tier)
+            .write_with_imm(peer, region, offset, &src, imm)
+    }
+
+    fn flush(&self, deadline: Instant) -> Result<()> {
+        self.nvl.flush(deadline)?;
+        self.rdma.flush(deadline)
+    }
+
+    fn region_memory(&self, region: RegionId) -> (*const u8, usize) {
+        self.of(region.tier()).region_memory(region)
     }
 
     fn poll(&self, out: &mut Vec<Completion>, deadline: Instant) -> Result<usize> {

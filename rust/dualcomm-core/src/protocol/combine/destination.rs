@@ -9,8 +9,9 @@ use crate::error::Result;
 use crate::protocol::dispatch::DispatchHandle;
 use crate::protocol::op::Op;
 use crate::protocol::record::{HEADER_BYTES, Header};
+use crate::protocol::sources::Source;
 use crate::topology::Topology;
-use crate::transport::{Tier, TierCounters};
+use crate::transport::{Sge, Tier, TierCounters};
 
 /// This rank's rows (in dispatch's receive order) with their top-k weights.
 pub(super) struct Rows<'a> {
@@ -28,6 +29,14 @@ impl<'a> Rows<'a> {
             &self.weights[j * k * 4..(j + 1) * k * 4],
         ]
     }
+}
+
+/// Where the rows' bytes come from once registered: the headers per reducer, the caller's
+/// rows and weights.
+pub(super) struct RowSources {
+    pub headers: Vec<Source>,
+    pub x: Source,
+    pub weights: Source,
 }
 
 pub(super) struct Destination {
@@ -62,6 +71,18 @@ impl Destination {
         }
     }
 
+    /// The record headers of the rows for each reducer, to be registered.
+    pub fn headers(&self, handle: &DispatchHandle) -> Vec<Vec<u8>> {
+        self.to_reducer
+            .iter()
+            .map(|list| {
+                list.iter()
+                    .flat_map(|&j| Self::header(handle, j).encode())
+                    .collect()
+            })
+            .collect()
+    }
+
     /// Reduces the rows whose reducer is this rank itself.
     pub fn reduce_own(
         &mut self,
@@ -86,7 +107,7 @@ impl Destination {
         &mut self,
         op: &mut Op<'_>,
         rows: &Rows<'_>,
-        handle: &DispatchHandle,
+        src: &RowSources,
         payload: &TierCounters,
     ) -> Result<bool> {
         let (t, epoch, topo, me) = (op.t, op.epoch, self.topo, self.me);
@@ -98,17 +119,16 @@ impl Destination {
             let list = &self.to_reducer[l];
             let n = (ring.free() as usize).min(list.len() - self.sent[l]);
             if n > 0 {
-                let batch = &list[self.sent[l]..self.sent[l] + n];
-                let headers: Vec<[u8; HEADER_BYTES]> = batch
-                    .iter()
-                    .map(|&j| Self::header(handle, j).encode())
-                    .collect();
-                let mut segs: Vec<&[u8]> = Vec::with_capacity(3 * n);
-                for (hdr, &j) in headers.iter().zip(batch) {
-                    segs.push(hdr);
-                    segs.extend(rows.row(j));
+                let (rb, k) = (rows.row_bytes, rows.topk);
+                let mut sges: Vec<Sge> = Vec::with_capacity(3 * n);
+                for (i, &j) in list.iter().enumerate().skip(self.sent[l]).take(n) {
+                    sges.extend([
+                        src.headers[l].piece(i, HEADER_BYTES),
+                        src.x.piece(j, rb),
+                        src.weights.piece(j, k * 4),
+                    ]);
                 }
-                ring.post(t, epoch, &segs, 3)?;
+                ring.post(t, epoch, &sges, 3)?;
                 payload.add(Tier::Nvl, n * rows.row_bytes);
                 self.sent[l] += n;
                 progress = true;

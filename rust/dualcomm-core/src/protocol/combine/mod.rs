@@ -22,10 +22,11 @@ use super::dispatch::DispatchHandle;
 use super::op::{Announce, Op, OpKind, Session};
 use super::record::{ElemType, Layout, RecordFormat};
 use super::reduce::Dtype;
+use super::sources::Registered;
 use crate::error::{Error, Result};
 use crate::topology::LocalMask;
 use crate::transport::TierCounters;
-use destination::{Destination, Rows};
+use destination::{Destination, RowSources, Rows};
 use finisher::Finisher;
 use reducer::Reducer;
 
@@ -130,6 +131,22 @@ pub(crate) fn run(
     let parts = std::mem::take(&mut scratch.parts);
     let mut fin = Finisher::new(plan, c.shape, args.out_dtype, out.x, out.weights, parts);
     let mut dest = Destination::new(handle, &topo, me);
+    // Writes take their bytes from registered memory: the caller's rows and weights, the
+    // rows' headers, and the partials where they are summed.
+    let headers = dest.headers(handle);
+    let mut registered = Registered::new(session.transport);
+    let row_sources = RowSources {
+        headers: headers
+            .iter()
+            .map(|h| registered.add(h))
+            .collect::<Result<Vec<_>>>()?,
+        x: registered.add(rows.x)?,
+        weights: registered.add(rows.weights)?,
+    };
+    let (ptr, len) = red.partials_memory();
+    // SAFETY: the reducer keeps its partials in place until after this guard drops (it is
+    // declared before it), and writes a partial only before posting it.
+    let partials = unsafe { registered.add_raw(ptr, len)? };
     let announce = Announce {
         tag: handle.tag,
         ..Announce::default()
@@ -159,9 +176,9 @@ pub(crate) fn run(
         }
         // No data moves before every peer's metadata is in.
         if started {
-            progress |= dest.post(&mut op, &rows, handle, payload)?;
+            progress |= dest.post(&mut op, &rows, &row_sources, payload)?;
             progress |= red.drain(&mut op, &c.layout, &mut fin, plan)?;
-            progress |= red.post_partials(&mut op, payload)?;
+            progress |= red.post_partials(&mut op, partials, payload)?;
             progress |= fin.drain(&mut op, &c.layout, plan, &topo)?;
             op.return_credits()?;
             if fin.finished() && op.rings_finished() {
@@ -170,6 +187,9 @@ pub(crate) fn run(
         }
         op.pump(!progress)?;
     }
+    op.flush()?;
+    drop(op);
+    drop(registered);
     scratch.rows = red.rows;
     scratch.parts = fin.parts;
     scratch.bodies = red.bodies;

@@ -13,9 +13,10 @@ use crate::protocol::dispatch::DispatchHandle;
 use crate::protocol::op::Op;
 use crate::protocol::record::{HEADER_BYTES, Header, Layout};
 use crate::protocol::reduce::{Dtype, add_into, store};
+use crate::protocol::sources::Source;
 use crate::routing::SendPlan;
 use crate::topology::{LocalMask, Topology};
-use crate::transport::{Tier, TierCounters};
+use crate::transport::{Sge, Tier, TierCounters};
 
 pub(super) struct Reducer {
     entries: Vec<Entry>,
@@ -74,14 +75,15 @@ impl Reducer {
                 rows_total += e.mask.count_ones() as usize;
             }
         }
-        let body_bytes = shape.row_bytes() + shape.k * 4;
+        // A partial travels as one record: header, row, weights, laid out where it is summed.
+        let body_bytes = HEADER_BYTES + shape.row_bytes() + shape.k * 4;
         let mut pending = vec![0usize; topo.world_size()];
         for e in &entries {
             pending[e.src as usize] += 1;
         }
         Self {
             present: vec![0; entries.len()],
-            rows: at_least(rows, rows_total * body_bytes),
+            rows: at_least(rows, rows_total * (shape.row_bytes() + shape.k * 4)),
             bodies: at_least(bodies, entries.len() * body_bytes),
             first_row,
             shape,
@@ -138,8 +140,19 @@ impl Reducer {
         Ok(progress)
     }
 
-    /// Sends finished partials to their sources on other nodes, as credits allow.
-    pub fn post_partials(&mut self, op: &mut Op<'_>, payload: &TierCounters) -> Result<bool> {
+    /// The partials' memory, to be registered (it is not resized while the operation runs).
+    pub fn partials_memory(&self) -> (*const u8, usize) {
+        (self.bodies.as_ptr(), self.bodies.len())
+    }
+
+    /// Sends finished partials to their sources on other nodes, as credits allow; each goes
+    /// from where it was summed (`partials`: the registered `partials_memory`).
+    pub fn post_partials(
+        &mut self,
+        op: &mut Op<'_>,
+        partials: Source,
+        payload: &TierCounters,
+    ) -> Result<bool> {
         let (t, epoch, topo, me) = (op.t, op.epoch, op.topo, op.me);
         let rb = self.shape.row_bytes();
         let mut progress = false;
@@ -149,25 +162,12 @@ impl Reducer {
             let queue = &mut self.queues[s];
             let m = (ring.free() as usize).min(queue.len());
             if m > 0 {
-                let batch: Vec<(u32, usize)> = queue.drain(..m).collect();
-                let headers: Vec<[u8; HEADER_BYTES]> = batch
-                    .iter()
-                    .map(|(idx, _)| {
-                        Header {
-                            src_rank: s as u32,
-                            src_idx: *idx,
-                            mask: 0,
-                        }
-                        .encode()
-                    })
-                    .collect();
                 let bb = self.body_bytes;
-                let mut segs: Vec<&[u8]> = Vec::with_capacity(2 * m);
-                for (hdr, &(_, e)) in headers.iter().zip(&batch) {
-                    segs.push(hdr);
-                    segs.push(&self.bodies[e * bb..(e + 1) * bb]);
-                }
-                ring.post(t, epoch, &segs, 2)?;
+                let sges: Vec<Sge> = queue
+                    .drain(..m)
+                    .map(|(_, e)| partials.piece(e, bb))
+                    .collect();
+                ring.post(t, epoch, &sges, 1)?;
                 payload.add(Tier::Rdma, m * rb);
                 self.pending[s] -= m;
                 progress = true;
@@ -197,7 +197,14 @@ impl Reducer {
         let rb = shape.row_bytes();
         let slot = self.index_of(&e);
         let bb = self.body_bytes;
-        let body = &mut self.bodies[slot * bb..(slot + 1) * bb];
+        let record = &mut self.bodies[slot * bb..(slot + 1) * bb];
+        let header = Header {
+            src_rank: e.src,
+            src_idx: e.idx,
+            mask: 0,
+        };
+        record[..HEADER_BYTES].copy_from_slice(&header.encode());
+        let body = &mut record[HEADER_BYTES..];
         store(&self.acc[..shape.hidden], &mut body[..rb], shape.dtype);
         body[rb..].copy_from_slice(bytemuck::cast_slice(&self.acc[shape.hidden..]));
         self.queues[e.src as usize].push_back((e.idx, slot));

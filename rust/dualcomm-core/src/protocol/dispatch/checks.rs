@@ -26,10 +26,10 @@ pub(super) struct Checked<'a> {
 
 /// This rank's tokens, cut into the sections of their records.
 pub(super) struct Tokens<'a> {
-    x: &'a [u8],
-    scales: &'a [u8],
-    idx: &'a [u8],
-    weights: &'a [u8],
+    pub x: &'a [u8],
+    pub scales: &'a [u8],
+    pub idx: &'a [u8],
+    pub weights: &'a [u8],
     pub x_bytes: usize,
     pub scale_bytes: usize,
     pub topk: usize,

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::protocol::op::Op;
 use crate::protocol::record::{Header, SourceOrder};
 use crate::topology::{LocalMask, Topology};
-use crate::transport::{Tier, TierCounters};
+use crate::transport::{Sge, Tier, TierCounters};
 
 pub(super) struct Forwarder {
     topo: Topology,
@@ -94,7 +94,7 @@ impl Forwarder {
                 }
             })
             .collect();
-        let mut batches: Vec<Vec<&[u8]>> = vec![Vec::new(); rpn];
+        let mut batches: Vec<Vec<Sge>> = vec![Vec::new(); rpn];
         let mut taken = 0;
         let valid_mask = LocalMask::MAX >> (LocalMask::BITS as usize - rpn);
         for i in 0..avail {
@@ -119,7 +119,8 @@ impl Forwarder {
                 if topo.rank_at(my_node, l) == me {
                     r.deliver(p, &h, &c.layout.split(rec))?;
                 } else {
-                    batches[l].push(rec);
+                    // Sent on from where it landed (this rank's registered ring).
+                    batches[l].push(ring.record_source(i));
                     room[l] -= 1;
                 }
             }

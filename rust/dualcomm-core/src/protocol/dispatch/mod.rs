@@ -6,7 +6,7 @@
 //! destination through exactly one FIFO path, so each one's slot is the source's prefix
 //! plus how many of that source's tokens came before it.
 //!
-//! Every rank plays three roles at once, each its own type: the [`source::Source`] of its
+//! Every rank plays three roles at once, each its own type: the [`source::Sender`] of its
 //! tokens, the [`forwarder::Forwarder`] of its twins' tokens into its node, and the
 //! [`receiver::Receiver`] of the tokens for its experts. `run` checks the arguments, opens
 //! the operation and drives the three until every ring is drained and acknowledged.
@@ -20,13 +20,14 @@ use std::sync::Arc;
 
 use super::op::{Announce, Op, Session};
 use super::record::ElemType;
+use super::sources::Registered;
 use crate::error::{Error, Result};
 use crate::routing::SendPlan;
 use crate::topology::LocalMask;
 use crate::transport::TierCounters;
 use forwarder::Forwarder;
 use receiver::Receiver;
-use source::Source;
+use source::{Sender, TokenSources};
 
 pub struct TopkArgs<'a> {
     /// `[num_tokens, num_topk]` global expert indices, -1 for none.
@@ -163,7 +164,22 @@ pub(crate) fn run(
     // Nothing has been sent yet: an error here leaves every rank in step (see `Endpoint`).
     let checked = checks::check(&topo, me, endpoint_id, args, &route)?;
     let plan = &checked.plan;
-    let mut source = Source::new(&topo, me, plan);
+    let mut source = Sender::new(&topo, me, plan);
+    // Writes take their bytes from registered memory: the caller's tensors and the headers.
+    let headers = source.headers(plan);
+    let mut registered = Registered::new(session.transport);
+    let header_keys = headers
+        .iter()
+        .map(|h| registered.add(h))
+        .collect::<Result<Vec<_>>>()?;
+    let tk = &checked.tokens;
+    let tokens = TokenSources {
+        x: registered.add(tk.x)?,
+        scales: registered.add(tk.scales)?,
+        idx: registered.add(tk.idx)?,
+        weights: registered.add(tk.weights)?,
+    };
+    source.attach(header_keys, tokens);
     let tag = session.seq;
     let announce = Announce {
         tokens: args.num_tokens as u64,
@@ -208,6 +224,7 @@ pub(crate) fn run(
         }
         op.pump(!progress)?;
     }
+    op.flush()?;
     let r = receiver.expect("the loop ends after the receiver exists");
     r.finish(args, &checked, forwarder.into_log(), endpoint_id, tag)
 }

@@ -6,9 +6,10 @@ use super::checks::Checked;
 use crate::error::Result;
 use crate::protocol::op::Op;
 use crate::protocol::record::{HEADER_BYTES, Header};
+use crate::protocol::sources::Source;
 use crate::routing::SendPlan;
 use crate::topology::Topology;
-use crate::transport::{Tier, TierCounters};
+use crate::transport::{Sge, Tier, TierCounters};
 
 /// This rank's tokens for one linked peer.
 struct Outbox {
@@ -16,15 +17,28 @@ struct Outbox {
     tier: Tier,
     tokens: Vec<u32>,
     sent: usize,
+    /// The registered headers of `tokens`, in order.
+    headers: Option<Source>,
 }
 
-pub(super) struct Source {
+/// Where a token's record sections come from: its header, then row, scales, top-k
+/// indices and weights in the caller's registered tensors.
+#[derive(Clone, Copy)]
+pub(super) struct TokenSources {
+    pub x: Source,
+    pub scales: Source,
+    pub idx: Source,
+    pub weights: Source,
+}
+
+pub(super) struct Sender {
     me: usize,
     topo: Topology,
     outboxes: Vec<Outbox>,
+    tokens: Option<TokenSources>,
 }
 
-impl Source {
+impl Sender {
     pub fn new(topo: &Topology, me: usize, plan: &SendPlan) -> Self {
         let (nn, rpn, my_node) = (topo.num_nodes(), topo.ranks_per_node(), topo.node_of(me));
         let mut outboxes = Vec::new();
@@ -34,6 +48,7 @@ impl Source {
                 tier: Tier::Rdma,
                 tokens: plan.tokens_to_node(n).map(|t| t as u32).collect(),
                 sent: 0,
+                headers: None,
             });
         }
         for l in (0..rpn).filter(|&l| l != topo.local_of(me)) {
@@ -43,13 +58,50 @@ impl Source {
                 tier: Tier::Nvl,
                 tokens: plan.tokens_to_rank(d).map(|t| t as u32).collect(),
                 sent: 0,
+                headers: None,
             });
         }
         Self {
             me,
             topo: *topo,
             outboxes,
+            tokens: None,
         }
+    }
+
+    /// The record headers of every outbox, to be registered (`attach`): a twin's carry the
+    /// local ranks of its node that need the token, a node rank's only that rank.
+    pub fn headers(&self, plan: &SendPlan) -> Vec<Vec<u8>> {
+        let topo = self.topo;
+        self.outboxes
+            .iter()
+            .map(|ob| {
+                let dst_node = topo.node_of(ob.peer);
+                ob.tokens
+                    .iter()
+                    .flat_map(|&tok| {
+                        let mask = match ob.tier {
+                            Tier::Rdma => plan.mask(tok as usize, dst_node),
+                            Tier::Nvl => 1 << topo.local_of(ob.peer),
+                        };
+                        Header {
+                            src_rank: self.me as u32,
+                            src_idx: tok,
+                            mask,
+                        }
+                        .encode()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Where the records' bytes come from, once registered.
+    pub fn attach(&mut self, headers: Vec<Source>, tokens: TokenSources) {
+        for (ob, h) in self.outboxes.iter_mut().zip(headers) {
+            ob.headers = Some(h);
+        }
+        self.tokens = Some(tokens);
     }
 
     /// Posts what fits into each peer's ring; returns whether anything was posted. A ring to a
@@ -61,36 +113,28 @@ impl Source {
         c: &Checked<'_>,
         payload: &TierCounters,
     ) -> Result<bool> {
-        let (t, epoch, topo, me) = (op.t, op.epoch, self.topo, self.me);
+        let (t, epoch) = (op.t, op.epoch);
+        let src = self.tokens.expect("attached before the first post");
+        let tk = &c.tokens;
         let mut progress = false;
         for ob in &mut self.outboxes {
             let ring = op.send_ring(ob.peer);
             let n = (ring.free() as usize).min(ob.tokens.len() - ob.sent);
             if n > 0 {
-                let batch = &ob.tokens[ob.sent..ob.sent + n];
-                let dst_node = topo.node_of(ob.peer);
-                let headers: Vec<[u8; HEADER_BYTES]> = batch
-                    .iter()
-                    .map(|&tok| {
-                        let mask = match ob.tier {
-                            Tier::Rdma => c.plan.mask(tok as usize, dst_node),
-                            Tier::Nvl => 1 << topo.local_of(ob.peer),
-                        };
-                        Header {
-                            src_rank: me as u32,
-                            src_idx: tok,
-                            mask,
-                        }
-                        .encode()
-                    })
-                    .collect();
-                let mut segs: Vec<&[u8]> = Vec::with_capacity(n * 5);
-                for (hdr, &tok) in headers.iter().zip(batch) {
-                    segs.push(hdr);
-                    segs.extend(c.tokens.sections(tok as usize));
+                let headers = ob.headers.expect("attached before the first post");
+                let mut sges: Vec<Sge> = Vec::with_capacity(n * 5);
+                for (i, &tok) in (ob.sent..ob.sent + n).zip(&ob.tokens[ob.sent..ob.sent + n]) {
+                    let tok = tok as usize;
+                    sges.extend([
+                        headers.piece(i, HEADER_BYTES),
+                        src.x.piece(tok, tk.x_bytes),
+                        src.scales.piece(tok, tk.scale_bytes),
+                        src.idx.piece(tok, tk.topk * 8),
+                        src.weights.piece(tok, tk.topk * 4),
+                    ]);
                 }
-                ring.post(t, epoch, &segs, 5)?;
-                payload.add(ob.tier, n * c.tokens.payload_bytes());
+                ring.post(t, epoch, &sges, 5)?;
+                payload.add(ob.tier, n * tk.payload_bytes());
                 ob.sent += n;
                 progress = true;
             }
