@@ -13,6 +13,7 @@ from typing import Any
 from dualcomm import _checks
 from dualcomm._native import (
     ConfigMismatchError,
+    DualcommError,
     Endpoint,
     ShmSegment,
     TcpListener,
@@ -116,8 +117,19 @@ def make_endpoint(
     job = secret.hex()[:16]
     nodes = world // rpn
     if transport in ("shm", "shm+tcp"):
-        segment = ShmSegment(job, rank, nodes, rpn, num_nvl_bytes, num_rdma_bytes, nvl_only=transport == "shm+tcp")
-        dist.barrier(group)  # every segment exists
+        error: DualcommError | None = None
+        try:
+            segment = ShmSegment(job, rank, nodes, rpn, num_nvl_bytes, num_rdma_bytes, nvl_only=transport == "shm+tcp")
+        except DualcommError as e:
+            error = e
+        # Every segment exists, or every rank learns which could not be made (no rank waits).
+        outcomes: list[Any] = [None] * world
+        dist.all_gather_object(outcomes, None if error is None else f"{type(error).__name__}: {error}", group=group)
+        failed = {r: o for r, o in enumerate(outcomes) if o is not None}
+        if error is not None:
+            raise error
+        if failed:
+            raise TransportUnavailableError(f"transport={transport!r}: shared memory failed on ranks {failed}")
         try:
             if transport == "shm":
                 ep = Endpoint.shm(segment, job, nodes, rpn, num_nvl_bytes, num_rdma_bytes, float(timeout))

@@ -312,9 +312,17 @@ impl Endpoint {
     pub fn abort(&mut self, kind: OpKind, reason: &str) -> Result<()> {
         self.usable()?;
         let (session, _, _) = self.parts();
-        op::abort(session, kind, reason)?;
-        self.advance();
-        Ok(())
+        match op::abort(session, kind, reason) {
+            Ok(()) => {
+                self.advance();
+                Ok(())
+            }
+            // Peers may not have heard: the ranks are out of step.
+            Err(e) => {
+                self.fail(&e);
+                Err(e)
+            }
+        }
     }
 
     /// Dispatches; received rows go to the buffers `sink` supplies once their size is known.

@@ -175,7 +175,13 @@ impl<K> RecvSink for RecvHandoff<K> {
         let memory = self
             .replies
             .recv_timeout(self.timeout)
-            .map_err(|_| gone())?
+            .map_err(|e| match e {
+                mpsc::RecvTimeoutError::Timeout => Error::Timeout {
+                    what: "the caller to allocate the receive buffers".into(),
+                    timeout: self.timeout,
+                },
+                mpsc::RecvTimeoutError::Disconnected => gone(),
+            })?
             .map_err(|detail| Error::Os {
                 what: format!(
                     "allocating the receive buffers for {} tokens",

@@ -29,11 +29,14 @@ impl Topology {
                 ranks_per_node,
             ));
         }
-        if num_nodes * ranks_per_node > MAX_WORLD_SIZE {
+        if num_nodes
+            .checked_mul(ranks_per_node)
+            .is_none_or(|w| w > MAX_WORLD_SIZE)
+        {
             return Err(Error::invalid(
                 "num_nodes * ranks_per_node",
                 format!("at most {MAX_WORLD_SIZE}"),
-                num_nodes * ranks_per_node,
+                format!("{num_nodes} * {ranks_per_node}"),
             ));
         }
         Ok(Self {

@@ -420,6 +420,11 @@ impl<'e> Op<'e> {
         self.meta(p).node_count
     }
 
+    /// Tokens twin `p` announced for each local rank of this node.
+    pub fn twin_counts(&self, p: usize) -> &[u64] {
+        &self.meta(p).counts
+    }
+
     /// A linked peer whose tag differs from this rank's, and its tag.
     pub fn tag_mismatch(&self) -> Option<(usize, u64)> {
         (0..self.metas.len())
@@ -446,6 +451,13 @@ impl<'e> Op<'e> {
         };
         let n = self.take_in(until)?;
         self.raise_abort()?;
+        // Checked on every call: a peer that keeps this rank busy must not keep it forever.
+        if Instant::now() >= self.deadline {
+            return Err(Error::Timeout {
+                what: format!("{} to complete: {}", self.kind.name(), self.describe_wait()),
+                timeout: self.timeout,
+            });
+        }
         if block && n == 0 {
             if self.t.peer_gone(self.me).is_some() {
                 return Err(Error::Destroyed); // this rank was told to leave
@@ -458,12 +470,6 @@ impl<'e> Op<'e> {
                 if let Some(e) = self.lost_peer() {
                     return Err(e);
                 }
-            }
-            if Instant::now() >= self.deadline {
-                return Err(Error::Timeout {
-                    what: format!("{} to complete: {}", self.kind.name(), self.describe_wait()),
-                    timeout: self.timeout,
-                });
             }
         }
         Ok(())
@@ -498,6 +504,16 @@ impl<'e> Op<'e> {
         }
         if imm.epoch() != self.epoch {
             if imm.epoch() == (self.epoch + 1) % 4 {
+                // A linked peer that finished this operation can be one ahead, and can only
+                // have sent its metadata of the next (its data waits for this rank's): one
+                // record per link, so the stash stays bounded.
+                let again = self.stash.iter().any(|s| s.src == c.src);
+                if kind != ImmKind::Meta || again {
+                    return Err(Error::protocol(
+                        c.src,
+                        "ran ahead into the next operation beyond its metadata",
+                    ));
+                }
                 self.stash.push(c);
                 return Ok(());
             }
@@ -508,6 +524,12 @@ impl<'e> Op<'e> {
                     imm.epoch(),
                     self.epoch
                 ),
+            ));
+        }
+        if self.kind == OpKind::Abort && kind != ImmKind::Meta {
+            return Err(Error::protocol(
+                c.src,
+                "ring traffic in an operation that was aborted",
             ));
         }
         match kind {
@@ -696,6 +718,8 @@ impl<'e> Op<'e> {
         if self.metas_ready()
             && let Some(e) = self.aborted.take()
         {
+            // The buffer stays usable: this operation's writes must have left first.
+            self.flush()?;
             return Err(e);
         }
         Ok(())

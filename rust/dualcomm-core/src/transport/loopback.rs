@@ -69,7 +69,7 @@ impl LoopbackFabric {
                 wiring.world_size(),
             ));
         }
-        let regions = wiring.region_lens().map(RegionMem::new);
+        let regions = RegionMem::all(wiring.region_lens())?;
         if self.slots[rank].regions.set(regions).is_err() {
             return Err(Error::invalid(
                 "rank",
@@ -248,7 +248,10 @@ impl LoopbackTransport {
         }
         let w = self.fabric.world_size();
         if peer >= w {
-            return Err(Error::invalid("peer", format!("a rank in [0, {w})"), peer));
+            return Err(Error::Internal {
+                rank: self.rank,
+                detail: format!("a write to rank {peer} of a world of {w}"),
+            });
         }
         if let Some(d) = self.peer_gone(peer) {
             return Err(Error::PeerLost {

@@ -21,10 +21,28 @@ unsafe impl Send for RegionMem {}
 unsafe impl Sync for RegionMem {}
 
 impl RegionMem {
-    pub fn new(len: usize) -> Self {
-        let mem = vec![0u8; len].into_boxed_slice();
-        let ptr = Box::into_raw(mem) as *mut u8;
-        Self { ptr, len }
+    /// `len` zeroed bytes, or an error (not an abort) when memory is short.
+    pub fn new(len: usize) -> Result<Self> {
+        let mut v: Vec<u8> = Vec::new();
+        v.try_reserve_exact(len).map_err(|e| Error::Os {
+            what: format!("allocating a {len}-byte region"),
+            detail: e.to_string(),
+        })?;
+        v.resize(len, 0);
+        let ptr = Box::into_raw(v.into_boxed_slice()) as *mut u8;
+        Ok(Self { ptr, len })
+    }
+
+    /// One region per length.
+    pub fn all(lens: [usize; NUM_REGIONS]) -> Result<[Self; NUM_REGIONS]> {
+        let mut made = Vec::with_capacity(NUM_REGIONS);
+        for len in lens {
+            made.push(Self::new(len)?);
+        }
+        let mut made = made.into_iter();
+        Ok(std::array::from_fn(|_| {
+            made.next().expect("one region per length")
+        }))
     }
 
     pub fn len(&self) -> usize {
@@ -111,6 +129,8 @@ struct Queue {
     completions: VecDeque<Completion>,
     /// Bumped whenever a peer goes away, so sleeping pollers re-check their peers.
     wakeups: u64,
+    /// Completions queued per source and not yet taken (see `push_within`).
+    unreaped: Vec<usize>,
 }
 
 /// A rank's incoming completions.
@@ -129,6 +149,23 @@ impl CompletionQueue {
         if let Some(f) = notify {
             f();
         }
+    }
+
+    /// Queues `c` unless its source already has `depth` completions waiting (it ignored
+    /// the receives posted for it); returns whether it was queued.
+    pub fn push_within(&self, c: Completion, depth: usize) -> bool {
+        {
+            let mut q = self.queue.lock().unwrap();
+            if q.unreaped.len() <= c.src {
+                q.unreaped.resize(c.src + 1, 0);
+            }
+            if q.unreaped[c.src] >= depth {
+                return false;
+            }
+            q.unreaped[c.src] += 1;
+        }
+        self.push(c);
+        true
     }
 
     /// See `Transport::set_notify`.
@@ -150,6 +187,7 @@ impl CompletionQueue {
             if !q.completions.is_empty() {
                 let n = q.completions.len();
                 out.extend(q.completions.drain(..));
+                q.unreaped.fill(0);
                 return n;
             }
             let now = Instant::now();

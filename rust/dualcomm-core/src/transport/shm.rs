@@ -73,15 +73,32 @@ struct Segment {
 unsafe impl Send for Segment {}
 unsafe impl Sync for Segment {}
 
-fn layout(region_lens: [usize; NUM_REGIONS], world: usize) -> ([usize; NUM_REGIONS], usize, usize) {
+/// Region offsets, the completion queues' offset and the segment's size; an error for sizes
+/// no segment can have.
+fn layout(
+    region_lens: [usize; NUM_REGIONS],
+    world: usize,
+) -> Result<([usize; NUM_REGIONS], usize, usize)> {
+    let too_big = || {
+        Error::invalid(
+            "num_nvl_bytes + num_rdma_bytes",
+            "a size a shared-memory segment can have",
+            format!("{region_lens:?}"),
+        )
+    };
     let mut at = HEADER_BYTES;
     let mut offsets = [0; NUM_REGIONS];
     for (i, len) in region_lens.iter().enumerate() {
         offsets[i] = at;
-        at += len.div_ceil(64) * 64;
+        let padded = len.checked_next_multiple_of(64).ok_or_else(too_big)?;
+        at = at.checked_add(padded).ok_or_else(too_big)?;
     }
     let cq = at;
-    (offsets, cq, cq + world * CQ_BYTES)
+    let len = world
+        .checked_mul(CQ_BYTES)
+        .and_then(|q| q.checked_add(cq))
+        .ok_or_else(too_big)?;
+    Ok((offsets, cq, len))
 }
 
 impl Segment {
@@ -104,7 +121,7 @@ impl Segment {
     }
 
     fn create(name: &str, region_lens: [usize; NUM_REGIONS], world: usize) -> Result<Self> {
-        let (region_offsets, cq_offset, len) = layout(region_lens, world);
+        let (region_offsets, cq_offset, len) = layout(region_lens, world)?;
         let cname =
             CString::new(name).map_err(|_| Error::invalid("segment name", "no NUL bytes", name))?;
         // SAFETY: plain libc calls on an owned name; every result is checked.
@@ -155,12 +172,11 @@ impl Segment {
             seg.u64_at(hdr::REGION_LENS + 8 * i)
                 .store(*l as u64, Ordering::Relaxed);
         }
-        seg.u64_at(hdr::MAGIC).store(MAGIC, Ordering::Release);
         Ok(seg)
     }
 
     fn open(name: &str, region_lens: [usize; NUM_REGIONS], world: usize) -> Result<Self> {
-        let (region_offsets, cq_offset, len) = layout(region_lens, world);
+        let (region_offsets, cq_offset, len) = layout(region_lens, world)?;
         let cname =
             CString::new(name).map_err(|_| Error::invalid("segment name", "no NUL bytes", name))?;
         // SAFETY: as in `create`.
@@ -413,6 +429,8 @@ impl ShmSegment {
         let name = segment_name(job, rank);
         let seg = Segment::create(&name, region_lens, world)?;
         let lifeline = Lifeline::hold(seg.lifeline()).inspect_err(|_| unlink(&name))?;
+        // Published last: a peer that maps a segment finds its lifeline held.
+        seg.u64_at(hdr::MAGIC).store(MAGIC, Ordering::Release);
         Ok(Self {
             seg,
             name,

@@ -25,6 +25,7 @@ use super::{
     Completion, Departure, MemKey, NUM_REGIONS, RegionId, Sge, TierCounters, Transport, Wiring,
 };
 use crate::error::{Error, Result};
+use crate::protocol::op::RECV_DEPTH;
 
 const MAGIC: [u8; 4] = *b"DCOM";
 const VERSION: u32 = 2;
@@ -178,6 +179,8 @@ pub struct TcpTransport {
     wire: TierCounters,
     registry: Registry,
     closed: AtomicBool,
+    /// The deadline of a write to a peer that stops reading (the buffer's timeout).
+    timeout: Duration,
 }
 
 impl TcpTransport {
@@ -208,7 +211,7 @@ impl TcpTransport {
             rank,
             world,
             secret,
-            regions: region_lens.map(RegionMem::new),
+            regions: RegionMem::all(region_lens)?,
             wiring,
             cq: CompletionQueue::default(),
             gone: (0..world).map(|_| Mutex::new(None)).collect(),
@@ -274,6 +277,7 @@ impl TcpTransport {
             wire: TierCounters::default(),
             registry: Registry::default(),
             closed: AtomicBool::new(false),
+            timeout,
         };
         // Every peer must have introduced itself before the first operation.
         let mut inbound = t.shared.inbound.lock().unwrap();
@@ -500,11 +504,18 @@ fn serve(
                 if let Err(e) = stream.read_exact(dst) {
                     return shared.lose(peer, format!("its connection broke mid-write ({e})"));
                 }
-                shared.cq.push(Completion {
+                let c = Completion {
                     src: peer,
                     imm,
                     len,
-                });
+                };
+                // Each immediate consumes one of the receives this rank keeps posted for
+                // the peer: one that sends past them is refused, not queued without bound.
+                if !shared.cq.push_within(c, RECV_DEPTH) {
+                    let why = format!("it sent more than {RECV_DEPTH} immediates ahead");
+                    stream.shutdown(Shutdown::Both).ok();
+                    return shared.lose(peer, why);
+                }
             }
             Err(why) => {
                 eprintln!(
@@ -591,6 +602,8 @@ impl Transport for TcpTransport {
         for (sender, closer) in self.senders.iter().zip(&self.closers) {
             match sender.as_ref().map(Mutex::try_lock) {
                 Some(Ok(mut s)) => {
+                    // A peer that stopped reading must not hold up leaving for long.
+                    s.set_write_timeout(Some(Duration::from_millis(200))).ok();
                     s.write_all(&bye).ok();
                     s.shutdown(Shutdown::Write).ok();
                 }
@@ -700,8 +713,15 @@ impl TcpTransport {
         let mut s = sender.lock().unwrap();
         let sent = write_all_vectored(&mut s, &mut slices);
         if let Err(e) = sent {
+            // A frame cut short leaves the stream unusable either way.
             self.shared
                 .lose(peer, format!("a write to it failed ({e})"));
+            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
+                return Err(Error::Timeout {
+                    what: format!("rank {peer} to take data (its socket stayed full)"),
+                    timeout: self.timeout,
+                });
+            }
             return Err(Error::PeerLost {
                 peer,
                 reason: format!("a write to it failed ({e})"),

@@ -6,8 +6,7 @@
 //! transport calls back on every completion it queues, which counts a generation and wakes
 //! the sleeper, so a completion on either tier is seen at once.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -25,9 +24,9 @@ pub struct Tiered {
     /// other transport registered (a forwarder sends what arrived over one tier on the
     /// other, straight from where it landed).
     region_keys: [[MemKey; 2]; NUM_REGIONS],
-    /// Keys handed out by `register`, and the inner transports' keys for them.
-    keys: Mutex<HashMap<u32, [MemKey; 2]>>,
-    next_key: AtomicU32,
+    /// Keys handed out by `register` (slot + the region keys; freed slots are reused), and
+    /// the inner transports' keys for them.
+    keys: Mutex<Vec<Option<[MemKey; 2]>>>,
 }
 
 impl Tiered {
@@ -74,8 +73,7 @@ impl Tiered {
             rdma_arrivals,
             notified,
             region_keys,
-            keys: Mutex::new(HashMap::new()),
-            next_key: AtomicU32::new(NUM_REGIONS as u32),
+            keys: Mutex::new(Vec::new()),
         })
     }
 
@@ -86,8 +84,9 @@ impl Tiered {
             .map(|e| {
                 let key = match e.key.as_region() {
                     Some(r) => self.region_keys[r as usize][tier as usize],
-                    None => keys
-                        .get(&e.key.0)
+                    None => (e.key.0 as usize)
+                        .checked_sub(NUM_REGIONS)
+                        .and_then(|slot| keys.get(slot).copied().flatten())
                         .map(|k| k[tier as usize])
                         .ok_or_else(|| Error::Internal {
                             rank: self.rank(),
@@ -127,13 +126,27 @@ impl Transport for Tiered {
                 return Err(e);
             }
         };
-        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
-        self.keys.lock().unwrap().insert(key, [nvl, rdma]);
-        Ok(MemKey(key))
+        let mut keys = self.keys.lock().unwrap();
+        let slot = match keys.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                keys.push(None);
+                keys.len() - 1
+            }
+        };
+        keys[slot] = Some([nvl, rdma]);
+        Ok(MemKey((NUM_REGIONS + slot) as u32))
     }
 
     fn deregister(&self, key: MemKey) {
-        if let Some([nvl, rdma]) = self.keys.lock().unwrap().remove(&key.0) {
+        let taken = (key.0 as usize).checked_sub(NUM_REGIONS).and_then(|slot| {
+            self.keys
+                .lock()
+                .unwrap()
+                .get_mut(slot)
+                .and_then(Option::take)
+        });
+        if let Some([nvl, rdma]) = taken {
             self.nvl.deregister(nvl);
             self.rdma.deregister(rdma);
         }

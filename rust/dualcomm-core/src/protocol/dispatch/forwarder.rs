@@ -19,6 +19,10 @@ pub(super) struct Forwarder {
     /// Each twin's tokens arrive in increasing index order, below its token count.
     order: SourceOrder,
     log: Vec<Forwarded>,
+    /// Per twin (by rank) and local rank: tokens forwarded so far, against what the twin
+    /// announced (its masks must agree with its counts, or the error would surface at a
+    /// third rank, blaming this one).
+    forwarded_to: Vec<Vec<u64>>,
 }
 
 impl Forwarder {
@@ -33,6 +37,7 @@ impl Forwarder {
             twins,
             order: SourceOrder::new(vec![0; topo.world_size()]),
             log: Vec::new(),
+            forwarded_to: vec![vec![0; topo.ranks_per_node()]; topo.world_size()],
         }
     }
 
@@ -56,12 +61,31 @@ impl Forwarder {
         Ok(progress)
     }
 
-    /// Whether every twin's tokens have been passed on.
-    pub fn done(&self, op: &Op<'_>) -> bool {
-        self.twins.iter().all(|&p| {
+    /// Whether every twin's tokens have been passed on (each exactly as it announced).
+    pub fn done(&self, op: &Op<'_>) -> Result<bool> {
+        let done = self.twins.iter().all(|&p| {
             let ring = op.recv[p].as_ref().expect("twin ring");
             ring.expected == Some(ring.consumed())
-        })
+        });
+        if done {
+            for &p in &self.twins {
+                let announced = op.twin_counts(p);
+                if let Some(l) =
+                    (0..announced.len()).find(|&l| self.forwarded_to[p][l] != announced[l])
+                {
+                    return Err(Error::protocol(
+                        p,
+                        format!(
+                            "sent {} tokens for local rank {l} of node {}, {} were announced",
+                            self.forwarded_to[p][l],
+                            self.topo.node_of(self.me),
+                            announced[l]
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(done)
     }
 
     /// The tokens forwarded, sorted by (source, index), for combine.
@@ -115,6 +139,20 @@ impl Forwarder {
                 break;
             }
             self.order.accept(p, &h)?;
+            let announced = op.twin_counts(p);
+            for l in targets.clone() {
+                self.forwarded_to[p][l] += 1;
+                if self.forwarded_to[p][l] > announced[l] {
+                    return Err(Error::protocol(
+                        p,
+                        format!(
+                            "sent more tokens for local rank {l} of node {my_node} than the {} \
+                             it announced",
+                            announced[l]
+                        ),
+                    ));
+                }
+            }
             for l in targets {
                 if topo.rank_at(my_node, l) == me {
                     r.deliver(p, &h, &c.layout.split(rec))?;

@@ -214,7 +214,7 @@ pub(crate) fn run(
             progress |= source.post(&mut op, &checked, payload)?;
             progress |= r.drain(&mut op, &checked.layout)?;
             progress |= forwarder.forward(&mut op, r, &checked, payload)?;
-            if forwarder.done(&op) {
+            if forwarder.done(&op)? {
                 source.close_nvl(&mut op);
             }
         }

@@ -98,9 +98,14 @@ impl<'o> Receiver<'o> {
                 .checked_mul(row)
                 .is_none_or(|n| n > isize::MAX as usize)
         }) {
+            let most = (0..w).max_by_key(|&s| counts[s]).unwrap_or(me);
             return Err(Error::protocol(
-                me,
-                format!("{total} announced tokens do not fit in this rank's address space"),
+                most,
+                format!(
+                    "{total} announced tokens (rank {most}: {}) do not fit in this rank's \
+                     address space",
+                    counts[most]
+                ),
             ));
         }
         let shape = RecvShape {
