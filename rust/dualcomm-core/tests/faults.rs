@@ -615,6 +615,12 @@ fn goodbye_immediate_reaching_the_protocol() {
 }
 
 #[test]
+fn data_of_the_next_operation() {
+    // Only metadata can legitimately run one operation ahead.
+    case(data(0, 0, 0), Fault::FlipImm(1 << 27), "ran ahead");
+}
+
+#[test]
 fn immediate_of_another_epoch() {
     case(data(0, 0, 0), Fault::FlipImm(2 << 27), "operation epoch");
 }
@@ -725,6 +731,12 @@ fn forwarded_record_with_an_empty_mask() {
 #[test]
 fn forwarded_record_with_a_mask_beyond_the_node() {
     case(data(0, 3, 0), poke(8, 8, 1 << 5), "record claims source");
+}
+
+#[test]
+fn forwarded_record_for_more_ranks_than_its_counts_say() {
+    // Every local rank of node 1 in the mask: more tokens for one of them than announced.
+    case(data(0, 3, 0), poke(8, 8, 0b11), "than the|were announced");
 }
 
 #[test]
