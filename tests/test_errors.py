@@ -203,6 +203,19 @@ def test_handle_with_different_token_count():
     )
 
 
+def test_cached_dispatch_with_handles_of_different_dispatches():
+    def body(buf):
+        x, idx, w = _inputs(buf.rank)
+        _, _, _, _, first, _ = buf.dispatch(x, is_token_in_rank=_layout(buf)[3])
+        to_self = torch.zeros_like(_layout(buf)[3])
+        to_self[:, buf.rank] = True
+        _, _, _, _, second, _ = buf.dispatch(x, is_token_in_rank=to_self)
+        buf.dispatch(x, handle=first if buf.rank == 0 else second)
+
+    with pytest.raises(ProtocolError, match="not from the same dispatch on every rank"):
+        run_loopback(2, 2, body, timeout=30)
+
+
 def test_combine_rows_differ_from_handle():
     def bad(buf):
         x, idx, w = _inputs(buf.rank)
@@ -249,8 +262,31 @@ def test_errors_share_one_root():
         ConfigMismatchError,
         TransportUnavailableError,
         dualcomm.CommTimeoutError,
+        dualcomm.PeerAbortedError,
+        dualcomm.BufferBrokenError,
+        dualcomm.SystemResourceError,
+        dualcomm.InternalError,
     ):
         assert issubclass(cls, DualcommError)
+    # A broken buffer is not a lost peer, and a peer's abort is not this rank's bad argument.
+    assert not issubclass(dualcomm.BufferBrokenError, PeerLostError)
+    assert not issubclass(dualcomm.PeerAbortedError, InvalidArgumentError)
+
+
+def test_a_buffer_that_stopped_says_so():
+    def body(buf: Buffer):
+        x, idx, w = _inputs(buf.rank)
+        recv_x, _, _, _, handle, _ = buf.dispatch(x, is_token_in_rank=_layout(buf)[3])
+        with pytest.raises((ProtocolError, PeerLostError)):
+            if buf.rank == 0:
+                buf.dispatch(x, is_token_in_rank=_layout(buf)[3])
+            else:
+                buf.combine(recv_x, handle)
+        with pytest.raises(dualcomm.BufferBrokenError, match="stopped at an earlier failure"):
+            buf.dispatch(x, is_token_in_rank=_layout(buf)[3])
+        return True
+
+    assert all(run_loopback(2, 2, body, timeout=30))
 
 
 def test_rank_failing_before_dispatch_fails_the_world_fast():
