@@ -77,6 +77,7 @@ fn world(nodes: usize, rpn: usize, tokens: usize) -> Timing {
                                     num_topk: TOPK,
                                     num_experts: experts,
                                 }),
+                                num_tokens_per_expert: &[],
                                 expert_alignment: 1,
                             },
                             Route::Fresh(Arc::clone(&plan)),

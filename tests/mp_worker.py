@@ -27,6 +27,7 @@ def _buffer(p: dict[str, Any]) -> Buffer:
         ranks_per_node=p["rpn"],
         timeout=p.get("timeout", 60.0),
         transport=p.get("transport", "auto"),
+        explicitly_destroy=True,
     )
 
 

@@ -96,7 +96,11 @@ def moe_rank(rank: int, world: int, p: dict[str, Any]) -> dict[str, Any]:
     pp_rank, ep_rank = divmod(rank, ep)
     ep_groups = [dist.new_group(list(range(i * ep, (i + 1) * ep))) for i in range(pp)]
     pp_groups = [dist.new_group([e + i * ep for i in range(pp)]) for e in range(ep)]
-    buffer = Buffer(ep_groups[pp_rank], 1 << 20, 1 << 20, ranks_per_node=p["rpn"]) if ep > 1 else None
+    buffer = (
+        Buffer(ep_groups[pp_rank], 1 << 20, 1 << 20, ranks_per_node=p["rpn"], explicitly_destroy=True)
+        if ep > 1
+        else None
+    )
     stages = rank_stages(cfg, schedule, pp, pp_rank, ExpertParallel(buffer, cfg.num_experts))
     mb, n = p["micro_batch"], p["num_chunks"]
     set_p2p_tensor_shapes([(mb, cfg.seq_len, cfg.hidden)])

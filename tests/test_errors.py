@@ -241,6 +241,9 @@ def test_buffer_too_small_for_one_token():
 def test_use_after_destroy():
     def body(buf: Buffer):
         _good_round(buf)
+        with pytest.raises(InvalidArgumentError, match="^explicitly_destroy: expected True"):
+            buf.destroy()  # DeepEP's rule: only a buffer made with explicitly_destroy=True
+        buf.explicitly_destroy = True
         buf.destroy()
         assert buf.destroyed
         x, idx, w = _inputs(buf.rank)

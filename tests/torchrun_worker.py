@@ -14,7 +14,7 @@ from dualcomm import Buffer  # noqa: E402
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
-buf = Buffer(dist.group.WORLD, num_nvl_bytes=1 << 20, num_rdma_bytes=1 << 20)
+buf = Buffer(dist.group.WORLD, num_nvl_bytes=1 << 20, num_rdma_bytes=1 << 20, explicitly_destroy=True)
 inputs = ref.random_inputs(world, [21] * world, 16, 2, 2 * world, torch.float32, seed=3)
 inp = inputs[rank]
 _, _, pe, itr, _ = buf.get_dispatch_layout(inp.topk_idx, 2 * world)

@@ -20,6 +20,7 @@ from dualcomm._native import (
     TransportUnavailableError,
     unlink_segment,
 )
+from dualcomm.config import resolve_ring_bytes
 
 
 def local_address() -> str:
@@ -116,6 +117,9 @@ def make_endpoint(
             transport = "tcp"
     job = secret.hex()[:16]
     nodes = world // rpn
+    # Every rank resolves the same sizes: the requests were compared above.
+    num_nvl_bytes = resolve_ring_bytes(num_nvl_bytes, rpn, rpn > 1)
+    num_rdma_bytes = resolve_ring_bytes(num_rdma_bytes, nodes, nodes > 1)
     if transport in ("shm", "shm+tcp"):
         error: DualcommError | None = None
         try:

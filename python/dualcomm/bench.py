@@ -65,7 +65,13 @@ def _rank_main(rank: int, world: int, port: int, nodes: int, tokens: int, rounds
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(tokens, HIDDEN, generator=g).bfloat16()
     topk_idx = torch.rand(tokens, EXPERTS, generator=g).topk(TOPK, dim=1).indices
-    buf = Buffer(dist.group.WORLD, num_nvl_bytes=64 << 20, num_rdma_bytes=64 << 20, ranks_per_node=world // nodes)
+    buf = Buffer(
+        dist.group.WORLD,
+        num_nvl_bytes=64 << 20,
+        num_rdma_bytes=64 << 20,
+        ranks_per_node=world // nodes,
+        explicitly_destroy=True,
+    )
     _, _, _, in_rank, _ = buf.get_dispatch_layout(topk_idx, EXPERTS)
     row = HIDDEN * 2
     # Token rows that leave the rank, each way (what both implementations must move).

@@ -22,7 +22,12 @@ from dualcomm._native import (
     LoopbackWorld,
     TransportUnavailableError,
 )
-from dualcomm.event import EventOverlap
+from dualcomm.config import Config, env_ranks_per_node, resolve_ring_bytes
+from dualcomm.event import EventHandle, EventOverlap
+from dualcomm.handle import DispatchHandle, native_of
+
+#: A dispatch's handle, as `dispatch` returns it and `combine` takes it.
+AnyHandle = Union[DispatchHandle, Handle]
 
 #: What `dispatch` accepts as `x`: bf16/fp32 rows, or FP8 rows with per-128-channel scales.
 DispatchInput = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
@@ -43,21 +48,6 @@ class LoopbackGroup:
 
     def size(self) -> int:
         return self.num_nodes * self.ranks_per_node
-
-
-@dataclass
-class Config:
-    """DeepEP's tuning knobs, accepted so that DeepEP code ports unchanged.
-
-    dualcomm sizes its chunks from `num_nvl_bytes` / `num_rdma_bytes`, so these values are
-    recorded but do not change what the CPU transports do.
-    """
-
-    num_sms: int = 20
-    num_max_nvl_chunked_send_tokens: int = 6
-    num_max_nvl_chunked_recv_tokens: int = 256
-    num_max_rdma_chunked_send_tokens: int = 6
-    num_max_rdma_chunked_recv_tokens: int = 256
 
 
 def _is_process_group(group: object) -> bool:
@@ -87,8 +77,17 @@ class Buffer:
         num_nvl_bytes: bytes of receive rings for ranks of the same node (split evenly among
             them). Any number of tokens streams through; it must hold one token record.
         num_rdma_bytes: the same for the other nodes.
+        num_nvl_bytes, num_rdma_bytes: 0 for a tier that has links means "choose for me"
+            (4 MiB per sending rank); more than `DUALCOMM_MAX_BUFFER_BYTES` (256 MiB) is trimmed
+            to it (DeepEP's callers size for GPU chunking; the CPU rings gain nothing past it).
+        low_latency_mode, num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl:
+            DeepEP's; the last three are accepted and ignored (no queue pairs or NVLink here).
+        explicitly_destroy: as in DeepEP, `destroy()` may be called only with it; without it
+            the buffer leaves its world when it is garbage-collected.
+        enable_shrink, comm: DeepEP's rank masking and mpi4py bootstrap, not served.
         ranks_per_node: overrides the layout found from host names, so one machine can
-            emulate several nodes.
+            emulate several nodes; `DUALCOMM_RANKS_PER_NODE` sets it for callers that cannot
+            pass it (an unmodified DeepEP client).
         timeout: seconds any wait may take before it fails with `CommTimeoutError`.
         transport: "auto" (loopback for a LoopbackGroup; for a process group: shared memory
             when the whole world is one node on this host; "shm+tcp" when each node's ranks
@@ -109,6 +108,8 @@ class Buffer:
         allow_nvlink_for_low_latency_mode: bool = True,
         allow_mnnvl: bool = False,
         explicitly_destroy: bool = False,
+        enable_shrink: bool = False,
+        comm: Any = None,
         *,
         ranks_per_node: int | None = None,
         timeout: float = 300.0,
@@ -123,6 +124,14 @@ class Buffer:
             raise _checks.fail("timeout", "a positive number of seconds", _checks.describe(timeout))
         if transport not in ("auto", "loopback", "tcp", "shm", "shm+tcp"):
             raise _checks.fail("transport", "'auto', 'shm+tcp', 'tcp', 'shm' or 'loopback'", repr(transport))
+        if enable_shrink:
+            raise _checks.fail("enable_shrink", "False (rank masking is not part of dualcomm)", True)
+        if group is None and comm is not None:
+            raise _checks.fail("comm", "None (pass a torch.distributed ProcessGroup as group)", _checks.describe(comm))
+        if ranks_per_node is None:
+            ranks_per_node = env_ranks_per_node()
+        self.low_latency_mode = bool(low_latency_mode)
+        self.num_qps_per_rank = num_qps_per_rank
         self.group = group
         self.num_nvl_bytes = num_nvl_bytes
         self.num_rdma_bytes = num_rdma_bytes
@@ -138,13 +147,14 @@ class Buffer:
                     "ranks_per_node", f"{group.ranks_per_node} (the loopback world's layout)", ranks_per_node
                 )
             self.transport = "loopback"
+            nodes, rpn = group.num_nodes, group.ranks_per_node
             self._ep = Endpoint.loopback(
                 group.world,
-                group.num_nodes,
-                group.ranks_per_node,
+                nodes,
+                rpn,
                 group.rank,
-                num_nvl_bytes,
-                num_rdma_bytes,
+                resolve_ring_bytes(num_nvl_bytes, rpn, rpn > 1),
+                resolve_ring_bytes(num_rdma_bytes, nodes, nodes > 1),
                 float(timeout),
             )
         elif _is_process_group(group):
@@ -170,15 +180,44 @@ class Buffer:
 
     @staticmethod
     def set_num_sms(new_num_sms: int) -> None:
+        """The SMs DeepEP's kernels may use (even, as DeepEP requires); recorded for the GPU path."""
+        if isinstance(new_num_sms, bool) or not isinstance(new_num_sms, int) or new_num_sms <= 0 or new_num_sms % 2:
+            raise _checks.fail("new_num_sms", "a positive even int", repr(new_num_sms))
         Buffer.num_sms = new_num_sms
 
     @staticmethod
+    def _config_for(num_ranks: int, combine: bool) -> Config:
+        if isinstance(num_ranks, bool) or not isinstance(num_ranks, int) or num_ranks < 1:
+            raise _checks.fail("num_ranks", "a positive int", repr(num_ranks))
+        # Any rank count works here (DeepEP tabulates the ones it tuned). Receive chunks grow
+        # with the ranks that share a ring region, as DeepEP's do past one node.
+        nvl_recv = 256 if num_ranks <= 8 else 288
+        return Config(Buffer.num_sms, 4 if combine else 6, nvl_recv, 6 if combine else 8, 128)
+
+    @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
-        return Config(Buffer.num_sms)
+        """A dispatch `Config` for `num_ranks` ranks (its hints size a buffer that works)."""
+        return Buffer._config_for(num_ranks, combine=False)
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
-        return Config(Buffer.num_sms)
+        """A combine `Config` for `num_ranks` ranks."""
+        return Buffer._config_for(num_ranks, combine=True)
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        """An event at the current point of the current stream (DeepEP's usual `previous_event`)."""
+        return EventOverlap(EventHandle())
+
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        """True: FP8 dispatch (the SM90 feature DeepEP's callers gate on this) is served."""
+        return True
+
+    def get_comm_stream(self) -> None:
+        """DeepEP's communication stream. CPU tensors have none: operations run on the
+        buffer's progress thread, in the order they were issued."""
+        return None
 
     # ---- layout -----------------------------------------------------------------------------
 
@@ -225,7 +264,7 @@ class Buffer:
     def dispatch(
         self,
         x: DispatchInput,
-        handle: Handle | None = None,
+        handle: AnyHandle | None = None,
         num_tokens_per_rank: torch.Tensor | None = None,
         num_tokens_per_rdma_rank: torch.Tensor | None = None,
         is_token_in_rank: torch.Tensor | None = None,
@@ -233,6 +272,7 @@ class Buffer:
         topk_idx: torch.Tensor | None = None,
         topk_weights: torch.Tensor | None = None,
         expert_alignment: int = 1,
+        num_worst_tokens: int = 0,
         config: Config | None = None,
         previous_event: EventOverlap | None = None,
         async_finish: bool = False,
@@ -242,7 +282,7 @@ class Buffer:
         torch.Tensor | None,
         torch.Tensor | None,
         list[int] | None,
-        Handle,
+        AnyHandle,
         EventOverlap,
     ]:
         """Sends each token to every rank that owns one of its experts (once per rank), over
@@ -251,15 +291,25 @@ class Buffer:
         Returns `(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
         handle, event)`. Received rows are ordered by source rank, then source token index.
         With `handle` (cached dispatch) the layout of that earlier dispatch is repeated and
-        the top-k outputs are None, as in DeepEP.
+        the top-k outputs and the list are None, as in DeepEP.
+
+        `num_recv_tokens_per_expert_list` (per local expert, rounded up to `expert_alignment`)
+        travels with the counts, so it is filled when the call returns, with or without top-k,
+        whenever `num_tokens_per_expert` is given. With `num_worst_tokens > 0` the receive
+        tensors have exactly that many rows (those past the received ones zero, their top-k
+        indices -1) and the list is empty, as in DeepEP; fewer rows than arrive is an error.
         """
         with self._rejecting("dispatch" if handle is None else "cached dispatch"):
             data, scales = self._split_x(x)
             t, hidden = data.shape
             if isinstance(expert_alignment, bool) or not isinstance(expert_alignment, int) or expert_alignment < 1:
                 raise _checks.fail("expert_alignment", "an int >= 1", _checks.describe(expert_alignment))
+            if isinstance(num_worst_tokens, bool) or not isinstance(num_worst_tokens, int) or num_worst_tokens < 0:
+                raise _checks.fail("num_worst_tokens", "an int >= 0", _checks.describe(num_worst_tokens))
+            per_expert_np: np.ndarray | None = None
+            native_handle: Handle | None = None
             if handle is not None:
-                self._check_handle(handle)
+                native_handle = self._check_handle(handle)
                 if topk_idx is not None or topk_weights is not None:
                     raise _checks.fail(
                         "topk_idx",
@@ -267,10 +317,16 @@ class Buffer:
                         _checks.describe(topk_idx if topk_idx is not None else topk_weights),
                     )
                 in_rank_np = None
+                in_rank = None
             else:
                 in_rank = self._plan_for(t, is_token_in_rank, topk_idx, num_tokens_per_expert)
                 self._check_counts(in_rank, num_tokens_per_rank, num_tokens_per_rdma_rank)
                 in_rank_np = in_rank.numpy()
+                if num_tokens_per_expert is not None:
+                    counts = _checks.tensor(
+                        "num_tokens_per_expert", num_tokens_per_expert, (torch.int32, torch.int64), 1
+                    )
+                    per_expert_np = counts.to(torch.int64).numpy()
             topk_np: tuple[np.ndarray, np.ndarray] | None = None
             num_experts = 0
             if handle is None and topk_idx is not None:
@@ -288,19 +344,21 @@ class Buffer:
                 raise _checks.fail("topk_idx", "a tensor when topk_weights is given", None)
 
         elem = data.element_size()
-        recv, recv_scales, recv_idx, recv_w, new_handle, native_event = self._ep.dispatch(
+        recv, recv_scales, recv_idx, recv_w, per_expert_now, new_handle, native_event = self._ep.dispatch(
             _bytes2d(data, hidden * elem),
             str(data.dtype).removeprefix("torch."),
             hidden,
             None if scales is None else _bytes2d(scales, scales.shape[1] * 4),
             in_rank_np,
-            handle,
+            native_handle,
             None if topk_np is None else topk_np[0],
             None if topk_np is None else topk_np[1],
             num_experts,
             expert_alignment,
+            per_expert_np,
+            num_worst_tokens,
         )
-        n = new_handle.num_recv_tokens
+        n = num_worst_tokens or new_handle.num_recv_tokens
         recv_data = _from_bytes(recv, data.dtype, n, hidden)
         recv_x: DispatchInput = recv_data
         if scales is not None and recv_scales is not None:
@@ -308,23 +366,25 @@ class Buffer:
         k = 0 if topk_np is None else topk_np[0].shape[1]
         recv_topk_idx = None if recv_idx is None else torch.from_numpy(recv_idx).reshape(n, k)
         recv_topk_w = None if recv_w is None else torch.from_numpy(recv_w).reshape(n, k)
-        per_expert: list[int] | None = None if topk_np is None else []
-        event = EventOverlap(
-            native_event,
-            extra_tensors=(recv_data,),
-            # Known when the data has arrived; an async caller's list fills in at the wait.
-            on_done=None if per_expert is None else per_expert.extend,
-        )
+        per_expert: list[int] | None = None
+        on_done = None
+        if num_worst_tokens:
+            per_expert = [] if handle is None else None
+        elif per_expert_np is not None:
+            per_expert = list(per_expert_now or [])
+        elif topk_np is not None:
+            # Counted from the received top-k: known once the data is in.
+            per_expert = []
+            on_done = per_expert.extend
+        event = EventOverlap(native_event, extra_tensors=(recv_data,), on_done=on_done)
         if not async_finish:
             event.current_stream_wait()
-        return (
-            recv_x,
-            recv_topk_idx,
-            recv_topk_w,
-            per_expert,
-            new_handle if handle is None else handle,
-            event,
-        )
+        out_handle: AnyHandle
+        if handle is None:
+            out_handle = DispatchHandle(new_handle, self.num_nodes, self.ranks_per_node, self.rank, in_rank)
+        else:
+            out_handle = handle
+        return (recv_x, recv_topk_idx, recv_topk_w, per_expert, out_handle, event)
 
     @contextlib.contextmanager
     def _rejecting(self, op: str) -> Iterator[None]:
@@ -338,11 +398,13 @@ class Buffer:
                 self._ep.abort(op, str(e))
             raise
 
-    def _check_handle(self, handle: object) -> None:
-        if not isinstance(handle, Handle):
+    def _check_handle(self, handle: object) -> Handle:
+        native = native_of(handle)
+        if native is None:
             raise _checks.fail("handle", "a handle returned by dispatch", _checks.describe(handle))
-        if handle.buffer_id != self._ep.id:
+        if native.buffer_id != self._ep.id:
             raise _checks.fail("handle", "a handle made by this buffer", "a handle from another buffer")
+        return native
 
     def _plan_for(
         self,
@@ -390,7 +452,7 @@ class Buffer:
     def combine(
         self,
         x: torch.Tensor,
-        handle: Handle,
+        handle: AnyHandle,
         topk_weights: torch.Tensor | None = None,
         bias: torch.Tensor | tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
         config: Config | None = None,
@@ -403,24 +465,24 @@ class Buffer:
 
         Returns `(combined_x, combined_topk_weights, event)`."""
         with self._rejecting("combine"):
-            self._check_handle(handle)
+            native = self._check_handle(handle)
             if isinstance(x, tuple):
                 raise _checks.fail("x", "a bfloat16 or float32 tensor (combine does not take FP8)", "a tuple")
             rows = _checks.tensor("x", x, _ROW_DTYPES, 2)
-            _checks.rows("x", rows, handle.num_recv_tokens, "as many as the handle's dispatch delivered here")
+            _checks.rows("x", rows, native.num_recv_tokens, "as many as the handle's dispatch delivered here")
             w_np = None
             if topk_weights is not None:
                 w = _checks.tensor("topk_weights", topk_weights, (torch.float32,), 2)
-                _checks.rows("topk_weights", w, handle.num_recv_tokens, "one per row of x")
+                _checks.rows("topk_weights", w, native.num_recv_tokens, "one per row of x")
                 w_np = w.numpy()
-            biases = self._biases(bias, handle.num_tokens, rows.shape[1])
+            biases = self._biases(bias, native.num_tokens, rows.shape[1])
             name = _COMBINE_NAMES[rows.dtype]
             out_name = "float32" if biases else name
             hidden = rows.shape[1]
         out, out_w, native_event = self._ep.combine(
-            _bytes2d(rows, hidden * rows.element_size()), name, handle, w_np, out_name
+            _bytes2d(rows, hidden * rows.element_size()), name, native, w_np, out_name
         )
-        t = handle.num_tokens
+        t = native.num_tokens
         summed = _from_bytes(out, torch.float32 if biases else rows.dtype, t, hidden)
         combined = summed
         on_done = None
@@ -468,7 +530,18 @@ class Buffer:
 
     def destroy(self) -> None:
         """Leaves the world at once: operations in flight fail, later calls raise
-        `BufferDestroyedError`, and peers waiting on this rank fail with `PeerLostError`."""
+        `BufferDestroyedError`, and peers waiting on this rank fail with `PeerLostError`.
+        As in DeepEP, only a buffer made with `explicitly_destroy=True` may be destroyed."""
+        if not self.explicitly_destroy:
+            raise _checks.fail(
+                "explicitly_destroy",
+                "True at construction to call destroy() (without it the buffer leaves when it is collected)",
+                False,
+            )
+        self._ep.destroy()
+
+    def _leave(self) -> None:
+        """`destroy()` for dualcomm's own harnesses, whatever `explicitly_destroy` says."""
         self._ep.destroy()
 
     @property

@@ -1,10 +1,14 @@
-"""DeepEP's `EventOverlap`, backed by an operation on the buffer's progress engine.
+"""DeepEP's `EventHandle` and `EventOverlap`, backed by operations on the buffer's progress engine.
 
 `dispatch(..., async_finish=True)` and `combine(..., async_finish=True)` return as soon as
 the operation is queued (a dispatch first waits for the receive counts, as DeepEP's does)
 and the data moves on the engine's thread while Python computes. The returned tensors are
 complete once `current_stream_wait()` returns, or when the `with event:` block is left.
 Without `async_finish` the call waits itself and returns a completed event.
+
+On CPU tensors the "current stream" is the calling Python thread: work it issued before a
+call is already done when the call starts, so an `EventHandle` captured there is complete
+the moment it exists, and `previous_event` arguments order nothing that is not ordered.
 """
 
 from __future__ import annotations
@@ -14,7 +18,40 @@ from types import TracebackType
 from typing import Any
 
 
+class EventHandle:
+    """DeepEP's `EventHandle()`: a point on the current stream (`Buffer.capture()`).
+
+    CPU work is issued and finished in order on the calling thread, so the point is reached
+    when the handle is made; waiting on it returns at once."""
+
+    def current_stream_wait(self) -> None:
+        return None
+
+    @property
+    def done(self) -> bool:
+        return True
+
+    def wait(self) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "EventHandle(done=True)"
+
+
 class EventOverlap:
+    """DeepEP's `EventOverlap`: waits for an operation and keeps its tensors alive until then.
+
+    Args:
+        event: what to wait for: the native event of a dualcomm operation, an `EventHandle`,
+            or None (nothing to wait for).
+        extra_tensors: tensors kept alive with the event (DeepEP's stand-in for
+            `record_stream`).
+        on_done: dualcomm's own use: a step that completes the results once the operation has
+            finished (the bias of a combine is added there). Every way of learning that the
+            event is done (`current_stream_wait`, `done`, leaving `with`) runs it first, so
+            nothing reports completion before the result tensors are fully written.
+    """
+
     def __init__(
         self,
         event: Any = None,
@@ -24,9 +61,21 @@ class EventOverlap:
         self.event = event
         self.extra_tensors = extra_tensors
         self._on_done = on_done
+        self._release_handle_by_call = False
+        #: Called once after the next `current_stream_wait()` (DeepEP's deterministic-dispatch hook).
+        self.hook_after_wait: Callable[[], Any] | None = None
 
-    def current_stream_wait(self) -> None:
-        """Blocks (without the GIL) until the operation is done; raises if it failed."""
+    def current_stream_wait(self, release_handle: bool = False) -> None:
+        """Blocks (without the GIL) until the operation is done; raises if it failed. With
+        `release_handle`, the event (and what it keeps alive) is dropped afterwards."""
+        self._settle()
+        if self.hook_after_wait is not None:
+            hook, self.hook_after_wait = self.hook_after_wait, None
+            hook()
+        if release_handle:
+            self.event = None
+
+    def _settle(self) -> None:
         if self.event is None:
             return
         result = self.event.wait()
@@ -34,13 +83,34 @@ class EventOverlap:
             on_done, self._on_done = self._on_done, None
             on_done(result)
 
+    def register_hook_after_wait(self, hook_after_wait: Callable[[], Any]) -> None:
+        """Runs `hook_after_wait` once, right after the next `current_stream_wait()`."""
+        if self.hook_after_wait is not None:
+            from dualcomm._checks import fail
+
+            raise fail("hook_after_wait", "no hook registered yet on this EventOverlap", "a second hook")
+        self.hook_after_wait = hook_after_wait
+
     @property
     def done(self) -> bool:
-        return self.event is None or bool(self.event.done)
+        """Whether the operation and every step that completes its results have finished."""
+        if self.event is None:
+            return True
+        if not bool(self.event.done):
+            return False
+        # The operation ended: finish its results here (or raise its error) before saying so.
+        self._settle()
+        return True
 
     def timestamps(self) -> tuple[float, float] | None:
         """When the operation started and ended on the progress engine (`time.time()` clock)."""
-        return None if self.event is None else tuple(self.event.timestamps())  # type: ignore[return-value]
+        stamps = getattr(self.event, "timestamps", None)
+        return None if stamps is None else tuple(stamps())  # type: ignore[return-value]
+
+    def __call__(self, release_handle: bool = False) -> EventOverlap:
+        """`with event(release_handle=True): ...` drops the event after the wait at the exit."""
+        self._release_handle_by_call = release_handle
+        return self
 
     def __enter__(self) -> EventOverlap:
         return self
@@ -51,4 +121,6 @@ class EventOverlap:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.current_stream_wait()
+        release, self._release_handle_by_call = self._release_handle_by_call, False
+        if self.event is not None:
+            self.current_stream_wait(release_handle=release)

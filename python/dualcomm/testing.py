@@ -60,7 +60,7 @@ def run_loopback(
             with lock:
                 failures.append((time.monotonic(), rank, e))
             if buffer is not None:
-                buffer.destroy()
+                buffer._leave()
 
     threads = [
         threading.Thread(target=rank_main, args=(r,), name=f"dualcomm-rank-{r}", daemon=True) for r in range(world_size)

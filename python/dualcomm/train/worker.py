@@ -152,7 +152,14 @@ def train_rank(rank: int, world: int, a: TrainArgs) -> dict[str, Any]:
     groups = _Groups(a, rank)
     cfg = a.model
     buffer = (
-        Buffer(groups.ep_group, 4 << 20, 4 << 20, ranks_per_node=a.ranks_per_node, transport=a.transport)
+        Buffer(
+            groups.ep_group,
+            4 << 20,
+            4 << 20,
+            ranks_per_node=a.ranks_per_node,
+            transport=a.transport,
+            explicitly_destroy=True,
+        )
         if a.ep > 1
         else None
     )

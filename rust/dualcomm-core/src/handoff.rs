@@ -167,6 +167,7 @@ impl<K> RecvSink for RecvHandoff<K> {
             rank: self.rank,
             detail: "the caller stopped waiting for the receive buffers".into(),
         };
+        let num_recv = shape.num_recv;
         self.shapes
             .take()
             .ok_or_else(gone)?
@@ -183,10 +184,7 @@ impl<K> RecvSink for RecvHandoff<K> {
                 mpsc::RecvTimeoutError::Disconnected => gone(),
             })?
             .map_err(|detail| Error::Os {
-                what: format!(
-                    "allocating the receive buffers for {} tokens",
-                    shape.num_recv
-                ),
+                what: format!("allocating the receive buffers for {num_recv} tokens"),
                 detail,
             })?;
         self.held.push(memory.keep);
@@ -213,6 +211,7 @@ mod tests {
             x_row_bytes: 4,
             scale_row_bytes: 0,
             num_topk: 1,
+            ..RecvShape::default()
         }
     }
 

@@ -349,6 +349,11 @@ fn one_round(ep: &mut Endpoint, rank: usize) -> Result<()> {
     let wts = vec![0.5f32; TOKENS * TOPK];
     let layout = ep.layout(&idx, TOKENS, TOPK, EXPERTS)?;
     let plan = ep.plan(&layout.is_token_in_rank, TOKENS)?;
+    let per_expert: Vec<u64> = layout
+        .num_tokens_per_expert
+        .iter()
+        .map(|&c| c as u64)
+        .collect();
     let mut recv = VecSink::default();
     let out = ep.dispatch(
         &DispatchArgs {
@@ -365,6 +370,7 @@ fn one_round(ep: &mut Endpoint, rank: usize) -> Result<()> {
                 num_topk: TOPK,
                 num_experts: EXPERTS,
             }),
+            num_tokens_per_expert: &per_expert,
             expert_alignment: 1,
         },
         Route::Fresh(plan),

@@ -160,6 +160,11 @@ fn run(c: &Case) -> Vec<RankResult> {
                 };
                 let layout = ep.layout(&inp.topk_idx, t, k, e).unwrap();
                 let plan = ep.plan(&layout.is_token_in_rank, t).unwrap();
+                let per_expert: Vec<u64> = layout
+                    .num_tokens_per_expert
+                    .iter()
+                    .map(|&c| c as u64)
+                    .collect();
                 let mut recv = VecSink::default();
                 let out = ep
                     .dispatch(
@@ -177,6 +182,8 @@ fn run(c: &Case) -> Vec<RankResult> {
                                 num_topk: k,
                                 num_experts: e,
                             }),
+                            // Announced in the metadata, and checked against what arrives.
+                            num_tokens_per_expert: &per_expert,
                             expert_alignment: 1,
                         },
                         Route::Fresh(plan),
@@ -520,6 +527,7 @@ fn vanished_peer_is_an_error_not_a_hang() {
                 scales: &[],
                 scale_row_bytes: 0,
                 topk: None,
+                num_tokens_per_expert: &[],
                 expert_alignment: 1,
             },
             Route::Fresh(plan),
@@ -528,4 +536,87 @@ fn vanished_peer_is_an_error_not_a_hang() {
         .unwrap_err();
     assert!(matches!(err, Error::PeerLost { peer: 1, .. }), "{err}");
     assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+/// A sink that keeps the receive shape it was shown (as a binding's caller sees it).
+#[derive(Default)]
+struct ShapeSink {
+    shape: Option<dualcomm_core::RecvShape>,
+    inner: VecSink,
+}
+
+impl dualcomm_core::RecvSink for ShapeSink {
+    fn prepare(
+        &mut self,
+        shape: dualcomm_core::RecvShape,
+    ) -> dualcomm_core::Result<dualcomm_core::RecvBuffers<'_>> {
+        self.shape = Some(shape.clone());
+        self.inner.prepare(shape)
+    }
+}
+
+/// Without top-k, the per-expert receive counts and the node's rank matrix come from the
+/// metadata (DeepEP fills `num_recv_tokens_per_expert_list` from `num_tokens_per_expert`):
+/// known when the receive buffers are asked for, before any token moves.
+#[test]
+fn per_expert_counts_and_the_rank_matrix_travel_in_the_metadata() {
+    for (nodes, rpn) in [(1, 3), (2, 2), (3, 1)] {
+        let topo = Topology::new(nodes, rpn).unwrap();
+        let w = topo.world_size();
+        let epr = 3;
+        let fabric = LoopbackFabric::new(w);
+        let config = Config {
+            num_nvl_bytes: 1 << 16,
+            num_rdma_bytes: 1 << 16,
+            timeout: Duration::from_secs(20),
+        };
+        // Rank r sends token t to every rank, and counts (r + e + 1) % 4 tokens per expert e.
+        let tokens = 4;
+        let counts =
+            |r: usize| -> Vec<u64> { (0..w * epr).map(|e| ((r + e + 1) % 4) as u64).collect() };
+        let handles: Vec<_> = (0..w)
+            .map(|r| {
+                let (fabric, config) = (Arc::clone(&fabric), config.clone());
+                let per_expert = counts(r);
+                thread::spawn(move || {
+                    let mut ep = Endpoint::loopback(&fabric, topo, r, config).unwrap();
+                    let plan = ep.plan(&vec![true; tokens * w], tokens).unwrap();
+                    let x = vec![r as u8; tokens * 2];
+                    let mut sink = ShapeSink::default();
+                    let out = ep
+                        .dispatch(
+                            &DispatchArgs {
+                                num_tokens: tokens,
+                                x: &x,
+                                x_row_bytes: 2,
+                                x_dtype: ElemType::U8,
+                                hidden: 2,
+                                scales: &[],
+                                scale_row_bytes: 0,
+                                topk: None,
+                                num_tokens_per_expert: &per_expert,
+                                expert_alignment: 2,
+                            },
+                            Route::Fresh(plan),
+                            &mut sink,
+                        )
+                        .unwrap();
+                    (out.num_recv_tokens_per_expert, sink.shape.unwrap())
+                })
+            })
+            .collect();
+        for (d, h) in handles.into_iter().enumerate() {
+            let (per_expert, shape) = h.join().unwrap();
+            let want: Vec<i64> = (0..epr)
+                .map(|e| {
+                    let n: u64 = (0..w).map(|s| counts(s)[d * epr + e]).sum();
+                    (n.div_ceil(2) * 2) as i64
+                })
+                .collect();
+            assert_eq!(per_expert, want, "rank {d} of {nodes}x{rpn}");
+            assert_eq!(shape.num_recv_tokens_per_expert.as_ref(), Some(&want));
+            assert_eq!(shape.recv_per_src, vec![tokens as u64; w]);
+            assert_eq!(shape.node_matrix, vec![tokens as u64; rpn * rpn]);
+        }
+    }
 }

@@ -61,6 +61,26 @@ pub fn output<'py, T: Element>(
     Ok((arr, raw))
 }
 
+/// A fresh output array of `rows` rows of `row` elements whose first `used` rows the job
+/// writes (its memory is returned for those only); the rest is set to `pad` here (DeepEP's
+/// `num_worst_tokens` padding).
+pub fn padded_output<'py, T: Element + Copy>(
+    py: Python<'py>,
+    rows: usize,
+    used: usize,
+    row: usize,
+    pad: T,
+) -> PyResult<(Bound<'py, PyArray1<T>>, Raw<T>)> {
+    let (arr, whole) = output::<T>(py, rows * row)?;
+    // SAFETY: the array is new and holds `rows * row >= used * row` elements; the job will
+    // touch only the first `used * row`, and this rank fills the rest before it returns.
+    unsafe {
+        let all = whole.slice_mut();
+        all[used * row..].fill(pad);
+        Ok((arr, Raw::from_raw_parts(all.as_mut_ptr(), used * row)))
+    }
+}
+
 pub fn now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

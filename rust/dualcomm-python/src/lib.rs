@@ -18,12 +18,12 @@ use dualcomm_core::{
     Endpoint as CoreEndpoint, Engine, Error, OpKind, PendingHandle, QueuedRoute, RecvMemory,
     Ticket, TopkArgs, Topology, recv_handoff,
 };
-use numpy::{PyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use errors::to_py;
-use jobs::{Raw, input, now, output};
+use jobs::{Raw, input, now, output, padded_output};
 
 fn config(num_nvl_bytes: usize, num_rdma_bytes: usize, timeout_s: f64) -> PyResult<Config> {
     if !(timeout_s.is_finite() && timeout_s > 0.0) {
@@ -181,6 +181,10 @@ struct Handle {
     num_recv: usize,
     num_tokens: usize,
     buffer_id: u64,
+    /// Known when the dispatch returned: tokens from each source rank, and what each rank of
+    /// this node sends straight to each other one (row-major, row = sender).
+    recv_per_src: Vec<i64>,
+    node_matrix: Vec<i64>,
 }
 
 impl Handle {
@@ -210,6 +214,17 @@ impl Handle {
     #[getter]
     fn buffer_id(&self) -> u64 {
         self.buffer_id
+    }
+
+    /// Tokens received from each source rank (receive order is by source rank).
+    fn recv_per_src<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
+        PyArray1::from_slice(py, &self.recv_per_src)
+    }
+
+    /// `[ranks_per_node * ranks_per_node]`: tokens each rank of this node sends straight to
+    /// each other one (row = sender).
+    fn node_matrix<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
+        PyArray1::from_slice(py, &self.node_matrix)
     }
 
     /// Source rank of every received row, in receive order.
@@ -351,6 +366,7 @@ type DispatchResult<'py> = (
     Option<Bound<'py, PyArray1<u8>>>,
     Option<Bound<'py, PyArray1<i64>>>,
     Option<Bound<'py, PyArray1<f32>>>,
+    Option<Vec<i64>>,
     Handle,
     Event,
 );
@@ -557,7 +573,7 @@ impl Endpoint {
     /// receive counts are known, with the receive arrays (filled when the event completes),
     /// the handle and the event. Exactly one of `is_token_in_rank` and `handle` is given.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (x, x_dtype, hidden, scales, is_token_in_rank, handle, topk_idx, topk_weights, num_experts, expert_alignment))]
+    #[pyo3(signature = (x, x_dtype, hidden, scales, is_token_in_rank, handle, topk_idx, topk_weights, num_experts, expert_alignment, num_tokens_per_expert=None, num_worst_tokens=0))]
     fn dispatch<'py>(
         &self,
         py: Python<'py>,
@@ -571,6 +587,8 @@ impl Endpoint {
         topk_weights: Option<PyReadonlyArray2<'py, f32>>,
         num_experts: usize,
         expert_alignment: usize,
+        num_tokens_per_expert: Option<PyReadonlyArray1<'py, i64>>,
+        num_worst_tokens: usize,
     ) -> PyResult<DispatchResult<'py>> {
         self.usable()?;
         let kind = if handle.is_some() {
@@ -636,9 +654,34 @@ impl Endpoint {
                     )));
                 }
             };
-            Ok((x_dtype, keep, x_raw, scales_raw, sb, topk, route))
+            let per_expert: Vec<u64> = match &num_tokens_per_expert {
+                Some(c) => c
+                    .as_slice()
+                    .map_err(|_| {
+                        to_py(Error::invalid(
+                            "num_tokens_per_expert",
+                            "a contiguous array",
+                            "a strided view",
+                        ))
+                    })?
+                    .iter()
+                    .map(|&c| {
+                        u64::try_from(c).map_err(|_| {
+                            to_py(Error::invalid(
+                                "num_tokens_per_expert",
+                                "non-negative counts",
+                                c,
+                            ))
+                        })
+                    })
+                    .collect::<PyResult<_>>()?,
+                None => Vec::new(),
+            };
+            Ok((
+                x_dtype, keep, x_raw, scales_raw, sb, topk, route, per_expert,
+            ))
         })();
-        let (x_dtype, keep, x_raw, scales_raw, sb, topk, route) =
+        let (x_dtype, keep, x_raw, scales_raw, sb, topk, route, per_expert) =
             staged.inspect_err(|e| self.reject_next(kind, e.to_string()))?;
         let has_topk = topk.is_some();
         let cell = match &route {
@@ -668,12 +711,13 @@ impl Endpoint {
                             num_topk: k,
                             num_experts,
                         }),
+                        num_tokens_per_expert: &per_expert,
                         expert_alignment,
                     }
                 };
                 let result = ep
                     .dispatch_queued(&args, &route, &mut sink, &job_cell)
-                    .map(|out| has_topk.then_some(out.num_recv_tokens_per_expert));
+                    .map(|out| Some(out.num_recv_tokens_per_expert));
                 Finished {
                     result,
                     started,
@@ -694,11 +738,24 @@ impl Endpoint {
             return Err(to_py(err));
         };
         let n = shape.num_recv;
+        // DeepEP's `num_worst_tokens`: that many rows, the ones past what arrives padded.
+        let rows = if num_worst_tokens > 0 {
+            num_worst_tokens
+        } else {
+            n
+        };
         let made = (|| -> PyResult<_> {
-            let (recv_x, x_out) = output::<u8>(py, n * shape.x_row_bytes)?;
-            let (recv_scales, s_out) = output::<u8>(py, n * shape.scale_row_bytes)?;
-            let (recv_idx, i_out) = output::<i64>(py, n * shape.num_topk)?;
-            let (recv_w, w_out) = output::<f32>(py, n * shape.num_topk)?;
+            if n > rows {
+                return Err(to_py(Error::invalid(
+                    "num_worst_tokens",
+                    format!("at least the {n} tokens this rank receives"),
+                    num_worst_tokens,
+                )));
+            }
+            let (recv_x, x_out) = padded_output::<u8>(py, rows, n, shape.x_row_bytes, 0)?;
+            let (recv_scales, s_out) = padded_output::<u8>(py, rows, n, shape.scale_row_bytes, 0)?;
+            let (recv_idx, i_out) = padded_output::<i64>(py, rows, n, shape.num_topk, -1)?;
+            let (recv_w, w_out) = padded_output::<f32>(py, rows, n, shape.num_topk, 0.0)?;
             let keep_out = vec![
                 recv_x.as_any().clone().unbind(),
                 recv_scales.as_any().clone().unbind(),
@@ -714,15 +771,21 @@ impl Endpoint {
             };
             Ok(((recv_x, recv_scales, recv_idx, recv_w), raw))
         })();
-        let (arrays, reply) = match made {
-            Ok((arrays, raw)) => (Some(arrays), Ok(raw)),
-            Err(e) => (None, Err(e.to_string())),
+        let (arrays, reply, own_error) = match made {
+            Ok((arrays, raw)) => (Some(arrays), Ok(raw), None),
+            Err(e) => (None, Err(e.to_string()), Some(e)),
         };
         // If the job gave up waiting, its error arrives through the event.
         request.answer(reply);
         let Some((recv_x, recv_scales, recv_idx, recv_w)) = arrays else {
             // The job fails too (and leaves the world, so peers do not wait for it).
-            let err = match py.detach(|| ticket.wait()) {
+            let job_error = py.detach(|| ticket.wait());
+            if let Some(e) = own_error
+                && e.is_instance_of::<errors::InvalidArgumentError>(py)
+            {
+                return Err(e);
+            }
+            let err = match job_error {
                 Ok(Finished { result: Err(e), .. }) | Err(e) => e,
                 Ok(_) => Error::Internal {
                     rank: self.rank,
@@ -736,11 +799,14 @@ impl Endpoint {
             scales.is_some().then_some(recv_scales),
             has_topk.then_some(recv_idx),
             has_topk.then_some(recv_w),
+            shape.num_recv_tokens_per_expert.clone(),
             Handle {
                 cell,
                 num_recv: n,
                 num_tokens: t,
                 buffer_id: self.id,
+                recv_per_src: shape.recv_per_src.iter().map(|&c| c as i64).collect(),
+                node_matrix: shape.node_matrix.iter().map(|&c| c as i64).collect(),
             },
             Event::new(ticket),
         ))

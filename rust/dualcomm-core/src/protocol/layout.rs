@@ -71,7 +71,7 @@ impl RegionPlan {
     /// Bytes of one metadata record on `tier`.
     pub fn meta_bytes(&self, tier: Tier) -> usize {
         match tier {
-            Tier::Nvl => nvl_meta_bytes(self.topo.num_nodes()),
+            Tier::Nvl => nvl_meta_bytes(self.topo.num_nodes(), self.topo.ranks_per_node()),
             Tier::Rdma => rdma_meta_bytes(self.topo.ranks_per_node()),
         }
     }

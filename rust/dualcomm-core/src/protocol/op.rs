@@ -78,6 +78,10 @@ pub struct Announce<'a> {
     pub to_node: &'a [u64],
     /// Combine: the operation number of the dispatch it reverses.
     pub tag: u64,
+    /// Its tokens for each expert (`world_size * local_experts` values), or empty: then no
+    /// per-expert receive counts travel.
+    pub per_expert: &'a [u64],
+    pub local_experts: usize,
 }
 
 /// The state an endpoint keeps between operations.
@@ -115,6 +119,8 @@ pub struct Op<'e> {
     format: RecordFormat,
     tokens: u64,
     to_rank: Vec<u64>,
+    per_expert: Vec<u64>,
+    local_experts: usize,
     tag: u64,
     /// Records from linked peers, by rank.
     metas: Vec<Option<Meta>>,
@@ -134,8 +140,8 @@ pub struct Op<'e> {
     /// source stays untouched until flushed), registered with the transport as `meta_key`.
     meta_out: Vec<u8>,
     meta_key: Option<MemKey>,
-    meta_slot: usize,
-    meta_sent: usize,
+    /// Bytes of `meta_out` already posted.
+    meta_used: usize,
 }
 
 impl Drop for Op<'_> {
@@ -253,7 +259,8 @@ impl<'e> Op<'e> {
             send.push(tier.map(|tier| SendRing::new(geometry(me, p, tier))));
             recv.push(tier.map(|tier| RecvRing::new(geometry(p, me, tier))));
         }
-        let slot = plan.meta_bytes(Tier::Nvl).max(plan.meta_bytes(Tier::Rdma));
+        let meta_out_bytes =
+            twins * plan.meta_bytes(Tier::Rdma) + locals * plan.meta_bytes(Tier::Nvl);
         let mut op = Op {
             t,
             topo,
@@ -268,6 +275,8 @@ impl<'e> Op<'e> {
             format,
             tokens: announce.tokens,
             to_rank: announce.to_rank.to_vec(),
+            per_expert: announce.per_expert.to_vec(),
+            local_experts: announce.local_experts,
             tag: announce.tag,
             metas: vec![None; w],
             missing_twins: twins,
@@ -279,10 +288,9 @@ impl<'e> Op<'e> {
             stash: s.stash,
             inbox: Vec::new(),
             aborted: None,
-            meta_out: vec![0; (twins + locals) * slot],
+            meta_out: vec![0; meta_out_bytes],
             meta_key: None,
-            meta_slot: slot,
-            meta_sent: 0,
+            meta_used: 0,
         };
         // SAFETY: the buffer lives in the operation, which deregisters it when it drops
         // (after flushing its writes); it only changes in slots not yet posted.
@@ -297,6 +305,10 @@ impl<'e> Op<'e> {
                     let d = topo.rank_at(n, l);
                     announce.to_rank.get(d).copied().unwrap_or(0)
                 })
+                .collect();
+            m.expert_counts = (0..topo.ranks_per_node())
+                .flat_map(|l| op.own_expert_counts(topo.rank_at(n, l)))
+                .map(|c| c as u32)
                 .collect();
             op.send_meta(twin, Tier::Rdma, &m)?;
         }
@@ -323,16 +335,26 @@ impl<'e> Op<'e> {
             None => {
                 let mut m = Meta::new(self.kind, self.record_bytes, self.format);
                 m.tag = self.tag;
+                m.local_experts = self.local_experts as u32;
                 m
             }
         }
     }
 
+    /// This rank's tokens for each expert of rank `d` (empty when none are counted).
+    fn own_expert_counts(&self, d: usize) -> Vec<u64> {
+        let l = self.local_experts;
+        self.per_expert
+            .get(d * l..(d + 1) * l)
+            .map(<[u64]>::to_vec)
+            .unwrap_or_default()
+    }
+
     fn send_meta(&mut self, peer: usize, tier: Tier, m: &Meta) -> Result<()> {
         let (region, offset) = self.plan.meta_slot(self.seq, self.me, tier);
         let len = self.plan.meta_bytes(tier);
-        let at = self.meta_sent * self.meta_slot;
-        self.meta_sent += 1;
+        let at = self.meta_used;
+        self.meta_used += len;
         self.meta_out[at..at + len].copy_from_slice(&m.encode(len));
         let src = Sge {
             key: self.meta_key.expect("registered at open"),
@@ -372,7 +394,21 @@ impl<'e> Op<'e> {
                             [twin.counts[topo.local_of(d)], twin.tokens]
                         }
                     })
+                    .chain(
+                        (0..topo.ranks_per_node()).map(|l| self.to_rank[topo.rank_at(my_node, l)]),
+                    )
                     .collect();
+                // Per expert of `d`: this rank's own tokens and those of the twins it
+                // forwards to `d`, summed (each source reaches `d` through one forwarder).
+                let mut experts = self.own_expert_counts(d);
+                for n in (0..topo.num_nodes()).filter(|&n| n != my_node) {
+                    let twin = self.meta(topo.forwarder(me, n));
+                    let at = topo.local_of(d) * self.local_experts;
+                    for (e, c) in experts.iter_mut().enumerate() {
+                        *c += twin.expert_counts[at + e] as u64;
+                    }
+                }
+                m.expert_counts = experts.into_iter().map(|c| c as u32).collect();
             }
             self.send_meta(d, Tier::Nvl, &m)?;
         }
@@ -413,6 +449,50 @@ impl<'e> Op<'e> {
                 }
             })
             .unzip()
+    }
+
+    /// Tokens each local rank of this node sends straight to each other one
+    /// (`ranks_per_node x ranks_per_node`, row = sender). Only after `metas_ready`, for
+    /// operations that announce counts.
+    pub fn node_matrix(&self) -> Vec<u64> {
+        let (topo, me) = (self.topo, self.me);
+        let (node, rpn) = (topo.node_of(me), topo.ranks_per_node());
+        let direct_at = 2 * topo.num_nodes();
+        (0..rpn)
+            .flat_map(|i| {
+                let s = topo.rank_at(node, i);
+                (0..rpn).map(move |j| (s, topo.rank_at(node, j)))
+            })
+            .map(|(s, d)| {
+                if s == me {
+                    self.to_rank[d]
+                } else {
+                    self.meta(s).counts[direct_at + topo.local_of(d)]
+                }
+            })
+            .collect()
+    }
+
+    /// Tokens for each of this rank's experts, from every source: what its twins sent it to
+    /// forward, what each rank of its node accounts for, and its own. None when the operation
+    /// counts no experts. Only after `metas_ready`.
+    pub fn expert_counts_here(&self) -> Option<Vec<u64>> {
+        let (topo, me, l) = (self.topo, self.me, self.local_experts);
+        if l == 0 {
+            return None;
+        }
+        let mut total = self.own_expert_counts(me);
+        for p in (0..topo.world_size()).filter(|&p| p != me) {
+            let share = match link(&topo, me, p) {
+                Some(Tier::Rdma) => &self.meta(p).expert_counts[topo.local_of(me) * l..][..l],
+                Some(Tier::Nvl) => &self.meta(p).expert_counts[..l],
+                None => continue,
+            };
+            for (t, &c) in total.iter_mut().zip(share) {
+                *t += c as u64;
+            }
+        }
+        Some(total)
     }
 
     /// Tokens twin `p` sends to this rank's node (for this rank to forward).
@@ -664,6 +744,15 @@ impl<'e> Op<'e> {
                 ),
             ));
         }
+        if m.local_experts as usize != self.local_experts {
+            return Err(Error::protocol(
+                src,
+                format!(
+                    "rank {src} counts tokens for {} experts per rank, rank {} for {}:                      num_tokens_per_expert must have the same length on every rank",
+                    m.local_experts, self.me, self.local_experts
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -673,6 +762,31 @@ impl<'e> Op<'e> {
             return Ok(()); // this operation announces no counts
         }
         let over = |what: String| Error::protocol(src, what);
+        let (nn, rpn) = (self.topo.num_nodes(), self.topo.ranks_per_node());
+        let want_counts = match tier {
+            Tier::Rdma => rpn,
+            Tier::Nvl => 2 * nn + rpn,
+        };
+        if m.counts.len() != want_counts {
+            return Err(over(format!(
+                "{} counts in its metadata, expected {want_counts}",
+                m.counts.len()
+            )));
+        }
+        // Each expert count is bounded like a token count; sums of them stay far from
+        // overflow (at most `world_size` terms of at most `MAX_TOKENS`).
+        let experts = match tier {
+            Tier::Rdma => rpn * self.local_experts,
+            Tier::Nvl => self.local_experts,
+        };
+        if let Some(c) = m.expert_counts[..experts.min(m.expert_counts.len())]
+            .iter()
+            .find(|&&c| c as u64 > MAX_TOKENS)
+        {
+            return Err(over(format!(
+                "announced {c} tokens for one expert, above the limit of {MAX_TOKENS}"
+            )));
+        }
         match tier {
             Tier::Rdma => {
                 if m.tokens > MAX_TOKENS {
@@ -698,7 +812,14 @@ impl<'e> Op<'e> {
                 }
             }
             Tier::Nvl => {
-                for (n, pair) in m.counts.chunks_exact(2).enumerate() {
+                let (pairs, direct) = m.counts.split_at(2 * nn);
+                let own_tokens = pairs[2 * self.topo.node_of(self.me) + 1];
+                if let Some(c) = direct.iter().find(|&&c| c > own_tokens) {
+                    return Err(over(format!(
+                        "announced {c} tokens for one rank of its node out of its {own_tokens}"
+                    )));
+                }
+                for (n, pair) in pairs.chunks_exact(2).enumerate() {
                     let (count, tokens) = (pair[0], pair[1]);
                     if tokens > MAX_TOKENS || count > tokens {
                         return Err(over(format!(

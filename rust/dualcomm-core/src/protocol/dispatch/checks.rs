@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::{DispatchArgs, DispatchHandle, Route};
 use crate::error::{Error, Result};
+use crate::protocol::meta::MAX_LOCAL_EXPERTS;
 use crate::protocol::op::{MAX_TOKENS, OpKind};
 use crate::protocol::record::{Layout, RecordFormat};
 use crate::routing::{SendPlan, check_expert_indices, experts_per_rank};
@@ -22,6 +23,7 @@ pub(super) struct Checked<'a> {
     pub tokens: Tokens<'a>,
     /// This rank's experts: `[lo, hi)` (empty without top-k).
     pub experts: (i64, i64),
+    pub expert_alignment: usize,
 }
 
 /// This rank's tokens, cut into the sections of their records.
@@ -50,6 +52,68 @@ impl<'a> Tokens<'a> {
     pub fn payload_bytes(&self) -> usize {
         self.x_bytes + self.scale_bytes
     }
+}
+
+/// `num_tokens_per_expert`: whole blocks of experts per rank, few enough per rank for the
+/// metadata, and (with top-k) exactly what `topk_idx` says, since peers size from it.
+fn check_expert_counts(topo: &Topology, args: &DispatchArgs<'_>) -> Result<()> {
+    let counts = args.num_tokens_per_expert;
+    if counts.is_empty() {
+        return Ok(());
+    }
+    let w = topo.world_size();
+    if counts.len() % w != 0 {
+        return Err(Error::invalid(
+            "num_tokens_per_expert",
+            format!("a length that is a multiple of the world size {w}"),
+            counts.len(),
+        ));
+    }
+    if w > 1 && counts.len() / w > MAX_LOCAL_EXPERTS {
+        return Err(Error::invalid(
+            "num_tokens_per_expert",
+            format!(
+                "at most {MAX_LOCAL_EXPERTS} experts per rank ({} in all)",
+                MAX_LOCAL_EXPERTS * w
+            ),
+            format!("{} experts", counts.len()),
+        ));
+    }
+    if let Some(&c) = counts.iter().find(|&&c| c > args.num_tokens as u64) {
+        return Err(Error::invalid(
+            "num_tokens_per_expert",
+            format!("counts of at most the {} tokens of x", args.num_tokens),
+            c,
+        ));
+    }
+    if let Some(tk) = &args.topk {
+        if counts.len() != tk.num_experts {
+            return Err(Error::invalid(
+                "num_tokens_per_expert",
+                format!("{} counts (one per expert)", tk.num_experts),
+                counts.len(),
+            ));
+        }
+        let mut want = vec![0u64; tk.num_experts];
+        for row in tk.idx.chunks(tk.num_topk.max(1)) {
+            for (j, &e) in row.iter().enumerate() {
+                if e >= 0 && (e as usize) < want.len() && !row[..j].contains(&e) {
+                    want[e as usize] += 1;
+                }
+            }
+        }
+        if let Some(e) = (0..want.len()).find(|&e| want[e] != counts[e]) {
+            return Err(Error::invalid(
+                "num_tokens_per_expert",
+                format!(
+                    "the tokens topk_idx sends to each expert ({} for expert {e})",
+                    want[e]
+                ),
+                format!("{} for expert {e}", counts[e]),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_len(arg: &str, got: usize, rows: usize, row: usize) -> Result<()> {
@@ -104,6 +168,7 @@ pub(super) fn check<'a>(
         }
         None => (0, (0, 0)),
     };
+    check_expert_counts(topo, args)?;
     if args.expert_alignment == 0 {
         return Err(Error::invalid("expert_alignment", "at least 1", 0));
     }
@@ -156,5 +221,6 @@ pub(super) fn check<'a>(
             topk: k,
         },
         experts,
+        expert_alignment: args.expert_alignment,
     })
 }

@@ -50,6 +50,10 @@ pub struct DispatchArgs<'a> {
     pub scales: &'a [u8],
     pub scale_row_bytes: usize,
     pub topk: Option<TopkArgs<'a>>,
+    /// `[num_experts]`: this rank's tokens for each expert (DeepEP's `num_tokens_per_expert`),
+    /// or empty. With it every rank learns its per-expert receive counts from the metadata,
+    /// before any token moves.
+    pub num_tokens_per_expert: &'a [u64],
     pub expert_alignment: usize,
 }
 
@@ -92,12 +96,19 @@ pub struct DispatchOutput {
 }
 
 /// How much a rank receives, known once every rank has announced its counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RecvShape {
     pub num_recv: usize,
     pub x_row_bytes: usize,
     pub scale_row_bytes: usize,
     pub num_topk: usize,
+    /// Tokens from each source rank, in receive order.
+    pub recv_per_src: Vec<u64>,
+    /// Tokens each rank of this node sends straight to each other one (`ranks_per_node`
+    /// squared, row = sender): DeepEP's rank prefix matrix, before the prefix sum, on one node.
+    pub node_matrix: Vec<u64>,
+    /// Per local expert, rounded up to `expert_alignment`, when `num_tokens_per_expert` was given.
+    pub num_recv_tokens_per_expert: Option<Vec<i64>>,
 }
 
 /// Where received tokens are written: exactly `num_recv` rows of each.
@@ -186,6 +197,8 @@ pub(crate) fn run(
         to_rank: plan.count_to_rank(),
         to_node: plan.count_to_node(),
         tag: 0,
+        per_expert: args.num_tokens_per_expert,
+        local_experts: args.num_tokens_per_expert.len() / topo.world_size(),
     };
     let record_bytes = checked.layout.record_bytes();
     let mut op = Op::begin(

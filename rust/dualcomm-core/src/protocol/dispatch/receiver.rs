@@ -32,6 +32,8 @@ pub(super) struct Receiver<'o> {
     k: usize,
     /// This rank's experts: `[lo, hi)`.
     experts: (i64, i64),
+    /// Tokens per local expert that the metadata announced (unaligned), if it counted them.
+    announced_per_expert: Option<Vec<u64>>,
 }
 
 impl<'o> Receiver<'o> {
@@ -108,11 +110,21 @@ impl<'o> Receiver<'o> {
                 ),
             ));
         }
+        let announced_per_expert = op.expert_counts_here();
+        let a = c.expert_alignment as u64;
         let shape = RecvShape {
             num_recv: total,
             x_row_bytes: xb,
             scale_row_bytes: sb,
             num_topk: k,
+            recv_per_src: counts.clone(),
+            node_matrix: op.node_matrix(),
+            num_recv_tokens_per_expert: announced_per_expert.as_ref().map(|v| {
+                v.iter()
+                    .map(|&n| n.div_ceil(a) * a)
+                    .map(|n| n as i64)
+                    .collect()
+            }),
         };
         let bufs = sink.prepare(shape)?;
         if bufs.x.len() != total * xb
@@ -143,6 +155,7 @@ impl<'o> Receiver<'o> {
             sb,
             k,
             experts: c.experts,
+            announced_per_expert,
         })
     }
 
@@ -240,10 +253,10 @@ impl<'o> Receiver<'o> {
             ));
         }
         let num_recv = self.prefix[w];
-        let mut per_expert = Vec::new();
+        let mut per_expert: Vec<u64> = Vec::new();
         if args.topk.is_some() {
             let epr = (self.experts.1 - self.experts.0) as usize;
-            per_expert = vec![0i64; epr];
+            per_expert = vec![0; epr];
             for row in self.topk_idx.chunks(self.k.max(1)) {
                 for (j, &e) in row.iter().enumerate() {
                     if e >= 0 && !row[..j].contains(&e) {
@@ -251,11 +264,27 @@ impl<'o> Receiver<'o> {
                     }
                 }
             }
-            let a = args.expert_alignment as i64;
-            per_expert
-                .iter_mut()
-                .for_each(|c| *c = (*c + a - 1) / a * a);
+            // What arrived must be what the metadata announced (each rank checked its own
+            // counts against its top-k before sending them).
+            if let Some(announced) = &self.announced_per_expert
+                && let Some(e) = (0..epr).find(|&e| announced[e] != per_expert[e])
+            {
+                return Err(Error::protocol(
+                    self.me,
+                    format!(
+                        "{} tokens for local expert {e} arrived, {} were announced",
+                        per_expert[e], announced[e]
+                    ),
+                ));
+            }
+        } else if let Some(announced) = self.announced_per_expert {
+            per_expert = announced;
         }
+        let a = args.expert_alignment as u64;
+        let per_expert: Vec<i64> = per_expert
+            .iter()
+            .map(|&c| (c.div_ceil(a) * a) as i64)
+            .collect();
         let handle = match c.cached {
             Some(h) => Arc::new(DispatchHandle {
                 endpoint_id,

@@ -1,0 +1,87 @@
+"""The handle a dispatch returns, shaped where DeepEP's callers look into it.
+
+DeepEP's handle is a tuple of layout tensors, and its callers read two entries of it: on one
+node `handle[0]`, the rank prefix matrix (`[i][j]`: tokens ranks `0..=i` send to rank `j`),
+and on several nodes `handle[-4]`, the global rank prefix sum (`[i]`: tokens this rank
+receives from ranks `0..=i`). dualcomm's handle is a tuple of DeepEP's length with those
+entries filled (and `is_token_in_rank` where DeepEP keeps it); the other entries are None:
+the layout they describe lives in the Rust core, which the handle carries as `native`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dualcomm._native import Handle
+
+#: DeepEP's handle lengths: intranode and internode.
+_ONE_NODE_LEN = 6
+_MULTI_NODE_LEN = 10
+
+
+class DispatchHandle(tuple):  # type: ignore[type-arg]
+    """A dispatch's layout: pass it to `combine` and to a cached `dispatch`."""
+
+    native: Handle
+
+    def __new__(
+        cls,
+        native: Handle,
+        num_nodes: int,
+        ranks_per_node: int,
+        rank: int,
+        is_token_in_rank: torch.Tensor | None,
+    ) -> DispatchHandle:
+        per_src = torch.from_numpy(native.recv_per_src()).to(torch.int32)
+        items: list[Any]
+        if num_nodes == 1:
+            matrix = torch.from_numpy(native.node_matrix()).reshape(ranks_per_node, ranks_per_node)
+            rank_prefix_matrix = matrix.cumsum(0).to(torch.int32)
+            items = [rank_prefix_matrix, None, None, None, is_token_in_rank, None]
+            assert len(items) == _ONE_NODE_LEN
+        else:
+            recv_gbl_rank_prefix_sum = per_src.cumsum(0).to(torch.int32)
+            items = [is_token_in_rank, None, None, None, None, None]
+            items += [recv_gbl_rank_prefix_sum, None, None, None]
+            assert len(items) == _MULTI_NODE_LEN
+        self = super().__new__(cls, items)
+        self.native = native
+        return self
+
+    @property
+    def num_recv_tokens(self) -> int:
+        return int(self.native.num_recv_tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.native.num_tokens)
+
+    def recv_src_rank(self) -> Any:
+        return self.native.recv_src_rank()
+
+    def recv_src_idx(self) -> Any:
+        return self.native.recv_src_idx()
+
+    def __repr__(self) -> str:
+        return f"DispatchHandle({self.native!r})"
+
+    # A tuple compares and hashes by its items; a handle is one dispatch, compared by identity.
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __ne__(self, other: object) -> bool:
+        return self is not other
+
+    def __hash__(self) -> int:
+        return id(self)
+
+
+def native_of(handle: object) -> Handle | None:
+    """The native handle inside a dispatch handle (or the native handle itself)."""
+    if isinstance(handle, DispatchHandle):
+        return handle.native
+    if isinstance(handle, Handle):
+        return handle
+    return None
