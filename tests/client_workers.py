@@ -90,3 +90,23 @@ def megatron_flex_dispatcher(rank: int, world: int, num_nodes: int, seed: int) -
         buffer_transport=fused_a2a._buffer.transport,
         rdma_bytes=fused_a2a._buffer.stats()["rdma_payload_bytes"],
     )
+
+
+def low_latency_semantics(rank: int, world: int, num_nodes: int, seed: int) -> dict[str, Any]:
+    """DeepEP's low-latency test body on a `deep_ep.Buffer(low_latency_mode=True)`."""
+    import low_latency_checks as checks
+
+    deep_ep = _opt_in(world // num_nodes)
+    hidden, tokens, topk, max_tokens, experts = 512, 12, 3, 16, 4 * world
+    inputs = checks.make_inputs(world, tokens, hidden, topk, experts, seed)
+    hint = deep_ep.Buffer.get_low_latency_rdma_size_hint(max_tokens, hidden, world, experts)
+    buffer = deep_ep.Buffer(
+        dist.group.WORLD, 0, hint, low_latency_mode=True, num_qps_per_rank=experts // world, explicitly_destroy=True
+    )
+    out = checks.run_rank(buffer, inputs, experts, max_tokens)
+    stats = buffer.stats()
+    transport = buffer.low_latency_transport
+    buffer.destroy()
+    return dict(
+        variants=out["variants"], transport=transport, ll_rdma_connections=stats["low_latency_rdma_connections"]
+    )

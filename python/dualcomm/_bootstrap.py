@@ -71,12 +71,14 @@ def make_endpoint(
     and the transport used. "auto" takes shared memory when the whole world is one node on
     this host; one transport per tier ("shm+tcp": shared memory inside each node, TCP between
     nodes, as a cluster has NVLink inside and the network between) when every node's ranks
-    share a host; TCP for everything otherwise."""
+    share a host; TCP for everything otherwise. "full-mesh" (a low-latency buffer's second
+    endpoint, one rank per node) takes shared memory when every rank is on this host, TCP
+    otherwise."""
     import torch.distributed as dist
 
     rank = dist.get_rank(group)
     world = dist.get_world_size(group)
-    listener = TcpListener(local_address()) if transport in ("auto", "tcp", "shm+tcp") else None
+    listener = TcpListener(local_address()) if transport in ("auto", "tcp", "shm+tcp", "full-mesh") else None
     mine = {
         "address": None if listener is None else listener.address,
         "host": socket.gethostname(),
@@ -108,6 +110,8 @@ def make_endpoint(
             f"transport='shm+tcp': the ranks of a node must share a host for shared memory, but nodes of "
             f"{rpn} ranks span hosts {hosts}; set ranks_per_node to the ranks per host, or use 'tcp'"
         )
+    if transport == "full-mesh":
+        transport = "shm" if one_host else "tcp"
     if transport == "auto":
         if one_host and rpn == world:
             transport = "shm"

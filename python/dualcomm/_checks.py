@@ -3,7 +3,9 @@ expected and what was given, and every check runs before anything is sent."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -12,6 +14,19 @@ from dualcomm._native import InvalidArgumentError
 
 def fail(argument: str, expected: str, got: object) -> InvalidArgumentError:
     return InvalidArgumentError(f"{argument}: expected {expected}, got {got}")
+
+
+@contextlib.contextmanager
+def rejecting(ep: Any, op: str) -> Iterator[None]:
+    """Runs this rank's own checks of a collective call. If they fail, this rank will not
+    run the operation, so its peers are told (naming this rank and the reason) instead of
+    waiting for it until the timeout; every rank abandons the operation together."""
+    try:
+        yield
+    except Exception as e:
+        if not ep.destroyed:
+            ep.abort(op, str(e))
+        raise
 
 
 def describe(t: object) -> str:

@@ -78,6 +78,8 @@ class Handle:
     def num_tokens(self) -> int: ...
     @property
     def buffer_id(self) -> int: ...
+    def recv_per_src(self) -> npt.NDArray[np.int64]: ...
+    def node_matrix(self) -> npt.NDArray[np.int64]: ...
     def recv_src_rank(self) -> npt.NDArray[np.uint32]: ...
     def recv_src_idx(self) -> npt.NDArray[np.uint32]: ...
 
@@ -163,11 +165,14 @@ class Endpoint:
         topk_weights: npt.NDArray[np.float32] | None,
         num_experts: int,
         expert_alignment: int,
+        num_tokens_per_expert: npt.NDArray[np.int64] | None = None,
+        num_worst_tokens: int = 0,
     ) -> tuple[
         npt.NDArray[np.uint8],
         npt.NDArray[np.uint8] | None,
         npt.NDArray[np.int64] | None,
         npt.NDArray[np.float32] | None,
+        list[int] | None,
         Handle,
         Event,
     ]: ...

@@ -8,7 +8,6 @@ Rust with the GIL released.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -25,6 +24,7 @@ from dualcomm._native import (
 from dualcomm.config import Config, env_ranks_per_node, resolve_ring_bytes
 from dualcomm.event import EventHandle, EventOverlap
 from dualcomm.handle import DispatchHandle, native_of
+from dualcomm.low_latency import LowLatency, LowLatencyHandle, rdma_size_hint
 
 #: A dispatch's handle, as `dispatch` returns it and `combine` takes it.
 AnyHandle = Union[DispatchHandle, Handle]
@@ -45,6 +45,8 @@ class LoopbackGroup:
     rank: int
     num_nodes: int
     ranks_per_node: int
+    #: A second world of the same ranks for low-latency buffers (every rank linked to every other).
+    ll_world: LoopbackWorld | None = None
 
     def size(self) -> int:
         return self.num_nodes * self.ranks_per_node
@@ -118,8 +120,6 @@ class Buffer:
         for name, v in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise _checks.fail(name, "a non-negative int", _checks.describe(v))
-        if low_latency_mode:
-            raise _checks.fail("low_latency_mode", "False (the low-latency kernels are not part of dualcomm yet)", True)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise _checks.fail("timeout", "a positive number of seconds", _checks.describe(timeout))
         if transport not in ("auto", "loopback", "tcp", "shm", "shm+tcp"):
@@ -175,6 +175,29 @@ class Buffer:
         self.num_nodes: int = self._ep.num_nodes
         self.ranks_per_node: int = self._ep.ranks_per_node
         self.group_size: int = self.num_nodes * self.ranks_per_node
+        self._ll: LowLatency | None = None
+        #: What the low-latency endpoint runs on (None without `low_latency_mode`).
+        self.low_latency_transport: str | None = None
+        if self.low_latency_mode:
+            self._ll = LowLatency(
+                self._low_latency_endpoint(group, num_rdma_bytes, timeout), self.rank, self.group_size
+            )
+
+    def _low_latency_endpoint(self, group: Any, num_rdma_bytes: int, timeout: float) -> Endpoint:
+        """The second endpoint of a low-latency buffer: one rank per node, so every rank is
+        linked to every other; its rings take `num_rdma_bytes` (0: chosen)."""
+        w = self.group_size
+        if isinstance(group, LoopbackGroup):
+            if group.ll_world is None:
+                raise _checks.fail("group", "a LoopbackGroup with an ll_world for low_latency_mode", "none")
+            self.low_latency_transport = "loopback"
+            return Endpoint.loopback(
+                group.ll_world, w, 1, group.rank, 0, resolve_ring_bytes(num_rdma_bytes, w, w > 1), float(timeout)
+            )
+        from dualcomm._bootstrap import make_endpoint
+
+        ep, self.low_latency_transport = make_endpoint(group, "full-mesh", 0, num_rdma_bytes, 1, float(timeout))
+        return ep
 
     # ---- DeepEP class-level helpers -------------------------------------------------------
 
@@ -213,6 +236,13 @@ class Buffer:
     def is_sm90_compiled() -> bool:
         """True: FP8 dispatch (the SM90 feature DeepEP's callers gate on this) is served."""
         return True
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(
+        num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
+    ) -> int:
+        """`num_rdma_bytes` for a `low_latency_mode` buffer of `num_ranks` ranks."""
+        return rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
     def get_comm_stream(self) -> None:
         """DeepEP's communication stream. CPU tensors have none: operations run on the
@@ -386,17 +416,8 @@ class Buffer:
             out_handle = handle
         return (recv_x, recv_topk_idx, recv_topk_w, per_expert, out_handle, event)
 
-    @contextlib.contextmanager
-    def _rejecting(self, op: str) -> Iterator[None]:
-        """Runs this rank's own checks of a collective call. If they fail, this rank will not
-        run the operation, so its peers are told (naming this rank and the reason) instead of
-        waiting for it until the timeout; every rank abandons the operation together."""
-        try:
-            yield
-        except Exception as e:
-            if not self._ep.destroyed:
-                self._ep.abort(op, str(e))
-            raise
+    def _rejecting(self, op: str) -> contextlib.AbstractContextManager[None]:
+        return _checks.rejecting(self._ep, op)
 
     def _check_handle(self, handle: object) -> Handle:
         native = native_of(handle)
@@ -520,13 +541,100 @@ class Buffer:
             out.append(bt)
         return out
 
+    # ---- low-latency mode -------------------------------------------------------------------
+
+    def _low_latency(self, call: str) -> LowLatency:
+        if self._ll is None:
+            raise _checks.fail("low_latency_mode", f"True at construction to call {call}", False)
+        return self._ll
+
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        cumulative_local_expert_recv_stats: torch.Tensor | None = None,
+        dispatch_wait_recv_cost_stats: torch.Tensor | None = None,
+        use_fp8: bool = True,
+        round_scale: bool = False,
+        use_ue8m0: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+    ) -> tuple[Any, torch.Tensor, LowLatencyHandle, EventOverlap, Any]:
+        """DeepEP's low-latency dispatch: each token goes straight to the ranks of its experts.
+
+        Returns `(recv_x, recv_count, handle, event, hook)`: `recv_x` is bf16
+        `[local experts, num_ranks * num_max_dispatch_tokens_per_rank, hidden]`, or with
+        `use_fp8` the FP8 data and its scales (float32 `[.., hidden / 128]`, or with
+        `use_ue8m0` int32 `[.., hidden / 512]` of packed exponent bytes; column-major in the
+        last two dimensions). Only the first `recv_count[e]` rows of expert `e` are tokens,
+        ordered by source rank, then source token index. With `return_recv_hook`, the call
+        returns once the sends are issued and `hook()` completes the receive.
+        """
+        return self._low_latency("low_latency_dispatch").dispatch(
+            x,
+            topk_idx,
+            num_max_dispatch_tokens_per_rank,
+            num_experts,
+            cumulative_local_expert_recv_stats,
+            dispatch_wait_recv_cost_stats,
+            use_fp8,
+            round_scale,
+            use_ue8m0,
+            async_finish,
+            return_recv_hook,
+        )
+
+    def low_latency_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: LowLatencyHandle,
+        use_logfmt: bool = False,
+        zero_copy: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+        out: torch.Tensor | None = None,
+        combine_wait_recv_cost_stats: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, EventOverlap, Any]:
+        """DeepEP's low-latency combine: per token, the sum over its top-k choices of weight
+        times the expert's output row (fp32, in a fixed order), as bfloat16 `[num_tokens,
+        hidden]` (written into `out` if given). Returns `(combined_x, event, hook)`.
+        `use_logfmt` is accepted and changes nothing: rows travel at full precision."""
+        return self._low_latency("low_latency_combine").combine(
+            x,
+            topk_idx,
+            topk_weights,
+            handle,
+            zero_copy,
+            async_finish,
+            return_recv_hook,
+            out,
+            combine_wait_recv_cost_stats,
+        )
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """The bf16 tensor the next `low_latency_combine(..., zero_copy=True)` reads."""
+        return self._low_latency("get_next_low_latency_combine_buffer").next_combine_buffer(handle)
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """DeepEP zeroes the flags of its low-latency buffer here. dualcomm's rings carry their
+        own credits and need no cleaning, so this only checks its arguments."""
+        self._low_latency("clean_low_latency_buffer")
+        rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, self.group_size, num_experts)
+
     # ---- bookkeeping ------------------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
         """Bytes this rank sent per tier since the buffer was made: `nvl_payload_bytes` and
         `rdma_payload_bytes` count token data (hidden states, FP8 scales); the `*_wire_bytes`
         count everything (headers, top-k, counts, credits too)."""
-        return dict(self._ep.stats())
+        out = dict(self._ep.stats())
+        if self._ll is not None:
+            out.update({f"low_latency_{k}": v for k, v in self._ll._ep.stats().items()})
+        return out
 
     def destroy(self) -> None:
         """Leaves the world at once: operations in flight fail, later calls raise
@@ -538,11 +646,13 @@ class Buffer:
                 "True at construction to call destroy() (without it the buffer leaves when it is collected)",
                 False,
             )
-        self._ep.destroy()
+        self._leave()
 
     def _leave(self) -> None:
         """`destroy()` for dualcomm's own harnesses, whatever `explicitly_destroy` says."""
         self._ep.destroy()
+        if self._ll is not None:
+            self._ll._ep.destroy()
 
     @property
     def address(self) -> str | None:

@@ -46,6 +46,7 @@ def run_loopback(
     buffer_kwargs.setdefault("num_rdma_bytes", DEFAULT_RDMA_BYTES)
     timeout = float(buffer_kwargs.get("timeout", 300.0))
     world = LoopbackWorld(world_size)
+    ll_world = LoopbackWorld(world_size) if buffer_kwargs.get("low_latency_mode") else None
     results: list[Any] = [None] * world_size
     failures: list[tuple[float, int, BaseException]] = []
     lock = threading.Lock()
@@ -53,7 +54,7 @@ def run_loopback(
     def rank_main(rank: int) -> None:
         buffer: Buffer | None = None
         try:
-            group = LoopbackGroup(world, rank, num_nodes, ranks_per_node)
+            group = LoopbackGroup(world, rank, num_nodes, ranks_per_node, ll_world)
             buffer = Buffer(group, **buffer_kwargs)
             results[rank] = fn(buffer)
         except BaseException as e:  # noqa: BLE001 - re-raised by the caller's thread

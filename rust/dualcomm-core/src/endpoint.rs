@@ -279,6 +279,13 @@ impl Endpoint {
         (session, &self.payload, &mut self.scratch)
     }
 
+    /// Refuses the next operation (`kind`) for a bad argument `e` found above the protocol:
+    /// every peer's call of it fails naming this rank, and this endpoint stays usable.
+    pub(crate) fn reject<T>(&mut self, kind: OpKind, e: Error) -> Result<T> {
+        self.usable()?;
+        self.finish(kind, Err(e))
+    }
+
     /// Bad arguments are found before anything is sent: this rank tells its peers (an
     /// abort in place of its metadata), every rank abandons the operation, and the endpoint
     /// stays usable. Any other failure leaves the ranks out of step, so the endpoint refuses

@@ -6,6 +6,7 @@ pub mod endpoint;
 pub mod engine;
 pub mod error;
 pub mod handoff;
+pub mod low_latency;
 pub mod protocol;
 pub mod routing;
 pub mod topology;
@@ -15,6 +16,7 @@ pub use endpoint::{Config, Endpoint, QueuedRoute, Stats};
 pub use engine::{Engine, Ticket};
 pub use error::{Error, Result};
 pub use handoff::{PendingHandle, RawBuffer, RecvHandoff, RecvMemory, RecvRequest, recv_handoff};
+pub use low_latency::LowLatencyCombineArgs;
 pub use protocol::combine::{CombineArgs, CombineOut};
 pub use protocol::dispatch::{
     DispatchArgs, DispatchHandle, DispatchOutput, RecvBuffers, RecvShape, RecvSink, Route,

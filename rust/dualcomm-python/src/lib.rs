@@ -15,8 +15,8 @@ use dualcomm_core::transport::loopback::LoopbackFabric;
 use dualcomm_core::transport::tcp::{SECRET_BYTES, TcpBinding};
 use dualcomm_core::{
     CombineArgs, CombineOut, Config, DispatchArgs, DispatchHandle, Dtype, ElemType,
-    Endpoint as CoreEndpoint, Engine, Error, OpKind, PendingHandle, QueuedRoute, RecvMemory,
-    Ticket, TopkArgs, Topology, recv_handoff,
+    Endpoint as CoreEndpoint, Engine, Error, LowLatencyCombineArgs, OpKind, PendingHandle,
+    QueuedRoute, RecvMemory, Ticket, TopkArgs, Topology, recv_handoff,
 };
 use numpy::{PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -810,6 +810,87 @@ impl Endpoint {
             },
             Event::new(ticket),
         ))
+    }
+
+    /// Starts DeepEP's low-latency combine on the engine: `x` holds the expert outputs in the
+    /// per-expert layout (raw rows of `dtype`), `slots` maps each received token's choices to
+    /// rows of `x` (-1: not this rank's), `topk_weights` are this rank's own tokens' weights.
+    /// Returns the output array (`[num_tokens, hidden]` in `out_dtype`, filled when the event
+    /// completes) and the event.
+    #[pyo3(signature = (x, dtype, handle, slots, topk_weights, out_dtype))]
+    fn low_latency_combine<'py>(
+        &self,
+        py: Python<'py>,
+        x: PyReadonlyArray2<'py, u8>,
+        dtype: &str,
+        handle: PyRef<'py, Handle>,
+        slots: PyReadonlyArray2<'py, i64>,
+        topk_weights: PyReadonlyArray2<'py, f32>,
+        out_dtype: &str,
+    ) -> PyResult<(Bound<'py, PyArray1<u8>>, Event)> {
+        self.usable()?;
+        let staged = (|| -> PyResult<_> {
+            let dtype = Dtype::parse(dtype).map_err(to_py)?;
+            let out_dtype = Dtype::parse(out_dtype).map_err(to_py)?;
+            let (_, xb) = rows_of(&x);
+            if xb == 0 || xb % dtype.size() != 0 {
+                return Err(to_py(Error::invalid(
+                    "x",
+                    format!("rows of whole {}-byte elements", dtype.size()),
+                    format!("{xb}-byte rows"),
+                )));
+            }
+            if handle.buffer_id != self.id {
+                return Err(to_py(Error::invalid(
+                    "handle",
+                    "a handle made by this buffer",
+                    "a handle from another buffer",
+                )));
+            }
+            let hidden = xb / dtype.size();
+            let (_, k) = rows_of(&topk_weights);
+            let (x_raw, k0) = input(&x, "x")?;
+            let (s_raw, k1) = input(&slots, "slots")?;
+            let (w_raw, k2) = input(&topk_weights, "topk_weights")?;
+            let (out_x, ox) = output::<u8>(py, handle.num_tokens * hidden * out_dtype.size())?;
+            let keep = vec![k0, k1, k2, out_x.as_any().clone().unbind()];
+            Ok((
+                dtype, out_dtype, hidden, k, keep, x_raw, s_raw, w_raw, out_x, ox,
+            ))
+        })();
+        let (dtype, out_dtype, hidden, k, keep, x_raw, s_raw, w_raw, out_x, ox) =
+            staged.inspect_err(|e| self.reject_next(OpKind::CachedDispatch, e.to_string()))?;
+        let cell = handle.cell.clone();
+        let ticket = self
+            .engine
+            .submit(move |ep: &mut CoreEndpoint| {
+                let _held = keep;
+                let started = now();
+                // SAFETY: `_held` keeps every array alive until this job ends; the output was
+                // made for this job alone.
+                let result = unsafe {
+                    ep.low_latency_combine_queued(
+                        &LowLatencyCombineArgs {
+                            x: x_raw.slice(),
+                            dtype,
+                            hidden,
+                            slots: s_raw.slice(),
+                            num_topk: k,
+                            topk_weights: w_raw.slice(),
+                            out_dtype,
+                        },
+                        &cell,
+                        ox.slice_mut(),
+                    )
+                };
+                Finished {
+                    result: result.map(|()| None),
+                    started,
+                    ended: now(),
+                }
+            })
+            .map_err(to_py)?;
+        Ok((out_x, Event::new(ticket)))
     }
 
     /// Starts a combine of rows (`dtype` "bfloat16" or "float32", as raw bytes) on the engine;

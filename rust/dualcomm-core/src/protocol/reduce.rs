@@ -42,6 +42,22 @@ pub fn add_into(acc: &mut [f32], row: &[u8], dtype: Dtype) {
     }
 }
 
+/// `acc[i] += w * row[i]` with `row` in `dtype` (one rounding per term: product, then sum).
+pub fn add_scaled_into(acc: &mut [f32], row: &[u8], w: f32, dtype: Dtype) {
+    match dtype {
+        Dtype::Bf16 => {
+            for (a, b) in acc.iter_mut().zip(row.chunks_exact(2)) {
+                *a += w * f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+            }
+        }
+        Dtype::F32 => {
+            for (a, b) in acc.iter_mut().zip(row.chunks_exact(4)) {
+                *a += w * f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+    }
+}
+
 /// Copies little-endian f32s out of bytes that may sit at any alignment (ring records do).
 pub fn read_f32s(dst: &mut [f32], src: &[u8]) {
     for (d, b) in dst.iter_mut().zip(src.chunks_exact(4)) {
