@@ -153,6 +153,16 @@ class Endpoint:
     def layout(
         self, topk_idx: npt.NDArray[np.int64], num_experts: int
     ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.bool_]]: ...
+    def local_buffer(self, rdma: bool) -> npt.NDArray[np.uint8]: ...
+    def low_latency_combine(
+        self,
+        x: npt.NDArray[np.uint8],
+        dtype: str,
+        handle: Handle,
+        slots: npt.NDArray[np.int64],
+        topk_weights: npt.NDArray[np.float32],
+        out_dtype: str,
+    ) -> tuple[npt.NDArray[np.uint8], Event]: ...
     def dispatch(
         self,
         x: npt.NDArray[np.uint8],

@@ -244,6 +244,34 @@ class Buffer:
         """`num_rdma_bytes` for a `low_latency_mode` buffer of `num_ranks` ranks."""
         return rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
+    def get_local_buffer_tensor(
+        self,
+        dtype: torch.dtype,
+        size: torch.Size | None = None,
+        offset: int = 0,
+        use_rdma_buffer: bool = False,
+    ) -> torch.Tensor:
+        """This rank's receive rings of the nvl (or, with `use_rdma_buffer`, the rdma) tier as
+        a 1-D `dtype` tensor starting `offset` bytes in (as DeepEP's runtime counts it), or
+        shaped `size`. It aliases the memory peers write into: writing it corrupts operations
+        in flight, exactly as with DeepEP's buffer."""
+        if not isinstance(dtype, torch.dtype):
+            raise _checks.fail("dtype", "a torch.dtype", _checks.describe(dtype))
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise _checks.fail("offset", "a non-negative int (bytes)", _checks.describe(offset))
+        raw = torch.from_numpy(self._ep.local_buffer(bool(use_rdma_buffer)))
+        if offset > raw.numel():
+            raise _checks.fail("offset", f"at most the buffer's {raw.numel()} bytes", offset)
+        item = torch.empty((), dtype=dtype).element_size()
+        tail = raw[offset:]
+        t = tail[: tail.numel() // item * item].view(dtype)
+        if size is None:
+            return t
+        want = int(torch.Size(size).numel())
+        if want > t.numel():
+            raise _checks.fail("size", f"at most {t.numel()} elements of {dtype}", list(size))
+        return t[:want].view(size)
+
     def get_comm_stream(self) -> None:
         """DeepEP's communication stream. CPU tensors have none: operations run on the
         buffer's progress thread, in the order they were issued."""

@@ -144,8 +144,10 @@ def _positive(name: str, v: object) -> int:
 
 
 def resolve_ring_bytes(requested: int, senders: int, has_links: bool) -> int:
-    """The bytes a tier's rings get: `requested`, or `AUTO_RING_BYTES` per sender when it is 0
-    and the tier has links, trimmed to `max_buffer_bytes()`."""
-    if requested == 0 and has_links:
+    """The bytes a tier's rings get: none for a tier without links (one node has no rdma
+    tier), `AUTO_RING_BYTES` per sender for 0, else `requested` trimmed to `max_buffer_bytes()`."""
+    if not has_links:
+        return 0
+    if requested == 0:
         requested = AUTO_RING_BYTES * senders
     return min(requested, max_buffer_bytes())

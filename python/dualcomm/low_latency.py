@@ -168,12 +168,13 @@ class LowLatency:
         if cumulative_local_expert_recv_stats is not None:
             cumulative_local_expert_recv_stats += recv_count
         cap = w * m
-        packed_x = torch.zeros(local, cap, hidden, dtype=data.dtype)
+        # Rows past an expert's count hold no token (DeepEP leaves them as they are, too).
+        packed_x = torch.empty(local, cap, hidden, dtype=data.dtype)
         packed_scales: torch.Tensor | None = None
         if use_fp8:
             # Column-major in the last two dimensions, as DeepEP returns them (for TMA).
             cols, sdtype = (hidden // 512, torch.int32) if use_ue8m0 else (hidden // 128, torch.float32)
-            packed_scales = torch.zeros(local, cols, cap, dtype=sdtype).transpose(1, 2)
+            packed_scales = torch.empty(local, cols, cap, dtype=sdtype).transpose(1, 2)
         src_info = torch.full((local, cap), -1, dtype=torch.int32)
         layout_range = torch.zeros(local, w, dtype=torch.int64)
         handle = LowLatencyHandle(src_info, layout_range, m, hidden, num_experts)
@@ -181,36 +182,53 @@ class LowLatency:
         handle.slots = None
 
         def lay_out(_: object) -> None:
-            """Once the tokens are in: each local expert's rows, by source rank then index."""
+            """Once the tokens are in: each local expert's rows, by source rank then index
+            (the receive order), all experts in one pass."""
             n = native.num_recv_tokens
             rx = torch.from_numpy(recv).view(data.dtype).reshape(n, hidden)
-            rs = None if recv_scales is None else torch.from_numpy(recv_scales).view(torch.float32).reshape(n, -1)
             ridx = torch.from_numpy(recv_idx).reshape(n, k)
             src_rank = torch.from_numpy(native.recv_src_rank().astype(np.int64))
             src_idx = torch.from_numpy(native.recv_src_idx().astype(np.int64))
+            # Every (received token, choice) of a local expert, sorted by (expert, token).
+            rows = torch.arange(n).repeat_interleave(k)
+            experts = ridx.flatten()
+            # A token that names one expert twice lands in its rows once.
+            first = torch.ones_like(experts, dtype=torch.bool)
+            if k > 1:
+                earlier = ridx.unsqueeze(2) == ridx.unsqueeze(1)
+                first = ~torch.tril(earlier, diagonal=-1).any(2).flatten()
+            take = (experts >= 0) & first
+            key = experts[take] * n + rows[take]
+            order = torch.sort(key, stable=True).values
+            e_sorted, r_sorted = order // max(n, 1), order % max(n, 1)
+            per_expert = torch.bincount(e_sorted, minlength=local)
+            got = per_expert.tolist()
+            if got != counts:
+                raise InternalError(f"per-expert arrivals {got} differ from the announced {counts}")
+            if got and max(got) > cap:
+                raise _checks.fail(
+                    "num_max_dispatch_tokens_per_rank",
+                    f"the same value on every rank (an expert received {max(got)} tokens, more than {w} x {m})",
+                    m,
+                )
+            starts = per_expert.cumsum(0) - per_expert
+            position = torch.arange(e_sorted.numel()) - starts[e_sorted]
+            flat_slot = e_sorted * cap + position
+            packed_x.view(local * cap, hidden)[flat_slot] = rx[r_sorted]
+            if packed_scales is not None and recv_scales is not None:
+                rs = torch.from_numpy(recv_scales).view(torch.float32).reshape(n, -1)[r_sorted]
+                packed = pack_ue8m0(rs) if use_ue8m0 else rs
+                packed_scales[e_sorted, position] = packed
+            src_info.view(-1)[flat_slot] = src_idx[r_sorted].to(torch.int32)
+            pairs = torch.bincount(e_sorted * w + src_rank[r_sorted], minlength=local * w).view(local, w)
+            layout_range.copy_(((pairs.cumsum(1) - pairs) << 32) | pairs)
+            # Each choice's slot; a repeated expert of a token maps to its one row.
+            slot_of = torch.full((local, max(n, 1)), -1, dtype=torch.int64)
+            slot_of[e_sorted, r_sorted] = flat_slot
             slots = torch.full((n, k), -1, dtype=torch.int64)
-            for e in range(local):
-                hit = ridx == e
-                rows = hit.any(1).nonzero().flatten()
-                c = rows.numel()
-                if c != counts[e]:
-                    raise InternalError(f"local expert {e}: {c} tokens arrived, {counts[e]} were announced")
-                if c > cap:
-                    raise _checks.fail(
-                        "num_max_dispatch_tokens_per_rank",
-                        f"the same value on every rank (expert {e} received {c} tokens, more than {w} x {m})",
-                        m,
-                    )
-                packed_x[e, :c] = rx[rows]
-                if packed_scales is not None and rs is not None:
-                    packed_scales[e, :c] = pack_ue8m0(rs[rows]) if use_ue8m0 else rs[rows]
-                src_info[e, :c] = src_idx[rows].to(torch.int32)
-                per_src = torch.bincount(src_rank[rows], minlength=w)
-                begin = per_src.cumsum(0) - per_src
-                layout_range[e] = (begin << 32) | per_src
-                position = torch.full((n,), -1, dtype=torch.int64)
-                position[rows] = torch.arange(c) + e * cap
-                slots = torch.where(hit, position.unsqueeze(1).expand(n, k), slots)
+            valid = ridx >= 0
+            rr = torch.arange(n).unsqueeze(1).expand(n, k)
+            slots[valid] = slot_of[ridx[valid], rr[valid]]
             handle.slots = slots
 
         event = EventOverlap(native_event, extra_tensors=(xt, idx, packed_x), on_done=lay_out)

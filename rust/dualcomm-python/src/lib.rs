@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dualcomm_core::routing::{SendPlan, dispatch_layout};
-use dualcomm_core::transport::Tier;
 use dualcomm_core::transport::loopback::LoopbackFabric;
 use dualcomm_core::transport::tcp::{SECRET_BYTES, TcpBinding};
+use dualcomm_core::transport::{RegionId, Tier, Transport};
 use dualcomm_core::{
     CombineArgs, CombineOut, Config, DispatchArgs, DispatchHandle, Dtype, ElemType,
     Endpoint as CoreEndpoint, Engine, Error, LowLatencyCombineArgs, OpKind, PendingHandle,
@@ -317,10 +317,17 @@ impl Event {
     }
 }
 
+/// Keeps a rank's transport, and so its registered regions, alive while NumPy views of them exist.
+#[pyclass(module = "dualcomm._native", frozen)]
+struct RegionOwner {
+    _transport: Arc<dyn Transport>,
+}
+
 /// One rank of a world; its operations run on a progress thread of their own.
 #[pyclass(module = "dualcomm._native", frozen)]
 struct Endpoint {
     engine: Engine,
+    transport: Arc<dyn Transport>,
     topo: Topology,
     rank: usize,
     id: u64,
@@ -338,6 +345,7 @@ impl Endpoint {
             address: ep.address(),
             timeout: ep.config().timeout,
             destroyed: AtomicBool::new(false),
+            transport: ep.transport_handle(),
             engine: Engine::start(ep).map_err(to_py)?,
         })
     }
@@ -1035,6 +1043,29 @@ impl Endpoint {
         };
         self.reject_next(kind, reason);
         Ok(())
+    }
+
+    /// This rank's receive rings of one tier (DeepEP's `get_local_buffer_tensor`): the raw
+    /// registered bytes peers write into, as a NumPy view that keeps them alive.
+    fn local_buffer<'py>(&self, py: Python<'py>, rdma: bool) -> PyResult<Bound<'py, PyArray1<u8>>> {
+        let region = if rdma {
+            RegionId::RdmaRings
+        } else {
+            RegionId::NvlRings
+        };
+        let (ptr, len) = self.transport.region_memory(region);
+        let owner = Bound::new(
+            py,
+            RegionOwner {
+                _transport: Arc::clone(&self.transport),
+            },
+        )?;
+        // SAFETY: `len` bytes at `ptr` belong to the transport, which `owner` (the array's
+        // base object) keeps alive as long as the array; peers write there as DeepEP's do.
+        unsafe {
+            let view = numpy::ndarray::ArrayView1::from_shape_ptr(len, ptr);
+            Ok(PyArray1::borrow_from_array(&view, owner.into_any()))
+        }
     }
 
     /// Leaves the world at once (operations in flight fail); later calls raise.

@@ -1,0 +1,219 @@
+"""The DeepEP calls a drop-in must serve beyond dispatch and combine themselves: Config and
+its size hints, buffers sized the way DeepEP's callers size them, padding to a worst-case
+row count, events, handles, the raw buffer view, and the small class-level helpers."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import dualcomm
+from dualcomm import Buffer, Config, EventOverlap, InvalidArgumentError
+from dualcomm.config import DEFAULT_MAX_BUFFER_BYTES
+from dualcomm.event import EventHandle
+from dualcomm.testing import run_loopback
+
+
+def _route(buf: Buffer, tokens: int = 6, hidden: int = 16):
+    g = torch.Generator().manual_seed(buf.rank)
+    x = torch.randn(tokens, hidden, generator=g).bfloat16()
+    idx = torch.randint(0, 2 * buf.group_size, (tokens, 2), generator=g)
+    w = torch.rand(tokens, 2, generator=g)
+    per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, 2 * buf.group_size)
+    args = dict(
+        num_tokens_per_rank=per_rank,
+        num_tokens_per_rdma_rank=per_node,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=idx,
+        topk_weights=w,
+    )
+    return x, args
+
+
+def test_config_takes_deep_ep_positional_forms_and_checks_them():
+    assert Config() == Config(20, 6, 256, 6, 128)
+    c = Config(24, 8, 256)  # DeepEP's intranode tests pass three
+    # DeepEP rounds the rdma receive chunk up to a multiple of the send chunk: 128 -> 132.
+    assert (c.num_max_rdma_chunked_send_tokens, c.num_max_rdma_chunked_recv_tokens) == (6, 132)
+    assert Config(24, 8, 512, 16, 120).num_max_rdma_chunked_recv_tokens == 128  # rounded up as DeepEP does
+    with pytest.raises(InvalidArgumentError, match="^num_max_nvl_chunked_send_tokens: expected less than"):
+        Config(20, 256, 256)
+    with pytest.raises(InvalidArgumentError, match="^num_max_rdma_chunked_send_tokens: expected at most half"):
+        Config(20, 6, 256, 100, 100)
+    with pytest.raises(InvalidArgumentError, match="^num_sms: expected a non-negative int"):
+        Config(-1)
+    for n in (2, 4, 8, 16, 24, 160, 5):
+        assert isinstance(Buffer.get_dispatch_config(n), Config)
+        assert isinstance(Buffer.get_combine_config(n), Config)
+    with pytest.raises(InvalidArgumentError, match="^num_ranks: expected a positive int"):
+        Buffer.get_dispatch_config(0)
+
+
+def test_size_hints_size_buffers_that_work(monkeypatch):
+    """Megatron-Core sizes its Buffer with the hints; on one node the rdma hint is 0, and with
+    emulated nodes it is what the rdma rings need."""
+    hidden = 16
+    monkeypatch.delenv("DUALCOMM_RANKS_PER_NODE", raising=False)
+    cfg = Buffer.get_dispatch_config(4)
+    assert cfg.get_rdma_buffer_size_hint(hidden * 2, 4) == 0
+    nvl_one_node = cfg.get_nvl_buffer_size_hint(hidden * 2, 4)
+    assert nvl_one_node > 0
+    monkeypatch.setenv("DUALCOMM_RANKS_PER_NODE", "2")
+    nvl, rdma = cfg.get_nvl_buffer_size_hint(hidden * 2, 4), cfg.get_rdma_buffer_size_hint(hidden * 2, 4)
+    assert rdma > 0 and nvl < nvl_one_node
+
+    def body(buf):
+        x, args = _route(buf, hidden=hidden)
+        recv, *_, handle, _ = buf.dispatch(x, **args)
+        out, _, _ = buf.combine(recv, handle)
+        return out.shape
+
+    assert run_loopback(2, 2, body, num_nvl_bytes=nvl, num_rdma_bytes=rdma) == [torch.Size([6, hidden])] * 4
+    with pytest.raises(InvalidArgumentError, match="^num_ranks: expected a multiple of DUALCOMM_RANKS_PER_NODE=2"):
+        cfg.get_nvl_buffer_size_hint(32, 3)
+
+
+def test_zero_bytes_means_choose_and_huge_requests_are_trimmed():
+    def body(buf):
+        x, args = _route(buf)
+        recv, *_, handle, _ = buf.dispatch(x, **args)
+        buf.combine(recv, handle)
+        return (
+            buf.get_local_buffer_tensor(torch.uint8).numel(),
+            buf.get_local_buffer_tensor(torch.uint8, use_rdma_buffer=True).numel(),
+        )
+
+    # A 2x2 world with num_rdma_bytes=0 (what Megatron passes up to 8 ranks) dispatches.
+    sizes = run_loopback(2, 2, body, num_nvl_bytes=0, num_rdma_bytes=0)
+    assert all(nvl > 0 and rdma > 0 for nvl, rdma in sizes)
+    # DeepEP's tests ask for 2 GB: the rings get what the CPU path can use.
+    sizes = run_loopback(1, 2, body, num_nvl_bytes=int(2e9), num_rdma_bytes=int(1e9))
+    assert sizes == [(DEFAULT_MAX_BUFFER_BYTES, 0)] * 2
+
+
+def test_num_worst_tokens_pads_and_refuses_too_few_rows():
+    def body(buf):
+        x, args = _route(buf)
+        recv, idx, w, counts, handle, _ = buf.dispatch(x, **args)
+        wx, widx, ww, empty, _, _ = buf.dispatch(x, num_worst_tokens=40, **args)
+        n = recv.shape[0]
+        ok = (
+            empty == []
+            and wx.shape == (40, 16)
+            and torch.equal(wx[:n], recv)
+            and bool((wx[n:] == 0).all())
+            and torch.equal(widx[:n], idx)
+            and bool((widx[n:] == -1).all())
+            and bool((ww[n:] == 0).all())
+        )
+        assert n >= 2
+        with pytest.raises(InvalidArgumentError, match="^num_worst_tokens: expected at least the"):
+            buf.dispatch(x, num_worst_tokens=1, **args)
+        return ok
+
+    assert all(run_loopback(1, 2, body, timeout=30))
+
+
+def test_counts_list_is_filled_when_an_async_dispatch_returns():
+    def body(buf):
+        x, args = _route(buf)
+        _, _, _, sync_counts, _, _ = buf.dispatch(x, **args)
+        _, _, _, counts, _, event = buf.dispatch(x, async_finish=True, **args)
+        filled_at_return = list(counts)
+        event.current_stream_wait()
+        return filled_at_return == sync_counts and len(counts) == 2
+
+    assert all(run_loopback(2, 2, body))
+
+
+def test_events_follow_deep_ep():
+    captured = Buffer.capture()
+    assert isinstance(captured.event, EventHandle) and captured.done
+    captured.current_stream_wait()
+    assert Buffer.is_sm90_compiled() is True
+
+    def body(buf):
+        assert buf.get_comm_stream() is None
+        x, args = _route(buf)
+        recv, *_, handle, event = buf.dispatch(x, previous_event=buf.capture(), async_finish=True, **args)
+        calls = []
+        event.register_hook_after_wait(lambda: calls.append("hook"))
+        with pytest.raises(InvalidArgumentError, match="^hook_after_wait"):
+            event.register_hook_after_wait(lambda: None)
+        with event(release_handle=True):
+            pass
+        assert calls == ["hook"] and event.event is None
+        # A combine with bias is done only once the bias is in: `done` never reports early.
+        t = handle.num_tokens
+        bias = torch.full((t, 16), 1000.0, dtype=torch.bfloat16)
+        out, _, ev = buf.combine(recv, handle, bias=bias, async_finish=True)
+        while not ev.done:
+            pass
+        plain, _, _ = buf.combine(recv, handle)
+        return torch.equal(out.float(), (plain.float() + 1000.0).bfloat16().float()) or torch.allclose(
+            out.float(), plain.float() + 1000.0, atol=8
+        )
+
+    assert all(run_loopback(1, 2, body))
+
+
+def test_handles_index_like_deep_ep_and_stay_opaque_elsewhere():
+    def body(buf):
+        x, args = _route(buf)
+        recv, _, _, _, handle, _ = buf.dispatch(x, **args)
+        n = recv.shape[0]
+        if buf.num_nodes == 1:
+            prefix = handle[0]
+            assert len(handle) == 6 and prefix.shape == (buf.group_size, buf.group_size)
+            assert int(prefix[-1, buf.rank]) == n  # the column sums to what this rank received
+            assert handle[4] is args["is_token_in_rank"]
+        else:
+            assert len(handle) == 10 and int(handle[-4][-1]) == n
+        assert handle == handle and handle != tuple(handle)
+        return True
+
+    assert all(run_loopback(1, 3, body)) and all(run_loopback(3, 1, body))
+
+
+def test_set_num_sms_must_be_even():
+    before = Buffer.num_sms
+    try:
+        Buffer.set_num_sms(24)
+        assert Buffer.get_dispatch_config(8).num_sms == 24
+        with pytest.raises(InvalidArgumentError, match="^new_num_sms: expected a positive even int"):
+            Buffer.set_num_sms(7)
+    finally:
+        Buffer.set_num_sms(before)
+
+
+def test_local_buffer_tensor_shows_what_peers_wrote():
+    """The view aliases the registered rings: a peer's rows land in it."""
+    marker = 0x5A
+
+    def body(buf):
+        x = torch.full((1, 64), marker, dtype=torch.uint8).view(torch.bfloat16).reshape(1, 32)
+        in_rank = torch.tensor([[True, True]])
+        view = buf.get_local_buffer_tensor(torch.uint8)
+        before = int((view == marker).sum())
+        recv, *_ = buf.dispatch(x, is_token_in_rank=in_rank)
+        with pytest.raises(InvalidArgumentError, match="^size: expected at most"):
+            buf.get_local_buffer_tensor(torch.int32, torch.Size([view.numel()]))
+        return before, int((view == marker).sum())
+
+    for before, after in run_loopback(1, 2, body, num_nvl_bytes=1 << 12):
+        assert before == 0 and after >= 64  # the other rank's 64 marker bytes are in the ring
+
+
+def test_deep_ep_alias_is_importable_and_typed():
+    import dualcomm.deep_ep as dep
+
+    assert dep.topk_idx_t is torch.int64
+    assert dep.Buffer is Buffer and dep.Config is Config and dep.EventOverlap is EventOverlap
+    from dualcomm.deep_ep.utils import EventHandle as EH
+
+    assert EH is EventHandle
+    assert isinstance(dualcomm.deep_ep.install(), bool)
+    assert threading.current_thread() is threading.main_thread()
