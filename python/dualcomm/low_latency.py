@@ -86,6 +86,17 @@ class LowLatency:
         # DeepEP double-buffers: the next combine reads from the one not used last.
         self._combine_buffers: list[torch.Tensor | None] = [None, None]
         self._next_combine = 0
+        # So are dispatch results (a caller holds at most two at once, as with DeepEP): reusing
+        # them spares the page faults of fresh receive tensors on every decoding step.
+        self._recv_buffers: list[dict[tuple[Any, ...], torch.Tensor]] = [{}, {}]
+        self._next_recv = 0
+
+    def _recv_tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        pool = self._recv_buffers[self._next_recv]
+        key = (shape, dtype)
+        if key not in pool:
+            pool[key] = torch.empty(shape, dtype=dtype)
+        return pool[key]
 
     def _check_handle(self, handle: object) -> LowLatencyHandle:
         if not isinstance(handle, LowLatencyHandle):
@@ -169,12 +180,13 @@ class LowLatency:
             cumulative_local_expert_recv_stats += recv_count
         cap = w * m
         # Rows past an expert's count hold no token (DeepEP leaves them as they are, too).
-        packed_x = torch.empty(local, cap, hidden, dtype=data.dtype)
+        packed_x = self._recv_tensor((local, cap, hidden), data.dtype)
         packed_scales: torch.Tensor | None = None
         if use_fp8:
             # Column-major in the last two dimensions, as DeepEP returns them (for TMA).
             cols, sdtype = (hidden // 512, torch.int32) if use_ue8m0 else (hidden // 128, torch.float32)
-            packed_scales = torch.empty(local, cols, cap, dtype=sdtype).transpose(1, 2)
+            packed_scales = self._recv_tensor((local, cols, cap), sdtype).transpose(1, 2)
+        self._next_recv ^= 1
         src_info = torch.full((local, cap), -1, dtype=torch.int32)
         layout_range = torch.zeros(local, w, dtype=torch.int64)
         handle = LowLatencyHandle(src_info, layout_range, m, hidden, num_experts)
@@ -214,7 +226,9 @@ class LowLatency:
             starts = per_expert.cumsum(0) - per_expert
             position = torch.arange(e_sorted.numel()) - starts[e_sorted]
             flat_slot = e_sorted * cap + position
-            packed_x.view(local * cap, hidden)[flat_slot] = rx[r_sorted]
+            # As raw bytes: index_copy_ has no FP8 kernel, and the rows only move.
+            dst = packed_x.view(local * cap, hidden).view(torch.uint8)
+            dst.index_copy_(0, flat_slot, rx.view(torch.uint8).index_select(0, r_sorted))
             if packed_scales is not None and recv_scales is not None:
                 rs = torch.from_numpy(recv_scales).view(torch.float32).reshape(n, -1)[r_sorted]
                 packed = pack_ue8m0(rs) if use_ue8m0 else rs
