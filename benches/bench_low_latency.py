@@ -48,6 +48,7 @@ def rank_main(rank: int, world: int, tokens: int, iters: int) -> dict[str, Any]:
             topk_idx=idx,
             topk_weights=w,
         )
+        assert isinstance(recv, torch.Tensor)
         buf.combine(recv, handle, topk_weights=recv_w)
 
     def low_latency() -> None:

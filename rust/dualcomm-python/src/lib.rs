@@ -825,6 +825,7 @@ impl Endpoint {
     /// rows of `x` (-1: not this rank's), `topk_weights` are this rank's own tokens' weights.
     /// Returns the output array (`[num_tokens, hidden]` in `out_dtype`, filled when the event
     /// completes) and the event.
+    #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (x, dtype, handle, slots, topk_weights, out_dtype))]
     fn low_latency_combine<'py>(
         &self,
