@@ -526,6 +526,64 @@ fn relayed_count_above_the_sources_tokens() {
 }
 
 #[test]
+fn different_expert_count_per_rank() {
+    case(
+        meta_rdma(),
+        poke(offsets::LOCAL_EXPERTS, 4, 3),
+        "counts tokens for 3 experts per rank",
+    );
+}
+
+#[test]
+fn count_entries_other_than_the_topology_needs() {
+    case(
+        meta_rdma(),
+        poke(offsets::NUM_COUNTS, 4, 1),
+        "1 counts in its metadata, expected 2",
+    );
+}
+
+#[test]
+fn count_entries_beyond_the_record() {
+    case(
+        meta_to(0),
+        poke(offsets::NUM_COUNTS, 4, 1 << 20),
+        "with 1048576 counts",
+    );
+}
+
+#[test]
+fn expert_count_above_the_limit() {
+    // After rank 1's two rank counts: its tokens for rank 2's experts, then rank 3's.
+    case(
+        meta_rdma(),
+        poke(offsets::COUNTS + 16 + 8, 4, u32::MAX as u64),
+        "tokens for one expert, above the limit",
+    );
+}
+
+#[test]
+fn expert_count_that_the_tokens_contradict() {
+    // Rank 1 sends rank 3 three tokens for its expert 6 (see `one_round`), and announces 9.
+    case(
+        meta_rdma(),
+        poke(offsets::COUNTS + 16 + 8, 4, 9),
+        "tokens for local expert 0 of rank 3 arrived through it, it announced 9",
+    );
+}
+
+#[test]
+fn direct_count_above_the_senders_tokens() {
+    // Rank 1's record to rank 0: (count, tokens) per node, then its own tokens per rank of
+    // its node.
+    case(
+        meta_to(0),
+        poke(offsets::COUNTS + 32, 8, 1000),
+        "for one rank of its node out of its",
+    );
+}
+
+#[test]
 fn unknown_operation() {
     case(meta_to(0), poke(offsets::KIND, 4, 9), "unknown operation");
 }

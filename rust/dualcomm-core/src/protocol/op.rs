@@ -477,22 +477,38 @@ impl<'e> Op<'e> {
     /// forward, what each rank of its node accounts for, and its own. None when the operation
     /// counts no experts. Only after `metas_ready`.
     pub fn expert_counts_here(&self) -> Option<Vec<u64>> {
+        let by_peer = self.expert_counts_by_peer()?;
+        let mut total = vec![0u64; self.local_experts];
+        for counts in by_peer.iter().flatten() {
+            for (t, &c) in total.iter_mut().zip(counts) {
+                *t += c;
+            }
+        }
+        Some(total)
+    }
+
+    /// Per rank: the tokens for each of this rank's experts that arrive through it (from
+    /// this rank itself, each twin it forwards for, and each rank of its node, whose record
+    /// accounts for its own tokens and those it forwards here); None for unlinked ranks.
+    /// None when the operation counts no experts. Only after `metas_ready`.
+    pub fn expert_counts_by_peer(&self) -> Option<Vec<Option<Vec<u64>>>> {
         let (topo, me, l) = (self.topo, self.me, self.local_experts);
         if l == 0 {
             return None;
         }
-        let mut total = self.own_expert_counts(me);
-        for p in (0..topo.world_size()).filter(|&p| p != me) {
-            let share = match link(&topo, me, p) {
-                Some(Tier::Rdma) => &self.meta(p).expert_counts[topo.local_of(me) * l..][..l],
-                Some(Tier::Nvl) => &self.meta(p).expert_counts[..l],
-                None => continue,
-            };
-            for (t, &c) in total.iter_mut().zip(share) {
-                *t += c as u64;
-            }
-        }
-        Some(total)
+        let widen = |v: &[u32]| v.iter().map(|&c| c as u64).collect::<Vec<u64>>();
+        Some(
+            (0..topo.world_size())
+                .map(|p| match link(&topo, me, p) {
+                    _ if p == me => Some(self.own_expert_counts(me)),
+                    Some(Tier::Rdma) => Some(widen(
+                        &self.meta(p).expert_counts[topo.local_of(me) * l..][..l],
+                    )),
+                    Some(Tier::Nvl) => Some(widen(&self.meta(p).expert_counts[..l])),
+                    None => None,
+                })
+                .collect(),
+        )
     }
 
     /// Tokens twin `p` sends to this rank's node (for this rank to forward).

@@ -34,6 +34,10 @@ pub(super) struct Receiver<'o> {
     experts: (i64, i64),
     /// Tokens per local expert that the metadata announced (unaligned), if it counted them.
     announced_per_expert: Option<Vec<u64>>,
+    /// The same per rank they arrive through, and what did arrive through each (with top-k):
+    /// a rank whose announcement and tokens disagree is named.
+    announced_via: Option<Vec<Option<Vec<u64>>>>,
+    arrived_via: Vec<u64>,
 }
 
 impl<'o> Receiver<'o> {
@@ -111,6 +115,8 @@ impl<'o> Receiver<'o> {
             ));
         }
         let announced_per_expert = op.expert_counts_here();
+        let announced_via = op.expert_counts_by_peer();
+        let epr = (c.experts.1 - c.experts.0) as usize;
         let a = c.expert_alignment as u64;
         let shape = RecvShape {
             num_recv: total,
@@ -155,6 +161,11 @@ impl<'o> Receiver<'o> {
             sb,
             k,
             experts: c.experts,
+            arrived_via: match &announced_via {
+                Some(_) => try_zeroed("per-expert arrivals", w * epr)?,
+                None => Vec::new(),
+            },
+            announced_via,
             announced_per_expert,
         })
     }
@@ -191,10 +202,16 @@ impl<'o> Receiver<'o> {
         self.x[slot * self.xb..(slot + 1) * self.xb].copy_from_slice(secs[0]);
         self.scales[slot * self.sb..(slot + 1) * self.sb].copy_from_slice(secs[1]);
         let (lo, hi) = self.experts;
+        let epr = (hi - lo) as usize;
         for k in 0..self.k {
             let e = i64::from_le_bytes(secs[2][k * 8..k * 8 + 8].try_into().expect("8 bytes"));
             let w = f32::from_le_bytes(secs[3][k * 4..k * 4 + 4].try_into().expect("4 bytes"));
             let local = (lo..hi).contains(&e);
+            let row = &mut self.topk_idx[slot * self.k..slot * self.k + k];
+            // A token counts once per expert, however often its top-k names it.
+            if local && !self.arrived_via.is_empty() && !row.contains(&(e - lo)) {
+                self.arrived_via[via * epr + (e - lo) as usize] += 1;
+            }
             self.topk_idx[slot * self.k + k] = if local { e - lo } else { -1 };
             self.topk_w[slot * self.k + k] = if local { w } else { 0.0 };
         }
@@ -264,18 +281,23 @@ impl<'o> Receiver<'o> {
                     }
                 }
             }
-            // What arrived must be what the metadata announced (each rank checked its own
-            // counts against its top-k before sending them).
-            if let Some(announced) = &self.announced_per_expert
-                && let Some(e) = (0..epr).find(|&e| announced[e] != per_expert[e])
-            {
-                return Err(Error::protocol(
-                    self.me,
-                    format!(
-                        "{} tokens for local expert {e} arrived, {} were announced",
-                        per_expert[e], announced[e]
-                    ),
-                ));
+            // What arrived through each rank must be what it announced (each source
+            // checked its own counts against its top-k before sending them).
+            if let Some(by_peer) = &self.announced_via {
+                for (p, announced) in by_peer.iter().enumerate() {
+                    let Some(announced) = announced else { continue };
+                    let arrived = &self.arrived_via[p * epr..(p + 1) * epr];
+                    if let Some(e) = (0..epr).find(|&e| announced[e] != arrived[e]) {
+                        return Err(Error::protocol(
+                            p,
+                            format!(
+                                "{} tokens for local expert {e} of rank {} arrived through it, \
+                                 it announced {}",
+                                arrived[e], self.me, announced[e]
+                            ),
+                        ));
+                    }
+                }
             }
         } else if let Some(announced) = self.announced_per_expert {
             per_expert = announced;
