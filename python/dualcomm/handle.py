@@ -21,7 +21,21 @@ _ONE_NODE_LEN = 6
 _MULTI_NODE_LEN = 10
 
 
-class DispatchHandle(tuple):  # type: ignore[type-arg]
+class OpaqueTuple(tuple):  # type: ignore[type-arg]
+    """A tuple for callers that index into a handle, compared as the one operation it
+    stands for (by identity), not by its items."""
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __ne__(self, other: object) -> bool:
+        return self is not other
+
+    def __hash__(self) -> int:
+        return id(self)
+
+
+class DispatchHandle(OpaqueTuple):
     """A dispatch's layout: pass it to `combine` and to a cached `dispatch`."""
 
     native: Handle
@@ -66,16 +80,6 @@ class DispatchHandle(tuple):  # type: ignore[type-arg]
 
     def __repr__(self) -> str:
         return f"DispatchHandle({self.native!r})"
-
-    # A tuple compares and hashes by its items; a handle is one dispatch, compared by identity.
-    def __eq__(self, other: object) -> bool:
-        return self is other
-
-    def __ne__(self, other: object) -> bool:
-        return self is not other
-
-    def __hash__(self) -> int:
-        return id(self)
 
 
 def native_of(handle: object) -> Handle | None:

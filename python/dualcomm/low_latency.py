@@ -25,6 +25,7 @@ from dualcomm._native import Endpoint, Handle, InternalError
 from dualcomm.config import AUTO_RING_BYTES, RECORD_HEADER_BYTES, _record_bytes_bound
 from dualcomm.event import EventOverlap
 from dualcomm.fp8 import pack_ue8m0, per_token_cast_to_fp8
+from dualcomm.handle import OpaqueTuple
 
 _INT_MASK = (1 << 32) - 1
 
@@ -46,7 +47,7 @@ def rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks
     return (num_ranks * per_ring + 127) // 128 * 128
 
 
-class LowLatencyHandle(tuple):  # type: ignore[type-arg]
+class LowLatencyHandle(OpaqueTuple):
     """DeepEP's low-latency handle: `(src_info, layout_range, num_max_dispatch_tokens_per_rank,
     hidden, num_experts)`. `src_info[e][j]` is the source token index of expert `e`'s row `j`;
     `layout_range[e][s]` is `(first row << 32) | rows` of source rank `s`'s tokens for `e`."""
@@ -64,16 +65,6 @@ class LowLatencyHandle(tuple):  # type: ignore[type-arg]
         cls, src_info: torch.Tensor, layout_range: torch.Tensor, m: int, hidden: int, e: int
     ) -> LowLatencyHandle:
         return super().__new__(cls, (src_info, layout_range, m, hidden, e))
-
-    # One dispatch each: compared by identity, as opaque handles are.
-    def __eq__(self, other: object) -> bool:
-        return self is other
-
-    def __ne__(self, other: object) -> bool:
-        return self is not other
-
-    def __hash__(self) -> int:
-        return id(self)
 
 
 class LowLatency:

@@ -357,6 +357,34 @@ impl Endpoint {
         Ok(())
     }
 
+    /// The dtypes and hidden size of rows a combine sends back, checked against its handle.
+    fn combine_rows(
+        &self,
+        x: &PyReadonlyArray2<'_, u8>,
+        dtype: &str,
+        out_dtype: &str,
+        handle: &Handle,
+    ) -> PyResult<(Dtype, Dtype, usize)> {
+        let dtype = Dtype::parse(dtype).map_err(to_py)?;
+        let out_dtype = Dtype::parse(out_dtype).map_err(to_py)?;
+        let (_, xb) = rows_of(x);
+        if xb % dtype.size() != 0 {
+            return Err(to_py(Error::invalid(
+                "x",
+                format!("rows of whole {}-byte elements", dtype.size()),
+                format!("{xb}-byte rows"),
+            )));
+        }
+        if handle.buffer_id != self.id {
+            return Err(to_py(Error::invalid(
+                "handle",
+                "a handle made by this buffer",
+                "a handle from another buffer",
+            )));
+        }
+        Ok((dtype, out_dtype, xb / dtype.size()))
+    }
+
     /// This rank will not run the next operation (of `kind`) it was asked for: `why` goes to
     /// every peer in its place (queued behind the operations in flight), so that their
     /// calls fail at once, naming this rank, instead of waiting for the timeout.
@@ -839,24 +867,7 @@ impl Endpoint {
     ) -> PyResult<(Bound<'py, PyArray1<u8>>, Event)> {
         self.usable()?;
         let staged = (|| -> PyResult<_> {
-            let dtype = Dtype::parse(dtype).map_err(to_py)?;
-            let out_dtype = Dtype::parse(out_dtype).map_err(to_py)?;
-            let (_, xb) = rows_of(&x);
-            if xb == 0 || xb % dtype.size() != 0 {
-                return Err(to_py(Error::invalid(
-                    "x",
-                    format!("rows of whole {}-byte elements", dtype.size()),
-                    format!("{xb}-byte rows"),
-                )));
-            }
-            if handle.buffer_id != self.id {
-                return Err(to_py(Error::invalid(
-                    "handle",
-                    "a handle made by this buffer",
-                    "a handle from another buffer",
-                )));
-            }
-            let hidden = xb / dtype.size();
+            let (dtype, out_dtype, hidden) = self.combine_rows(&x, dtype, out_dtype, &handle)?;
             let (_, k) = rows_of(&topk_weights);
             let (x_raw, k0) = input(&x, "x")?;
             let (s_raw, k1) = input(&slots, "slots")?;
@@ -917,24 +928,7 @@ impl Endpoint {
         self.usable()?;
         // Everything up to the submission fails on this rank alone: its peers hear of it.
         let staged = (|| -> PyResult<_> {
-            let dtype = Dtype::parse(dtype).map_err(to_py)?;
-            let out_dtype = Dtype::parse(out_dtype).map_err(to_py)?;
-            let (_, xb) = rows_of(&x);
-            if xb % dtype.size() != 0 {
-                return Err(to_py(Error::invalid(
-                    "x",
-                    format!("rows of whole {}-byte elements", dtype.size()),
-                    format!("{xb}-byte rows"),
-                )));
-            }
-            if handle.buffer_id != self.id {
-                return Err(to_py(Error::invalid(
-                    "handle",
-                    "a handle made by this buffer",
-                    "a handle from another buffer",
-                )));
-            }
-            let hidden = xb / dtype.size();
+            let (dtype, out_dtype, hidden) = self.combine_rows(&x, dtype, out_dtype, &handle)?;
             let mut keep: Vec<Py<PyAny>> = Vec::new();
             let (x_raw, k0) = input(&x, "x")?;
             keep.push(k0);
