@@ -65,6 +65,36 @@ __device__ __forceinline__ float bf16_bits_to_f32(uint16_t b) {
     return __uint_as_float(((uint32_t)b) << 16);
 }
 
+// Writes token `t`'s record at `rec` with the lanes of one warp: the header (source rank,
+// token index, local-rank mask), then its row, scales and top-k sections.
+__device__ __forceinline__ void pack_record(uint8_t* rec, const uint8_t* x, const uint8_t* scales,
+                                            const int64_t* topk_idx, const float* topk_weights,
+                                            RecordLayout layout, int64_t t, const uint64_t* mask, int src_rank,
+                                            int lane) {
+    if (lane < kHeaderBytes) {
+        uint64_t word;
+        int shift;
+        if (lane < 4) {
+            word = (uint32_t)src_rank, shift = lane;
+        } else if (lane < 8) {
+            word = (uint32_t)t, shift = lane - 4;
+        } else if (lane < 16) {
+            word = mask ? mask[0] : 0, shift = lane - 8;
+        } else {
+            word = mask ? mask[1] : 0, shift = lane - 16;
+        }
+        rec[lane] = (uint8_t)(word >> (8 * shift));
+    }
+    warp_copy(rec + layout.x_at(), x + t * layout.x_bytes, layout.x_bytes, lane);
+    if (layout.scale_bytes) warp_copy(rec + layout.scales_at(), scales + t * layout.scale_bytes, layout.scale_bytes, lane);
+    if (layout.num_topk) {
+        warp_copy(rec + layout.idx_at(), reinterpret_cast<const uint8_t*>(topk_idx + t * layout.num_topk),
+                  layout.num_topk * 8, lane);
+        warp_copy(rec + layout.weights_at(), reinterpret_cast<const uint8_t*>(topk_weights + t * layout.num_topk),
+                  layout.num_topk * 4, lane);
+    }
+}
+
 // Error codes a kernel leaves in its status word (0: fine); the control plane turns them
 // into the same typed errors the CPU protocol raises.
 enum Status : int {

@@ -30,33 +30,9 @@ extern "C" __global__ void dualcomm_pack_records(
     const int warps = (gridDim.x * blockDim.x) / 32;
     const int rb = layout.record_bytes();
     for (int i = (blockIdx.x * blockDim.x + threadIdx.x) / 32; i < count; i += warps) {
-        const int64_t t = tokens[i];
         uint8_t* rec = ring + ((first_position + i) % capacity) * (int64_t)rb;
-        if (lane < dualcomm::kHeaderBytes) {
-            const uint64_t lo = masks ? masks[2 * i] : 0, hi = masks ? masks[2 * i + 1] : 0;
-            uint64_t word;
-            int shift;
-            if (lane < 4) {
-                word = (uint32_t)src_rank, shift = lane;
-            } else if (lane < 8) {
-                word = (uint32_t)t, shift = lane - 4;
-            } else if (lane < 16) {
-                word = lo, shift = lane - 8;
-            } else {
-                word = hi, shift = lane - 16;
-            }
-            rec[lane] = (uint8_t)(word >> (8 * shift));
-        }
-        dualcomm::warp_copy(rec + layout.x_at(), x + t * layout.x_bytes, layout.x_bytes, lane);
-        if (layout.scale_bytes)
-            dualcomm::warp_copy(rec + layout.scales_at(), scales + t * layout.scale_bytes, layout.scale_bytes, lane);
-        if (layout.num_topk) {
-            dualcomm::warp_copy(rec + layout.idx_at(), reinterpret_cast<const uint8_t*>(topk_idx + t * layout.num_topk),
-                                layout.num_topk * 8, lane);
-            dualcomm::warp_copy(rec + layout.weights_at(),
-                                reinterpret_cast<const uint8_t*>(topk_weights + t * layout.num_topk),
-                                layout.num_topk * 4, lane);
-        }
+        dualcomm::pack_record(rec, x, scales, topk_idx, topk_weights, layout, tokens[i], masks ? masks + 2 * i : nullptr,
+                              src_rank, lane);
     }
 }
 

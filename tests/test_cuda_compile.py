@@ -17,6 +17,7 @@ KERNELS = {
     "fp8.cu": ["dualcomm_per_token_cast_to_fp8"],
     "intranode.cu": ["dualcomm_pack_records", "dualcomm_publish_tail", "dualcomm_unpack_records"],
     "combine.cu": ["dualcomm_combine_reduce", "dualcomm_combine_reduce_weights"],
+    "internode.cu": ["dualcomm_post_rdma_chunk", "dualcomm_post_flush"],
 }
 
 

@@ -121,10 +121,22 @@ class Nvrtc:
 
 
 def kernel_sources(cuda_dir: Path) -> dict[str, str]:
-    """Each `.cu` file of `cuda_dir`, its `#include "common.cuh"` inlined (NVRTC compiles
-    from strings: headers of our own travel with the source)."""
-    common = (cuda_dir / "common.cuh").read_text()
-    out = {}
-    for path in sorted(cuda_dir.glob("*.cu")):
-        out[path.name] = path.read_text().replace('#include "common.cuh"', common)
-    return out
+    """Each `.cu` file of `cuda_dir` with our own headers (`#include "x.cuh"`) inlined, each
+    once: NVRTC compiles from strings, so the headers travel with the source."""
+
+    def expand(text: str, seen: set[str]) -> str:
+        out = []
+        for line in text.splitlines():
+            stripped = line.strip()
+            if stripped.startswith('#include "') and stripped.endswith('"'):
+                name = stripped[len('#include "') : -1]
+                if name not in seen:
+                    seen.add(name)
+                    out.append(expand((cuda_dir / name).read_text(), seen))
+                continue
+            if stripped == "#pragma once":
+                continue
+            out.append(line)
+        return "\n".join(out)
+
+    return {path.name: expand(path.read_text(), set()) for path in sorted(cuda_dir.glob("*.cu"))}

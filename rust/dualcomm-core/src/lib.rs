@@ -8,6 +8,7 @@ pub mod error;
 pub mod handoff;
 pub mod low_latency;
 pub mod protocol;
+pub mod proxy;
 pub mod routing;
 pub mod topology;
 pub mod transport;
