@@ -143,7 +143,41 @@ def scenario_mismatch(rank: int, p: dict[str, Any]) -> dict[str, Any]:
     return dict(error=None)
 
 
+def scenario_low_latency_killed(rank: int, p: dict[str, Any]) -> dict[str, Any]:
+    """A low-latency round, then the victim dies before the next low-latency dispatch."""
+    hidden, experts, tokens = 256, 2 * p["nodes"] * p["rpn"], 4
+    buf = Buffer(
+        dist.group.WORLD,
+        1 << 20,
+        1 << 20,
+        low_latency_mode=True,
+        ranks_per_node=p["rpn"],
+        timeout=p["timeout"],
+        explicitly_destroy=True,
+    )
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(tokens, hidden, generator=g).bfloat16()
+    idx = torch.stack([torch.randperm(experts, generator=g)[:2] for _ in range(tokens)])
+    w = torch.rand(tokens, 2, generator=g)
+
+    def ll_round() -> None:
+        recv, _, handle, _, _ = buf.low_latency_dispatch(x, idx, tokens, experts, use_fp8=False)
+        buf.low_latency_combine(recv, idx, w, handle)
+
+    ll_round()
+    dist.barrier()
+    if rank == p["victim"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    start = time.monotonic()
+    try:
+        ll_round()
+        return dict(error=None, elapsed=time.monotonic() - start)
+    except DualcommError as e:
+        return dict(error=type(e).__name__, message=str(e), elapsed=time.monotonic() - start)
+
+
 SCENARIOS = {
+    "low_latency_killed": scenario_low_latency_killed,
     "mismatch": scenario_mismatch,
     "match": scenario_match,
     "killed": scenario_killed,

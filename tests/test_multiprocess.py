@@ -139,6 +139,18 @@ def test_auto_takes_shared_memory_inside_nodes_and_tcp_between_them(tmp_path):
         assert torch.equal(got[d]["recv_x"], want_x)
 
 
+def test_killed_rank_fails_the_others_low_latency_calls_quickly(tmp_path):
+    """Every rank is linked to every other in low-latency mode: all of them notice."""
+    p = _params(2, 2, victim=2, timeout=30.0)
+    before = _shm_names()
+    got = launch(4, "low_latency_killed", p, tmp_path)
+    assert _shm_names() == before, "a SIGKILL leaves nothing in /dev/shm"
+    assert got[2].get("error") == "no result"
+    for r in (0, 1, 3):
+        assert got[r]["error"] == "PeerLostError" and "rank 2" in got[r]["message"], got[r]
+        assert got[r]["elapsed"] < 10.0
+
+
 @pytest.mark.parametrize("transport", ["tcp", "shm", "shm+tcp"])
 def test_killed_rank_fails_the_others_quickly(transport, tmp_path):
     p = _params(2, 2, victim=1, timeout=30.0, transport=transport)
