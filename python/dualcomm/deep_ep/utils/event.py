@@ -1,4 +1,4 @@
-"""`deep_ep.utils`: the event classes, where Megatron-Core imports them from."""
+"""`deep_ep.utils.event`."""
 
 from dualcomm.event import EventHandle, EventOverlap
 
