@@ -80,18 +80,31 @@ def reference_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, n
     return per_rank, per_node, per_expert, is_token_in_rank
 
 
-def run_rank(deep_ep: Any, buffer: Any, inputs: list[RankData], num_experts: int, num_nodes: int) -> int:
-    """DeepEP's test body on one rank; returns how many configurations passed."""
+def run_rank(
+    deep_ep: Any, buffer: Any, inputs: list[RankData], num_experts: int, num_nodes: int, device: Any = None
+) -> int:
+    """DeepEP's test body on one rank (its tensors on `device`, CPU by default); returns how
+    many configurations passed."""
     rank, num_ranks = buffer.rank, buffer.group_size
     me = inputs[rank]
+    if device is not None:
+        me = RankData(
+            *(
+                getattr(me, f).to(device)
+                for f in ("x", "x_pure_rand", "topk_idx", "topk_weights", "topk_weights_pure_rand")
+            )
+        )
     num_tokens, hidden = me.x.shape
     local = num_experts // num_ranks
     layouts = [reference_layout(i.topk_idx, num_experts, num_ranks, num_nodes) for i in inputs]
-    num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank = layouts[rank]
-    gbl_num_tokens_per_rank = sum(lay[0] for lay in layouts)
-    gbl_num_tokens_per_expert = sum(lay[2] for lay in layouts)
+    num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank = (
+        t.to(me.x.device) for t in layouts[rank]
+    )
+    gbl_num_tokens_per_rank = sum(lay[0] for lay in layouts).to(me.x.device)
+    gbl_num_tokens_per_expert = sum(lay[2] for lay in layouts).to(me.x.device)
 
     got = buffer.get_dispatch_layout(me.topk_idx, num_experts)
+    assert got[0].device == me.topk_idx.device
     assert torch.equal(got[0], num_tokens_per_rank)
     assert (got[1] is None) == (num_nodes == 1)
     if num_nodes > 1:
@@ -191,8 +204,8 @@ def run_rank(deep_ep: Any, buffer: Any, inputs: list[RankData], num_experts: int
                     bias_0 = bias_1 = None
                     if num_nodes > 1:
                         g = torch.Generator().manual_seed(rank)
-                        bias_0 = torch.ones(num_tokens, hidden, dtype=torch.bfloat16)
-                        bias_1 = torch.randn(num_tokens, hidden, generator=g).bfloat16()
+                        bias_0 = torch.ones(num_tokens, hidden, dtype=torch.bfloat16).to(me.x.device)
+                        bias_1 = torch.randn(num_tokens, hidden, generator=g).bfloat16().to(me.x.device)
                         comb["bias"] = (bias_0, bias_1)
                     if with_topk:
                         comb["topk_weights"] = recv_topk_weights

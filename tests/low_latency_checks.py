@@ -72,9 +72,13 @@ def reference_layout(inputs: list[RankData], rank: int, local: int):
     return rows
 
 
-def run_rank(buffer: Any, inputs: list[RankData], num_experts: int, max_tokens: int) -> dict[str, Any]:
+def run_rank(
+    buffer: Any, inputs: list[RankData], num_experts: int, max_tokens: int, device: Any = None
+) -> dict[str, Any]:
     rank, num_ranks = buffer.rank, buffer.group_size
     me = inputs[rank]
+    if device is not None:
+        me = RankData(*(getattr(me, f).to(device) for f in ("x", "x_rand", "topk_idx", "topk_weights")))
     num_tokens, hidden = me.x.shape
     local = num_experts // num_ranks
     all_topk_idx = torch.stack([i.topk_idx for i in inputs])
@@ -87,7 +91,7 @@ def run_rank(buffer: Any, inputs: list[RankData], num_experts: int, max_tokens: 
             for use_fp8 in (False, True):
                 for round_scale in (False, True) if use_fp8 else (False,):
                     for use_ue8m0 in (False, True) if round_scale else (False,):
-                        stats = torch.zeros(local, dtype=torch.int32)
+                        stats = torch.zeros(local, dtype=torch.int32, device=me.x.device)
                         recv_x, recv_count, handle, event, hook = buffer.low_latency_dispatch(
                             current_x,
                             me.topk_idx,
@@ -116,7 +120,7 @@ def run_rank(buffer: Any, inputs: list[RankData], num_experts: int, max_tokens: 
                         else:
                             assert recv_x.shape == (local, cap, hidden) and recv_x.dtype == torch.bfloat16
                             simulated = recv_x.clone()
-                        src_info, layout_range = handle[0], handle[1]
+                        src_info, layout_range = handle[0].to(me.x.device), handle[1].to(me.x.device)
                         assert handle[2] == max_tokens and handle[3] == hidden and handle[4] == num_experts
                         for e in range(local):
                             expert = rank * local + e
@@ -141,7 +145,7 @@ def run_rank(buffer: Any, inputs: list[RankData], num_experts: int, max_tokens: 
                         for zero_copy in (False, True):
                             if zero_copy:
                                 buffer.get_next_low_latency_combine_buffer(handle)[:, :, :] = simulated
-                            out = torch.empty(num_tokens, hidden, dtype=torch.bfloat16)
+                            out = torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=me.x.device)
                             combined, event, hook = buffer.low_latency_combine(
                                 simulated,
                                 me.topk_idx,

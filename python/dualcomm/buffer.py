@@ -25,6 +25,7 @@ from dualcomm.config import Config, env_ranks_per_node, resolve_ring_bytes
 from dualcomm.event import EventHandle, EventOverlap
 from dualcomm.handle import DispatchHandle, native_of
 from dualcomm.low_latency import LowLatency, LowLatencyHandle, rdma_size_hint
+from dualcomm.staging import staged
 
 #: A dispatch's handle, as `dispatch` returns it and `combine` takes it.
 AnyHandle = Union[DispatchHandle, Handle]
@@ -279,6 +280,7 @@ class Buffer:
 
     # ---- layout -----------------------------------------------------------------------------
 
+    @staged
     def get_dispatch_layout(
         self,
         topk_idx: torch.Tensor,
@@ -319,6 +321,7 @@ class Buffer:
             return data, scales
         return _checks.tensor("x", x, _ROW_DTYPES, 2), None
 
+    @staged
     def dispatch(
         self,
         x: DispatchInput,
@@ -498,6 +501,7 @@ class Buffer:
 
     # ---- combine ----------------------------------------------------------------------------
 
+    @staged
     def combine(
         self,
         x: torch.Tensor,
@@ -576,6 +580,7 @@ class Buffer:
             raise _checks.fail("low_latency_mode", f"True at construction to call {call}", False)
         return self._ll
 
+    @staged
     def low_latency_dispatch(
         self,
         x: torch.Tensor,
@@ -614,6 +619,7 @@ class Buffer:
             return_recv_hook,
         )
 
+    @staged
     def low_latency_combine(
         self,
         x: torch.Tensor,

@@ -21,21 +21,37 @@ from typing import Any
 class EventHandle:
     """DeepEP's `EventHandle()`: a point on the current stream (`Buffer.capture()`).
 
-    CPU work is issued and finished in order on the calling thread, so the point is reached
-    when the handle is made; waiting on it returns at once."""
+    With CUDA in use it records a CUDA event on the current stream, and waiting makes the
+    current stream wait for it without blocking the host. CPU work is issued and finished in
+    order on the calling thread, so there the point is reached when the handle is made."""
+
+    def __init__(self) -> None:
+        self._cuda: Any = None
+        try:
+            import torch
+
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                self._cuda = torch.cuda.Event()
+                self._cuda.record()
+        except (ImportError, RuntimeError):
+            self._cuda = None
 
     def current_stream_wait(self) -> None:
-        return None
+        if self._cuda is not None:
+            import torch
+
+            torch.cuda.current_stream().wait_event(self._cuda)
 
     @property
     def done(self) -> bool:
-        return True
+        return self._cuda is None or bool(self._cuda.query())
 
     def wait(self) -> None:
-        return None
+        if self._cuda is not None:
+            self._cuda.synchronize()
 
     def __repr__(self) -> str:
-        return "EventHandle(done=True)"
+        return f"EventHandle(done={self.done})"
 
 
 class EventOverlap:
@@ -62,6 +78,7 @@ class EventOverlap:
         self.extra_tensors = extra_tensors
         self._on_done = on_done
         self._release_handle_by_call = False
+        self._then: list[Callable[[], None]] = []
         #: Called once after the next `current_stream_wait()` (DeepEP's deterministic-dispatch hook).
         self.hook_after_wait: Callable[[], Any] | None = None
 
@@ -78,10 +95,20 @@ class EventOverlap:
     def _settle(self) -> None:
         if self.event is None:
             return
+        if isinstance(self.event, EventHandle):
+            self.event.current_stream_wait()  # the stream waits; the host does not
+            return
         result = self.event.wait()
         if self._on_done is not None:
             on_done, self._on_done = self._on_done, None
             on_done(result)
+        while self._then:
+            self._then.pop(0)()
+
+    def then(self, step: Callable[[], None]) -> None:
+        """Runs `step` once the operation and its completing steps are done (dualcomm's own
+        use: the copies back to a GPU of a staged call)."""
+        self._then.append(step)
 
     def register_hook_after_wait(self, hook_after_wait: Callable[[], Any]) -> None:
         """Runs `hook_after_wait` once, right after the next `current_stream_wait()`."""

@@ -1,0 +1,135 @@
+"""Tensors on a GPU (or any device but the CPU) through the CPU data path, staged.
+
+Until the GPU data path drives its kernels from the Rust core, a `Buffer` call given CUDA
+tensors copies them to host memory (after `previous_event`, on the current stream), runs the
+CPU protocol on them, and copies the results back to the tensors' device. The results are
+the CPU path's, bit for bit; the bytes cross PCIe twice, so this is correctness for code
+written against DeepEP on a GPU machine, not its speed.
+
+With `async_finish=True` the device results are allocated when the call returns and filled
+when the event is waited on (`current_stream_wait`, `with event:`), on the current stream,
+which is when DeepEP's callers may read them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+from dualcomm.event import EventOverlap
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _device_of(values: Any) -> torch.device | None:
+    """The first non-CPU device among the tensors in `values` (nested in tuples, lists, dicts)."""
+    stack = [values]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, torch.Tensor):
+            if v.device.type != "cpu":
+                return v.device
+        elif isinstance(v, (tuple, list)):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+    return None
+
+
+def _to_host(v: Any, copies: list[tuple[torch.Tensor, torch.Tensor, int]]) -> Any:
+    """Host copies of the device tensors in `v`; each (copy, original, version) goes to
+    `copies`, so that arguments the call updates in place can be copied back."""
+    if isinstance(v, torch.Tensor):
+        if _device_of(v) is None:
+            return v
+        host = v.detach().to("cpu", copy=True).as_subclass(torch.Tensor)
+        copies.append((host, v, host._version))
+        return host
+    if type(v) in (tuple, list):
+        return type(v)(_to_host(x, copies) for x in v)
+    return v
+
+
+def _to_device(v: Any, device: torch.device, pending: list[tuple[torch.Tensor, torch.Tensor]] | None) -> Any:
+    """Device copies of the tensors in `v` (plain tuples and lists too; handles, events and
+    other objects pass as they are). With `pending`, the copies are only allocated and the
+    (host, device) pairs to fill later are collected."""
+    if isinstance(v, torch.Tensor):
+        if pending is None:
+            return v.to(device)
+        dst = torch.empty(v.shape, dtype=v.dtype, device=device)
+        pending.append((v, dst))
+        return dst
+    if type(v) in (tuple, list):
+        return type(v)(_to_device(x, device, pending) for x in v)
+    return v
+
+
+def _wait_previous(kwargs: dict[str, Any]) -> None:
+    previous = kwargs.get("previous_event")
+    if isinstance(previous, EventOverlap) and previous.event is not None:
+        previous.current_stream_wait()
+
+
+def staged(method: F) -> F:
+    """Runs `method` on host copies when its tensors live on another device (see the module);
+    CPU calls pass straight through."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        device = _device_of((args, kwargs))
+        if device is None:
+            return method(self, *args, **kwargs)
+        _wait_previous(kwargs)
+        copies: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+        host_args = _to_host(list(args), copies)
+        host_kwargs = {k: (v if k == "previous_event" else _to_host(v, copies)) for k, v in kwargs.items()}
+        # An `out` tensor on the device is written in place, as DeepEP's callers expect.
+        out_arg = kwargs.get("out")
+        if isinstance(out_arg, torch.Tensor) and _device_of(out_arg) is not None:
+            host_kwargs["out"] = None
+        else:
+            out_arg = None
+        out = method(self, *host_args, **host_kwargs)
+        # Arguments the call updated in place (DeepEP's cumulative receive statistics).
+        for host, original, version in copies:
+            if host._version != version:
+                original.copy_(host)
+        deferred = bool(kwargs.get("async_finish")) or bool(kwargs.get("return_recv_hook"))
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if out_arg is not None and isinstance(out, tuple) and isinstance(out[0], torch.Tensor):
+            pending.append((out[0], out_arg))
+            rest = _to_device(out[1:], device, pending if deferred else None)
+            result = (out_arg, *rest)
+        else:
+            result = _to_device(out, device, pending if deferred else None)
+        if not deferred:
+            for src, dst in pending:
+                dst.copy_(src)
+            return result
+
+        def fill() -> None:
+            for src, dst in pending:
+                dst.copy_(src)
+            pending.clear()
+
+        for item in out if isinstance(out, tuple) else (out,):
+            if isinstance(item, EventOverlap):
+                item.then(fill)
+        if isinstance(result, tuple):
+            # A receive hook (low-latency mode) completes the receive: the copies follow it.
+            result = tuple(_after(x, fill) if callable(x) and not isinstance(x, EventOverlap) else x for x in result)
+        return result
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _after(hook: Callable[[], Any], step: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        hook()
+        step()
+
+    return run

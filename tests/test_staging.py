@@ -1,0 +1,131 @@
+"""Tensors on a device other than the CPU go through the CPU path staged (dualcomm.staging).
+No GPU here, so the device check is pointed at marked CPU tensors: the adapter's copies,
+its deferred fills after an async event or a receive hook, and an in-place `out` all run,
+and the results must equal the unstaged calls'. (On a GPU, test_cuda_kernels.py and the
+`cuda` tests below run the real thing.)"""
+
+from __future__ import annotations
+
+import deep_ep_checks
+import pytest
+import torch
+
+import dualcomm.staging as staging
+from dualcomm.testing import run_loopback
+
+DEVICE = torch.device("cpu")
+
+
+class Marked(torch.Tensor):
+    """A CPU tensor the patched device check reports as on "the device"."""
+
+
+@pytest.fixture
+def pretend_device(monkeypatch):
+    def device_of(values):
+        stack = [values]
+        while stack:
+            v = stack.pop()
+            if isinstance(v, Marked):
+                return DEVICE
+            if isinstance(v, (tuple, list)):
+                stack.extend(v)
+            elif isinstance(v, dict):
+                stack.extend(v.values())
+        return None
+
+    monkeypatch.setattr(staging, "_device_of", device_of)
+
+
+def _mark(t: torch.Tensor) -> torch.Tensor:
+    return t.as_subclass(Marked)
+
+
+def test_staged_calls_equal_direct_ones_and_fill_after_the_event(pretend_device):
+    def body(buf):
+        g = torch.Generator().manual_seed(buf.rank)
+        x = torch.randn(10, 32, generator=g).bfloat16()
+        idx = torch.randint(-1, 8, (10, 2), generator=g)
+        w = torch.rand(10, 2, generator=g)
+        layout = buf.get_dispatch_layout(idx, 8)
+        args = dict(
+            num_tokens_per_rank=layout[0],
+            num_tokens_per_rdma_rank=layout[1],
+            is_token_in_rank=layout[3],
+            num_tokens_per_expert=layout[2],
+            topk_idx=idx,
+            topk_weights=w,
+        )
+        direct = buf.dispatch(x, **args)
+        staged_layout = buf.get_dispatch_layout(_mark(idx), 8)
+        assert all(torch.equal(a, b) for a, b in zip(staged_layout[:4:2], layout[:4:2]))
+        rx, ridx, rw, counts, handle, event = buf.dispatch(_mark(x), async_finish=True, **args)
+        assert counts == direct[3]  # known at return
+        event.current_stream_wait()  # the device copies are filled here
+        ok = torch.equal(rx, direct[0]) and torch.equal(ridx, direct[1]) and torch.equal(rw, direct[2])
+        ok &= rx.data_ptr() != direct[0].data_ptr()
+        out, out_w, _ = buf.combine(_mark(rx), handle, topk_weights=rw)
+        ref, ref_w, _ = buf.combine(direct[0], direct[4], topk_weights=direct[2])
+        return ok and torch.equal(out, ref) and torch.equal(out_w, ref_w)
+
+    assert all(run_loopback(2, 2, body))
+
+
+def test_staged_low_latency_hook_and_out(pretend_device):
+    def body(buf):
+        g = torch.Generator().manual_seed(buf.rank)
+        x = torch.randn(6, 128, generator=g).bfloat16()
+        idx = torch.randint(0, 8, (6, 2), generator=g)
+        w = torch.rand(6, 2, generator=g)
+        stats = _mark(torch.zeros(4, dtype=torch.int32))
+        rx, count, handle, _, hook = buf.low_latency_dispatch(
+            _mark(x), idx, 8, 8, use_fp8=False, return_recv_hook=True, cumulative_local_expert_recv_stats=stats
+        )
+        hook()
+        # Updated in place on the host copy, and copied back to the caller's tensor.
+        assert torch.equal(stats.as_subclass(torch.Tensor), count)
+        direct, dcount, dhandle, _, _ = buf.low_latency_dispatch(x, idx, 8, 8, use_fp8=False)
+        ok = torch.equal(count, dcount)
+        for e in range(2):
+            n = int(count[e])
+            ok &= torch.equal(rx[e, :n], direct[e, :n])
+        out = _mark(torch.zeros(6, 128, dtype=torch.bfloat16))
+        combined, _, _ = buf.low_latency_combine(rx, idx, w, handle, out=out)
+        ref, _, _ = buf.low_latency_combine(direct, idx, w, dhandle)
+        return ok and combined is out and torch.equal(out.as_subclass(torch.Tensor), ref)
+
+    assert all(run_loopback(1, 2, body, low_latency_mode=True))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_deep_ep_semantics_on_cuda_tensors():
+    import dualcomm.deep_ep
+
+    dualcomm.deep_ep.install()
+    import deep_ep
+
+    inputs = deep_ep_checks.make_inputs(4, 24, 256, 4, 16, seed=4)
+    passed = run_loopback(
+        2, 2, lambda buf: deep_ep_checks.run_rank(deep_ep, buf, inputs, 16, 2, device=torch.device("cuda"))
+    )
+    assert passed == [32] * 4
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_low_latency_semantics_on_cuda_tensors():
+    import low_latency_checks
+
+    import dualcomm
+
+    inputs = low_latency_checks.make_inputs(4, 12, 512, 3, 16, seed=2)
+    hint = dualcomm.Buffer.get_low_latency_rdma_size_hint(16, 512, 4, 16)
+    results = run_loopback(
+        2,
+        2,
+        lambda buf: low_latency_checks.run_rank(buf, inputs, 16, 16, device=torch.device("cuda")),
+        num_rdma_bytes=hint,
+        low_latency_mode=True,
+    )
+    assert [r["variants"] for r in results] == [16] * 4
