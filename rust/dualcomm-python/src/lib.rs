@@ -168,6 +168,53 @@ impl ShmSegment {
 }
 
 /// Removes the name of `rank`'s segment of `job` from /dev/shm (mappings stay valid).
+type Tables<'py> = (
+    Bound<'py, PyArray1<i32>>,
+    Bound<'py, PyArray1<i32>>,
+    Bound<'py, PyArray1<i32>>,
+    Bound<'py, PyArray1<bool>>,
+);
+
+/// The routing tables of `topk_idx` in `topo` (GIL released while they are built).
+fn tables<'py>(
+    py: Python<'py>,
+    topo: &Topology,
+    topk_idx: &PyReadonlyArray2<'py, i64>,
+    num_experts: usize,
+) -> PyResult<Tables<'py>> {
+    let (t, k) = rows_of(topk_idx);
+    let idx = topk_idx.as_slice().map_err(|_| {
+        to_py(Error::invalid(
+            "topk_idx",
+            "a C-contiguous array",
+            "a strided view",
+        ))
+    })?;
+    let l = py
+        .detach(|| dispatch_layout(topo, idx, t, k, num_experts))
+        .map_err(to_py)?;
+    Ok((
+        PyArray1::from_vec(py, l.num_tokens_per_rank),
+        PyArray1::from_vec(py, l.num_tokens_per_node),
+        PyArray1::from_vec(py, l.num_tokens_per_expert),
+        PyArray1::from_vec(py, l.is_token_in_rank),
+    ))
+}
+
+/// `get_dispatch_layout`'s tables for a world of `num_nodes x ranks_per_node` ranks that need
+/// not exist (the cost model plans clusters this machine cannot hold).
+#[pyfunction]
+fn routing_tables<'py>(
+    py: Python<'py>,
+    topk_idx: PyReadonlyArray2<'py, i64>,
+    num_experts: usize,
+    num_nodes: usize,
+    ranks_per_node: usize,
+) -> PyResult<Tables<'py>> {
+    let topo = Topology::new(num_nodes, ranks_per_node).map_err(to_py)?;
+    tables(py, &topo, &topk_idx, num_experts)
+}
+
 #[pyfunction]
 fn unlink_segment(job: &str, rank: usize) {
     dualcomm_core::transport::shm::unlink(&dualcomm_core::transport::shm::segment_name(job, rank));
@@ -585,24 +632,7 @@ impl Endpoint {
         Bound<'py, PyArray1<bool>>,
     )> {
         self.usable()?;
-        let (t, k) = rows_of(&topk_idx);
-        let idx = topk_idx.as_slice().map_err(|_| {
-            to_py(Error::invalid(
-                "topk_idx",
-                "a C-contiguous array",
-                "a strided view",
-            ))
-        })?;
-        let topo = self.topo;
-        let l = py
-            .detach(|| dispatch_layout(&topo, idx, t, k, num_experts))
-            .map_err(to_py)?;
-        Ok((
-            PyArray1::from_vec(py, l.num_tokens_per_rank),
-            PyArray1::from_vec(py, l.num_tokens_per_node),
-            PyArray1::from_vec(py, l.num_tokens_per_expert),
-            PyArray1::from_vec(py, l.is_token_in_rank),
-        ))
+        tables(py, &self.topo, &topk_idx, num_experts)
     }
 
     /// Starts a dispatch of `x` (rows of opaque bytes) on the engine and returns once the
@@ -1079,6 +1109,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<TcpListener>()?;
     m.add_class::<ShmSegment>()?;
     m.add_function(wrap_pyfunction!(unlink_segment, m)?)?;
+    m.add_function(wrap_pyfunction!(routing_tables, m)?)?;
     errors::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
