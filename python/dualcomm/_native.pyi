@@ -25,6 +25,7 @@ __all__ = [
     "TcpListener",
     "TransportUnavailableError",
     "__version__",
+    "routing_tables",
     "unlink_segment",
 ]
 

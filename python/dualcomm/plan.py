@@ -33,7 +33,7 @@ from dualcomm._native import routing_tables
 #: DeepEP's published H800 results (4096 tokens, hidden 7168, top-8 of 256, FP8 dispatch,
 #: BF16 combine; NVLink ~160 GB/s, 400 Gb/s InfiniBand): (nodes, ranks per node) ->
 #: (dispatch GB/s, combine GB/s, what the bandwidth counts).
-DEEPEP_H800 = {
+DEEPEP_H800: dict[tuple[int, int], tuple[float, float, str]] = {
     (1, 8): (153.0, 158.0, "nvl"),
     (2, 8): (43.0, 43.0, "rdma"),
     (4, 8): (58.0, 57.0, "rdma"),
@@ -103,8 +103,8 @@ def traffic(s: Scenario, seed: int = 0) -> Traffic:
     t = Traffic(z(), z(), z(), z(), z(), z(), z(), z(), z(), z())
     for src in range(w):
         _, _, _, flat = routing_tables(gate(s, src, seed).numpy(), s.experts, nodes, rpn)
-        in_rank = flat.reshape(s.tokens, nodes, rpn)
-        reach = in_rank.any(2)  # [tokens, nodes]
+        in_rank = np.asarray(flat).reshape(s.tokens, nodes, rpn)
+        reach = np.asarray(in_rank.any(axis=2))  # [tokens, nodes]
         node, local = divmod(src, rpn)
         per_rank = in_rank.sum(0)  # [nodes, rpn]: tokens for each destination rank
         t.received += per_rank.reshape(w)
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
             flat = predict(s, t, nic, nvl, elem, two_hop=False)
             over_tcp = predict(s, t, tcp, nvl, elem)
             ref = DEEPEP_H800.get((nodes, rpn))
-            deepep = None if ref is None else ref[0 if op == "dispatch" else 1]
+            deepep = None if ref is None else float(ref[0 if op == "dispatch" else 1])
             ratio = "" if deepep is None else f"{two.gbps / deepep:.2f}"
             print(
                 f"{cfg:<6}{op:<9}{two.time_us:>11.0f}{two.gbps:>8.1f}{flat.time_us:>10.0f}{flat.gbps:>8.1f}"
