@@ -7,9 +7,11 @@
 
 using dualcomm::RecordLayout;
 
-// One block packs `count` records of `tokens` into the send buffer at `send_offset`, then its
-// first thread pushes one write command for the chunk: `count` records to `peer`'s rdma ring
-// at `dst_offset`, announced by `imm`. `status` gets 1 if the proxy could not take it.
+// The blocks pack `count` records of `tokens` into the send buffer at `send_offset`; the last
+// block to finish (`arrived` counts them; zero before the launch, zero again after) pushes one
+// write command for the chunk, so the ring keeps its single producer: `count` records to
+// `peer`'s rdma ring at `dst_offset`, announced by `imm`. `status` gets 1 if the proxy could
+// not take it.
 extern "C" __global__ void dualcomm_post_rdma_chunk(
     const uint8_t* __restrict__ x,
     const uint8_t* __restrict__ scales,
@@ -27,18 +29,25 @@ extern "C" __global__ void dualcomm_post_rdma_chunk(
     uint64_t dst_offset,
     uint32_t imm,
     long long timeout_cycles,
+    unsigned int* arrived,
     int* status)
 {
     const int lane = threadIdx.x % 32;
     const int rb = layout.record_bytes();
-    for (int i = threadIdx.x / 32; i < count; i += blockDim.x / 32)
+    const int warps = (gridDim.x * blockDim.x) / 32;
+    for (int i = (blockIdx.x * blockDim.x + threadIdx.x) / 32; i < count; i += warps)
         dualcomm::pack_record(send + send_offset + (int64_t)i * rb, x, scales, topk_idx, topk_weights, layout,
                               tokens[i], masks ? masks + 2 * i : nullptr, src_rank, lane);
     __syncthreads();
     if (threadIdx.x == 0) {
-        const bool taken = dualcomm::push_command(ring, dualcomm::kCommandWrite, peer, dualcomm::kRdmaRings, imm,
-                                                  (uint32_t)(count * rb), send_offset, dst_offset, timeout_cycles);
-        if (!taken) atomicCAS(status, 0, 1);
+        __threadfence();  // this block's records before its arrival
+        if (atomicAdd(arrived, 1u) == gridDim.x - 1) {
+            __threadfence();  // every block's records before the command
+            const bool taken = dualcomm::push_command(ring, dualcomm::kCommandWrite, peer, dualcomm::kRdmaRings, imm,
+                                                      (uint32_t)(count * rb), send_offset, dst_offset, timeout_cycles);
+            if (!taken) atomicCAS(status, 0, 1);
+            *arrived = 0;
+        }
     }
 }
 

@@ -109,16 +109,16 @@ extern "C" __global__ void dualcomm_unpack_records(
             dualcomm::warp_copy(recv_x + slot * layout.x_bytes, rec + layout.x_at(), layout.x_bytes, lane);
             if (layout.scale_bytes)
                 dualcomm::warp_copy(recv_scales + slot * layout.scale_bytes, rec + layout.scales_at(), layout.scale_bytes, lane);
-            if (lane < layout.num_topk) {
-                const uint8_t* e8 = rec + layout.idx_at() + lane * 8;
-                const uint8_t* w4 = rec + layout.weights_at() + lane * 4;
+            for (int j = lane; j < layout.num_topk; j += 32) {
+                const uint8_t* e8 = rec + layout.idx_at() + j * 8;
+                const uint8_t* w4 = rec + layout.weights_at() + j * 4;
                 int64_t e = 0;
                 uint32_t wb = 0;
                 for (int b = 7; b >= 0; --b) e = (e << 8) | e8[b];
                 for (int b = 3; b >= 0; --b) wb = (wb << 8) | w4[b];
                 const bool local = e >= experts_lo && e < experts_hi;
-                recv_idx[slot * layout.num_topk + lane] = local ? e - experts_lo : -1;
-                recv_w[slot * layout.num_topk + lane] = local ? __uint_as_float(wb) : 0.f;
+                recv_idx[slot * layout.num_topk + j] = local ? e - experts_lo : -1;
+                recv_w[slot * layout.num_topk + j] = local ? __uint_as_float(wb) : 0.f;
             }
             if (lane == 0) {
                 recv_src_rank[slot] = rec[0] | rec[1] << 8 | rec[2] << 16 | rec[3] << 24;

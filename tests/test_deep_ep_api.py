@@ -117,6 +117,22 @@ def test_num_worst_tokens_pads_and_refuses_too_few_rows():
     assert all(run_loopback(1, 2, body, timeout=30))
 
 
+def test_a_padded_dispatch_handle_combines_and_caches_padded_rows():
+    """After `num_worst_tokens`, DeepEP's callers combine the padded rows, and a cached
+    dispatch with that handle is padded the same way."""
+
+    def body(buf):
+        x, args = _route(buf)
+        ref_x, _, _, _, ref_handle, _ = buf.dispatch(x, **args)
+        wx, _, ww, _, handle, _ = buf.dispatch(x, num_worst_tokens=40, **args)
+        combined, combined_w, _ = buf.combine(wx, handle, topk_weights=ww)
+        want, _, _ = buf.combine(ref_x, ref_handle)
+        again, *_ = buf.dispatch(x, handle=handle)
+        return torch.equal(combined, want) and again.shape[0] == 40 and torch.equal(again[: ref_x.shape[0]], ref_x)
+
+    assert all(run_loopback(1, 2, body))
+
+
 def test_counts_list_is_filled_when_an_async_dispatch_returns():
     def body(buf):
         x, args = _route(buf)

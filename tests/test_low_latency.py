@@ -51,6 +51,33 @@ def test_low_latency_across_processes():
     assert all(r["ll_rdma_connections"] == 3 for r in results)
 
 
+def test_fp8_dispatch_to_a_rank_that_receives_nothing():
+    def body(buf):
+        x = torch.randn(3, 256).bfloat16()
+        idx = torch.tensor([[0, 1]] * 3)  # rank 0's experts only: rank 1 receives nothing
+        (data, scales), count, handle, _, _ = buf.low_latency_dispatch(x, idx, 4, 4, use_fp8=True)
+        out, _, _ = buf.low_latency_combine(torch.zeros(2, 8, 256, dtype=torch.bfloat16), idx, torch.ones(3, 2), handle)
+        return count.tolist(), out.shape
+
+    assert run_loopback(1, 2, body, low_latency_mode=True) == [([6, 6], (3, 256)), ([0, 0], (3, 256))]
+
+
+def test_async_and_hook_together_are_refused():
+    def body(buf):
+        with pytest.raises(dualcomm.InvalidArgumentError, match="^async_finish: expected False with return_recv_hook"):
+            buf.low_latency_dispatch(
+                torch.ones(1, 128, dtype=torch.bfloat16),
+                torch.zeros(1, 1, dtype=torch.int64),
+                1,
+                2,
+                async_finish=True,
+                return_recv_hook=True,
+            )
+        return True
+
+    assert all(run_loopback(1, 2, body, low_latency_mode=True, timeout=30))
+
+
 def test_normal_mode_still_works_on_a_low_latency_buffer():
     def body(buf):
         x = torch.arange(8 * 4, dtype=torch.float32).view(8, 4) + buf.rank

@@ -71,6 +71,20 @@ def test_staged_calls_equal_direct_ones_and_fill_after_the_event(pretend_device)
     assert all(run_loopback(2, 2, body))
 
 
+def test_staged_async_layout_is_complete_when_it_returns(pretend_device):
+    """Megatron asks for the layout with async_finish=True and feeds it to dispatch at once:
+    the layout's event has nothing to wait for, so the copies are made before it returns;
+    arguments passed positionally count too."""
+
+    def body(buf):
+        idx = torch.randint(-1, 8, (10, 2), generator=torch.Generator().manual_seed(buf.rank))
+        want = buf.get_dispatch_layout(idx, 8)
+        got = buf.get_dispatch_layout(_mark(idx), 8, None, True)  # async_finish, positionally
+        return all(torch.equal(a, b) for a, b in zip(got[:4:2], want[:4:2])) and torch.equal(got[3], want[3])
+
+    assert all(run_loopback(2, 2, body))
+
+
 def test_staged_low_latency_hook_and_out(pretend_device):
     def body(buf):
         g = torch.Generator().manual_seed(buf.rank)

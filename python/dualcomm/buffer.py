@@ -371,6 +371,9 @@ class Buffer:
             native_handle: Handle | None = None
             if handle is not None:
                 native_handle = self._check_handle(handle)
+                # A handle of a dispatch padded to `num_worst_tokens` pads its cached ones too.
+                if not num_worst_tokens and isinstance(handle, DispatchHandle):
+                    num_worst_tokens = handle.padded_rows
                 if topk_idx is not None or topk_weights is not None:
                     raise _checks.fail(
                         "topk_idx",
@@ -443,6 +446,7 @@ class Buffer:
         out_handle: AnyHandle
         if handle is None:
             out_handle = DispatchHandle(new_handle, self.num_nodes, self.ranks_per_node, self.rank, in_rank)
+            out_handle.padded_rows = num_worst_tokens
         else:
             out_handle = handle
         return (recv_x, recv_topk_idx, recv_topk_w, per_expert, out_handle, event)
@@ -522,11 +526,19 @@ class Buffer:
             if isinstance(x, tuple):
                 raise _checks.fail("x", "a bfloat16 or float32 tensor (combine does not take FP8)", "a tuple")
             rows = _checks.tensor("x", x, _ROW_DTYPES, 2)
-            _checks.rows("x", rows, native.num_recv_tokens, "as many as the handle's dispatch delivered here")
+            n = native.num_recv_tokens
+            # After a dispatch padded to `num_worst_tokens`, callers pass the padded rows (as
+            # DeepEP's do); the rows past what arrived are padding and go nowhere.
+            padded = handle.padded_rows if isinstance(handle, DispatchHandle) else 0
+            if padded and rows.shape[0] == padded:
+                rows = rows[:n].contiguous()
+            _checks.rows("x", rows, n, "as many as the handle's dispatch delivered here (or its num_worst_tokens)")
             w_np = None
             if topk_weights is not None:
                 w = _checks.tensor("topk_weights", topk_weights, (torch.float32,), 2)
-                _checks.rows("topk_weights", w, native.num_recv_tokens, "one per row of x")
+                if padded and w.shape[0] == padded:
+                    w = w[:n].contiguous()
+                _checks.rows("topk_weights", w, n, "one per row of x")
                 w_np = w.numpy()
             biases = self._biases(bias, native.num_tokens, rows.shape[1])
             name = _COMBINE_NAMES[rows.dtype]

@@ -94,6 +94,7 @@ class EventOverlap:
 
     def _settle(self) -> None:
         if self.event is None:
+            self._run_then()
             return
         if isinstance(self.event, EventHandle):
             self.event.current_stream_wait()  # the stream waits; the host does not
@@ -102,13 +103,18 @@ class EventOverlap:
         if self._on_done is not None:
             on_done, self._on_done = self._on_done, None
             on_done(result)
+        self._run_then()
+
+    def _run_then(self) -> None:
         while self._then:
             self._then.pop(0)()
 
     def then(self, step: Callable[[], None]) -> None:
         """Runs `step` once the operation and its completing steps are done (dualcomm's own
-        use: the copies back to a GPU of a staged call)."""
+        use: the copies back to a GPU of a staged call); at once if there is nothing to wait for."""
         self._then.append(step)
+        if self.event is None:
+            self._run_then()
 
     def register_hook_after_wait(self, hook_after_wait: Callable[[], Any]) -> None:
         """Runs `hook_after_wait` once, right after the next `current_stream_wait()`."""

@@ -39,6 +39,8 @@ class DispatchHandle(OpaqueTuple):
     """A dispatch's layout: pass it to `combine` and to a cached `dispatch`."""
 
     native: Handle
+    #: The rows of the dispatch's receive tensors when it was padded (`num_worst_tokens`), else 0.
+    padded_rows: int = 0
 
     def __new__(
         cls,

@@ -77,17 +77,6 @@ class LowLatency:
         # DeepEP double-buffers: the next combine reads from the one not used last.
         self._combine_buffers: list[torch.Tensor | None] = [None, None]
         self._next_combine = 0
-        # So are dispatch results (a caller holds at most two at once, as with DeepEP): reusing
-        # them spares the page faults of fresh receive tensors on every decoding step.
-        self._recv_buffers: list[dict[tuple[Any, ...], torch.Tensor]] = [{}, {}]
-        self._next_recv = 0
-
-    def _recv_tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        pool = self._recv_buffers[self._next_recv]
-        key = (shape, dtype)
-        if key not in pool:
-            pool[key] = torch.empty(shape, dtype=dtype)
-        return pool[key]
 
     def _check_handle(self, handle: object) -> LowLatencyHandle:
         if not isinstance(handle, LowLatencyHandle):
@@ -139,6 +128,8 @@ class LowLatency:
                 )
             if use_ue8m0 and not round_scale:
                 raise _checks.fail("use_ue8m0", "False unless round_scale=True", True)
+            if async_finish and return_recv_hook:
+                raise _checks.fail("async_finish", "False with return_recv_hook=True (the hook completes it)", True)
             if use_fp8 and hidden % (512 if use_ue8m0 else 128):
                 raise _checks.fail(
                     "x", f"a hidden size divisible by {512 if use_ue8m0 else 128} for this FP8 cast", hidden
@@ -171,13 +162,12 @@ class LowLatency:
             cumulative_local_expert_recv_stats += recv_count
         cap = w * m
         # Rows past an expert's count hold no token (DeepEP leaves them as they are, too).
-        packed_x = self._recv_tensor((local, cap, hidden), data.dtype)
+        packed_x = torch.empty(local, cap, hidden, dtype=data.dtype)
         packed_scales: torch.Tensor | None = None
         if use_fp8:
             # Column-major in the last two dimensions, as DeepEP returns them (for TMA).
             cols, sdtype = (hidden // 512, torch.int32) if use_ue8m0 else (hidden // 128, torch.float32)
-            packed_scales = self._recv_tensor((local, cols, cap), sdtype).transpose(1, 2)
-        self._next_recv ^= 1
+            packed_scales = torch.empty(local, cols, cap, dtype=sdtype).transpose(1, 2)
         src_info = torch.full((local, cap), -1, dtype=torch.int32)
         layout_range = torch.zeros(local, w, dtype=torch.int64)
         handle = LowLatencyHandle(src_info, layout_range, m, hidden, num_experts)
@@ -221,7 +211,7 @@ class LowLatency:
             dst = packed_x.view(local * cap, hidden).view(torch.uint8)
             dst.index_copy_(0, flat_slot, rx.view(torch.uint8).index_select(0, r_sorted))
             if packed_scales is not None and recv_scales is not None:
-                rs = torch.from_numpy(recv_scales).view(torch.float32).reshape(n, -1)[r_sorted]
+                rs = torch.from_numpy(recv_scales).view(torch.float32).reshape(n, hidden // 128)[r_sorted]
                 packed = pack_ue8m0(rs) if use_ue8m0 else rs
                 packed_scales[e_sorted, position] = packed
             src_info.view(-1)[flat_slot] = src_idx[r_sorted].to(torch.int32)
@@ -260,6 +250,8 @@ class LowLatency:
     ) -> tuple[torch.Tensor, EventOverlap, Callable[[], None] | None]:
         # Its first step is a cached dispatch (of the weights): peers hear of a failed check there.
         with _checks.rejecting(self._ep, "cached dispatch"):
+            if async_finish and return_recv_hook:
+                raise _checks.fail("async_finish", "False with return_recv_hook=True (the hook completes it)", True)
             h = self._check_handle(handle)
             _, _, m, hidden, num_experts = h
             local, cap = num_experts // self.num_ranks, self.num_ranks * m

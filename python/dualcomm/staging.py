@@ -14,6 +14,7 @@ which is when DeepEP's callers may read them.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -68,37 +69,37 @@ def _to_device(v: Any, device: torch.device, pending: list[tuple[torch.Tensor, t
     return v
 
 
-def _wait_previous(kwargs: dict[str, Any]) -> None:
-    previous = kwargs.get("previous_event")
-    if isinstance(previous, EventOverlap) and previous.event is not None:
-        previous.current_stream_wait()
-
-
 def staged(method: F) -> F:
     """Runs `method` on host copies when its tensors live on another device (see the module);
     CPU calls pass straight through."""
+    signature = inspect.signature(method)
 
     @functools.wraps(method)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         device = _device_of((args, kwargs))
         if device is None:
             return method(self, *args, **kwargs)
-        _wait_previous(kwargs)
+        # By name, however the caller passed them (positionally or not).
+        bound = signature.bind(self, *args, **kwargs)
+        given = bound.arguments
+        previous = given.get("previous_event")
+        if isinstance(previous, EventOverlap) and previous.event is not None:
+            previous.current_stream_wait()
         copies: list[tuple[torch.Tensor, torch.Tensor, int]] = []
-        host_args = _to_host(list(args), copies)
-        host_kwargs = {k: (v if k == "previous_event" else _to_host(v, copies)) for k, v in kwargs.items()}
         # An `out` tensor on the device is written in place, as DeepEP's callers expect.
-        out_arg = kwargs.get("out")
-        if isinstance(out_arg, torch.Tensor) and _device_of(out_arg) is not None:
-            host_kwargs["out"] = None
-        else:
+        out_arg = given.get("out")
+        if not (isinstance(out_arg, torch.Tensor) and _device_of(out_arg) is not None):
             out_arg = None
-        out = method(self, *host_args, **host_kwargs)
+        for name, value in list(given.items()):
+            if name == "self" or name == "previous_event":
+                continue
+            given[name] = None if (name == "out" and out_arg is not None) else _to_host(value, copies)
+        out = method(*bound.args, **bound.kwargs)
         # Arguments the call updated in place (DeepEP's cumulative receive statistics).
         for host, original, version in copies:
             if host._version != version:
                 original.copy_(host)
-        deferred = bool(kwargs.get("async_finish")) or bool(kwargs.get("return_recv_hook"))
+        deferred = bool(given.get("async_finish")) or bool(given.get("return_recv_hook"))
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         if out_arg is not None and isinstance(out, tuple) and isinstance(out[0], torch.Tensor):
             pending.append((out[0], out_arg))

@@ -814,7 +814,10 @@ impl Endpoint {
             if n > rows {
                 return Err(to_py(Error::invalid(
                     "num_worst_tokens",
-                    format!("at least the {n} tokens this rank receives"),
+                    format!(
+                        "at least the {n} tokens this rank receives (the dispatch was under \
+                         way: this buffer has left its world, make a new one)"
+                    ),
                     num_worst_tokens,
                 )));
             }
