@@ -8,7 +8,10 @@
    (a) one memcpy of the same payload bytes (torch `copy_`, one thread) and (b) the same job
    done with plain PyTorch indexing in one process.
 
-Prints tables; saves `loopback.png` (throughput per world) when matplotlib is installed.
+3. The same on a 2x2 loopback world against tokens per rank (128 to 8192), each size against
+   a memcpy of its bytes.
+
+Prints tables; saves `loopback.png` (throughput per world) and `tokens_curve.png`.
 """
 
 from __future__ import annotations
@@ -132,6 +135,74 @@ def bench_loopback(worlds, tokens: int, rounds: int):
     return rows
 
 
+def bench_tokens_curve(token_counts: list[int], rounds: int) -> list[tuple[int, float, float, float]]:
+    """Dispatch and combine payload GB/s on a 2x2 loopback world against tokens per rank, with
+    one memcpy of the same bytes measured at each size: a throughput that falls as tokens grow
+    means some cost grows faster than the work."""
+    hidden, k, nodes, rpn = 7168, 8, 2, 2
+    world, experts = nodes * rpn, 256
+    curve = []
+    print(f"\ntokens curve: 2x2 loopback, hidden {hidden} bf16, top-{k} of {experts}, best of {rounds}")
+    print(f"  {'tokens':>7}{'dispatch GB/s':>15}{'combine GB/s':>14}{'memcpy GB/s':>13}")
+    for tokens in token_counts:
+        g = torch.Generator().manual_seed(tokens)
+        xs = [torch.randn(tokens, hidden, generator=g).bfloat16() for _ in range(world)]
+        idx = [torch.rand(tokens, experts, generator=g).topk(k, dim=1).indices for _ in range(world)]
+
+        def rank_main(buf: Buffer, xs=xs, idx=idx):
+            _, _, _, itr, _ = buf.get_dispatch_layout(idx[buf.rank], experts)
+            best = [float("inf"), float("inf")]
+            moved = 0
+            for _ in range(rounds):
+                before = buf.stats()
+                t = time.perf_counter()
+                recv_x, _, _, _, handle, _ = buf.dispatch(xs[buf.rank], is_token_in_rank=itr)
+                best[0] = min(best[0], time.perf_counter() - t)
+                assert isinstance(recv_x, torch.Tensor)
+                t = time.perf_counter()
+                buf.combine(recv_x, handle)
+                best[1] = min(best[1], time.perf_counter() - t)
+                after = buf.stats()
+                moved = sum(after[key] - before[key] for key in ("nvl_payload_bytes", "rdma_payload_bytes")) // 2
+            return best, moved
+
+        out = run_loopback(nodes, rpn, rank_main, num_nvl_bytes=32 << 20, num_rdma_bytes=32 << 20)
+        moved = sum(o[1] for o in out)
+        d_secs, c_secs = max(o[0][0] for o in out), max(o[0][1] for o in out)
+        src = torch.empty(max(moved, 1), dtype=torch.uint8).fill_(1)
+        dst = torch.empty_like(src).fill_(2)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        memcpy = moved / median_seconds(lambda d=dst, s=src: d.copy_(s), 3)
+        torch.set_num_threads(threads)
+        curve.append((tokens, moved / d_secs / 1e9, moved / c_secs / 1e9, memcpy / 1e9))
+        print(f"  {tokens:>7}{curve[-1][1]:>15.2f}{curve[-1][2]:>14.2f}{curve[-1][3]:>13.2f}", flush=True)
+    return curve
+
+
+def plot_curve(curve: list[tuple[int, float, float, float]], out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    tokens = [c[0] for c in curve]
+    for col, name in ((1, "dispatch"), (2, "combine"), (3, "memcpy of the same bytes")):
+        ax.plot(tokens, [c[col] for c in curve], marker="o", label=name, ls="--" if col == 3 else "-")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens per rank (2x2 loopback)")
+    ax.set_ylabel("payload GB/s")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    out.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out / "tokens_curve.png", dpi=120)
+    print(f"saved {out / 'tokens_curve.png'}")
+
+
 def plot(rows, out: Path) -> None:
     try:
         import matplotlib
@@ -163,10 +234,13 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=21)
+    p.add_argument("--curve", default="128,512,2048,8192", help="tokens per rank for the curve ('' to skip)")
     a = p.parse_args()
     bench_routing(a.reps)
     rows = bench_loopback([(1, 2), (2, 1), (2, 2), (1, 4)], a.tokens, a.rounds)
     plot(rows, a.out)
+    if a.curve:
+        plot_curve(bench_tokens_curve([int(v) for v in a.curve.split(",")], a.rounds), a.out)
 
 
 if __name__ == "__main__":

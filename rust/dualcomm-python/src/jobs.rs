@@ -32,17 +32,28 @@ pub fn input<T: Element>(
     Ok((raw, arr.as_any().clone().unbind()))
 }
 
-/// A fresh 1-D output array of `n` elements and its memory. It is not zeroed: the
-/// operation writes every element before its event completes (NumPy's `empty`). Made
-/// through `numpy.empty`, so a size the machine cannot hold raises `MemoryError` here
-/// instead of aborting the process.
+/// A 1-D output array of `n` elements and its memory. It is not zeroed: the operation
+/// writes every element before its event completes. Large ones come from the receive pool
+/// (see `pool`); the others through `numpy.empty`, so a size the machine cannot hold raises
+/// `MemoryError` here instead of aborting the process.
 pub fn output<'py, T: Element>(
     py: Python<'py>,
     n: usize,
 ) -> PyResult<(Bound<'py, PyArray1<T>>, Raw<T>)> {
+    let bytes = n.saturating_mul(std::mem::size_of::<T>());
     let arr: Bound<'py, PyArray1<T>> = if n == 0 {
         // An empty array made this way has stride 0, which torch cannot view as another dtype.
         PyArray1::from_vec(py, Vec::new())
+    } else if crate::pool::pooled(bytes) {
+        let buf = crate::pool::take(bytes).map_err(crate::errors::to_py)?;
+        let lease = Bound::new(py, crate::pool::Lease::new(buf))?;
+        let ptr = lease.get().ptr() as *const T;
+        // SAFETY: the lease holds at least `bytes` 8-aligned bytes (T is at most 8-aligned)
+        // and is the array's base object, so the memory lives as long as the array.
+        unsafe {
+            let view = numpy::ndarray::ArrayView1::from_shape_ptr(n, ptr);
+            PyArray1::borrow_from_array(&view, lease.into_any())
+        }
     } else {
         let made = py
             .import("numpy")

@@ -4,6 +4,7 @@
 
 mod errors;
 mod jobs;
+mod pool;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
