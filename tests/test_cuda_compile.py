@@ -3,10 +3,12 @@ on any machine, GPU or not; a source that does not compile fails with NVRTC's lo
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from dualcomm import DualcommError
 from dualcomm.nvrtc import CompileError, Nvrtc, kernel_sources
 
 CUDA = Path(__file__).resolve().parent.parent / "cuda"
@@ -23,7 +25,13 @@ KERNELS = {
 
 @pytest.fixture(scope="module")
 def nvrtc() -> Nvrtc:
-    return Nvrtc()
+    try:
+        return Nvrtc()
+    except DualcommError as e:
+        # In CI (CI=true) a missing NVRTC fails the run: the kernels must be checked there.
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"NVRTC not available here: {e}")
 
 
 @pytest.mark.parametrize("name", sorted(KERNELS))
