@@ -8,6 +8,7 @@ pub mod memory;
 pub mod shm;
 pub mod tcp;
 pub mod tiered;
+pub mod verbs;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
