@@ -82,7 +82,13 @@ pub fn padded_output<'py, T: Element + Copy>(
     row: usize,
     pad: T,
 ) -> PyResult<(Bound<'py, PyArray1<T>>, Raw<T>)> {
-    let (arr, whole) = output::<T>(py, rows * row)?;
+    let total = rows.checked_mul(row).ok_or_else(|| {
+        crate::errors::to_py(Error::Os {
+            what: format!("allocating an output of {rows} rows of {row} elements"),
+            detail: "the size overflows".into(),
+        })
+    })?;
+    let (arr, whole) = output::<T>(py, total)?;
     // SAFETY: the array is new and holds `rows * row >= used * row` elements; the job will
     // touch only the first `used * row`, and this rank fills the rest before it returns.
     unsafe {

@@ -5,8 +5,8 @@
 //!
 //! An output array of at least `POOLED_MIN` bytes borrows a buffer from the pool; the array's
 //! base object (a `Lease`) gives it back when NumPy and torch drop their last reference. Free
-//! buffers are kept up to `DUALCOMM_RECV_POOL_BYTES` (default: an eighth of the machine's
-//! memory, at most 8 GiB; 0 turns pooling off), by
+//! buffers are kept up to `DUALCOMM_RECV_POOL_BYTES` per process (default: a sixteenth of the
+//! machine's memory, at most 4 GiB; 0 turns pooling off), by
 //! size class (sizes rounded up to a quarter power of two, so varying receive counts reuse
 //! them). Buffers go back uninitialised: every output is fully written by its operation.
 
@@ -17,7 +17,8 @@ use pyo3::prelude::*;
 
 /// Outputs below this come from NumPy as before (malloc reuses small blocks well).
 pub const POOLED_MIN: usize = 1 << 20;
-/// An eighth of physical memory, at most 8 GiB (1 GiB where the size is unknown).
+/// A sixteenth of physical memory, at most 4 GiB (1 GiB where the size is unknown): the bound
+/// is per process, and one host runs a process per rank.
 fn default_limit() -> usize {
     // SAFETY: sysconf only reads system configuration.
     let (pages, page) = unsafe {
@@ -29,7 +30,7 @@ fn default_limit() -> usize {
     if pages <= 0 || page <= 0 {
         return 1 << 30;
     }
-    ((pages as u128 * page as u128 / 8) as usize).min(8 << 30)
+    ((pages as u128 * page as u128 / 16) as usize).min(4 << 30)
 }
 
 /// Free buffers by size class, and the bytes they hold.
@@ -56,7 +57,7 @@ pub fn size_class(bytes: usize) -> usize {
     let bytes = bytes.max(8);
     let top = usize::BITS - 1 - bytes.leading_zeros();
     let step = 1usize << top.saturating_sub(2).max(3);
-    bytes.div_ceil(step) * step
+    bytes.div_ceil(step).saturating_mul(step)
 }
 
 /// Whether outputs of `bytes` come from the pool.

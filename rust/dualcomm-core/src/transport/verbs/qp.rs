@@ -10,7 +10,7 @@
 //!   slow receiver, not a lost one; the protocol's own deadline bounds the wait.
 //! - `max_rd_atomic` / `max_dest_rd_atomic` 1: the protocol uses writes only, no reads or atomics.
 //! - the path MTU is the smaller of the two ports' active MTUs; RoCE needs a GRH (`gid_index`),
-//!   InfiniBand addresses by LID.
+//!   InfiniBand addresses by LID; a RoCE GRH gets hop limit 255 (RoCEv2's IP TTL).
 //! - access flags: remote write only (a peer may write this rank's regions, never read them).
 
 use super::address::{PathMtu, QpAddress};
@@ -80,12 +80,23 @@ pub struct QpAttrs {
     /// Address vector: destination LID, service level, port; a GRH (GID, index, hop limit) on RoCE.
     pub dlid: Option<u16>,
     pub sl: Option<u8>,
-    pub grh: Option<([u8; 16], u8)>,
+    pub ah_port: Option<u8>,
+    pub grh: Option<Grh>,
     pub timeout: Option<u8>,
     pub retry_cnt: Option<u8>,
     pub rnr_retry: Option<u8>,
     pub sq_psn: Option<u32>,
     pub max_rd_atomic: Option<u8>,
+}
+
+/// The global route header of a RoCE address vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grh {
+    pub dgid: [u8; 16],
+    pub sgid_index: u8,
+    /// RoCEv2 carries it as the IP TTL: 0 would be dropped by the first router (NCCL uses 255).
+    pub hop_limit: u8,
+    pub traffic_class: u8,
 }
 
 /// `ibv_qp_state` codes.
@@ -105,7 +116,15 @@ pub fn connect(local: &QpAddress, remote: &QpAddress, cfg: &QpConfig) -> [(QpSta
     };
     let (dlid, grh) = match cfg.link {
         LinkLayer::InfiniBand => (remote.lid, None),
-        LinkLayer::Ethernet { gid_index } => (0, Some((remote.gid, gid_index))),
+        LinkLayer::Ethernet { gid_index } => (
+            0,
+            Some(Grh {
+                dgid: remote.gid,
+                sgid_index: gid_index,
+                hop_limit: 255,
+                traffic_class: 0,
+            }),
+        ),
     };
     let rtr = QpAttrs {
         state: Some(RTR),
@@ -116,7 +135,8 @@ pub fn connect(local: &QpAddress, remote: &QpAddress, cfg: &QpConfig) -> [(QpSta
         min_rnr_timer: Some(cfg.min_rnr_timer),
         dlid: Some(dlid),
         sl: Some(cfg.service_level),
-        port_num: Some(cfg.port),
+        // The port goes in the address vector: IBV_QP_PORT is not allowed in INIT -> RTR.
+        ah_port: Some(cfg.port),
         grh,
         ..QpAttrs::default()
     };
@@ -171,7 +191,10 @@ mod tests {
             (rtr.dest_qp_num, rtr.rq_psn, rtr.path_mtu),
             (Some(200), Some(9), Some(PathMtu::Mtu2048 as u8))
         );
-        assert_eq!((rtr.dlid, rtr.grh), (Some(41), None));
+        assert_eq!(
+            (rtr.dlid, rtr.grh, rtr.port_num, rtr.ah_port),
+            (Some(41), None, None, Some(1))
+        );
         // Send side: this rank's own sequence number and the retry policy.
         assert_eq!(
             (rts.sq_psn, rts.timeout, rts.retry_cnt, rts.rnr_retry),
@@ -188,7 +211,9 @@ mod tests {
         );
         let cfg = QpConfig::new(1, LinkLayer::Ethernet { gid_index: 3 });
         let [_, (_, rtr), _] = connect(&me, &peer, &cfg);
-        assert_eq!((rtr.dlid, rtr.grh), (Some(0), Some(([3; 16], 3))));
+        assert_eq!(rtr.dlid, Some(0));
+        let grh = rtr.grh.unwrap();
+        assert_eq!((grh.dgid, grh.sgid_index, grh.hop_limit), ([3; 16], 3, 255));
         let s = cfg.silent_peer_seconds();
         assert!((8.0..10.0).contains(&s), "{s}");
     }

@@ -1,7 +1,8 @@
 //! Accounting of a verbs transport's queues. Receives: one shared receive queue serves every
 //! linked peer; each immediate consumes one posted receive, and the protocol never has more
 //! than `RECV_DEPTH` immediates in flight from one peer, so `RECV_DEPTH x peers` receives
-//! posted ahead (refilled in batches below a watermark) mean no receiver-not-ready. Sends: a
+//! posted ahead mean no receiver-not-ready, provided receives are refilled before the credits
+//! that let senders write again go back (refills come in batches below a watermark). Sends: a
 //! queue of fixed depth; one write in `signal_every` asks for a completion (reaping it frees
 //! every write before it), and a full queue is back-pressure until completions come back.
 
@@ -73,9 +74,10 @@ impl SendQueue {
     }
 
     /// Takes a slot for a write: its work request id and whether it asks for a completion
-    /// (every `signal_every`-th, and the one that fills the queue, so a full queue always ends
-    /// in a completion that frees it).
-    pub fn post(&mut self) -> Option<(u64, bool)> {
+    /// (every `signal_every`-th; the one that fills the queue, so a full queue always ends in a
+    /// completion that frees it; and any the caller marks `last`, the write before a flush,
+    /// whose completion the flush waits for).
+    pub fn post(&mut self, last: bool) -> Option<(u64, bool)> {
         if !self.has_room() {
             return None;
         }
@@ -84,7 +86,7 @@ impl SendQueue {
         let outstanding = (self.next - self.done) as usize;
         Some((
             id,
-            (id + 1) % self.signal_every as u64 == 0 || outstanding == self.depth,
+            last || (id + 1) % self.signal_every as u64 == 0 || outstanding == self.depth,
         ))
     }
 
@@ -128,7 +130,7 @@ mod tests {
     #[test]
     fn a_full_send_queue_always_ends_in_a_completion_that_frees_it() {
         let mut q = SendQueue::new(8, 4);
-        let posts: Vec<(u64, bool)> = std::iter::from_fn(|| q.post()).collect();
+        let posts: Vec<(u64, bool)> = std::iter::from_fn(|| q.post(false)).collect();
         assert_eq!(posts.len(), 8);
         assert_eq!(
             posts
@@ -138,7 +140,7 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![3, 7]
         );
-        assert!(!q.has_room() && q.post().is_none());
+        assert!(!q.has_room() && q.post(false).is_none());
         q.completed(3);
         assert_eq!(q.outstanding(), 4);
         assert!(q.has_room() && !q.drained());
@@ -146,10 +148,15 @@ mod tests {
         assert!(q.drained());
         // A depth that is no multiple of the signalling interval still signals its last slot.
         let mut odd = SendQueue::new(5, 4);
-        let signaled: Vec<u64> = std::iter::from_fn(|| odd.post())
+        let signaled: Vec<u64> = std::iter::from_fn(|| odd.post(false))
             .filter(|p| p.1)
             .map(|p| p.0)
             .collect();
         assert_eq!(signaled, vec![3, 4]);
+        // The write before a flush asks for its completion, or the flush would never end.
+        let mut q = SendQueue::new(8, 4);
+        assert_eq!(q.post(true), Some((0, true)));
+        q.completed(0);
+        assert!(q.drained());
     }
 }

@@ -67,7 +67,8 @@ pub fn write_request(
     }
     let mut sges = Vec::with_capacity(src.len());
     let mut total: u64 = 0;
-    for s in src {
+    // A zero-length entry reads as 2^31 bytes on some NICs: empty entries are left out.
+    for s in src.iter().filter(|s| s.len > 0) {
         let r = regions(s.key)
             .ok_or_else(|| bad(format!("memory key {} is not registered", s.key.0)))?;
         if s.offset.checked_add(s.len).is_none_or(|end| end > r.len) {
@@ -106,6 +107,14 @@ pub fn write_request(
     })
 }
 
+/// Receive work requests carry this bit in their id, so that any completion (an error one
+/// too, whose opcode is undefined) says whether it consumed a posted receive.
+pub const RECV_WR_BIT: u64 = 1 << 63;
+
+pub fn is_receive(wr_id: u64) -> bool {
+    wr_id & RECV_WR_BIT != 0
+}
+
 /// `ibv_wc_status`: success, or why the NIC gave up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WcStatus {
@@ -137,8 +146,9 @@ pub struct WorkCompletion {
 pub enum Event {
     /// The contract's completion of a peer's write.
     Received(Completion),
-    /// Writes up to this work request have left this rank's memory.
-    Sent { wr_id: u64 },
+    /// Writes to `peer` up to this work request have left this rank's memory (each peer's
+    /// queue pair numbers its own work requests).
+    Sent { peer: usize, wr_id: u64 },
 }
 
 /// What a completion means for the contract; an error completion is the loss of the peer its
@@ -167,7 +177,10 @@ pub fn event(
             imm: u32::from_be(wc.imm_be),
             len: wc.byte_len as usize,
         }),
-        WcOpcode::RdmaWrite => Event::Sent { wr_id: wc.wr_id },
+        WcOpcode::RdmaWrite => Event::Sent {
+            peer,
+            wr_id: wc.wr_id,
+        },
     })
 }
 
@@ -290,7 +303,10 @@ mod tests {
             wr_id: 9,
             ..wc
         };
-        assert_eq!(event(&sent, &peer_of, 0).unwrap(), Event::Sent { wr_id: 9 });
+        assert_eq!(
+            event(&sent, &peer_of, 0).unwrap(),
+            Event::Sent { peer: 3, wr_id: 9 }
+        );
         let failed = WorkCompletion {
             status: WcStatus::Failed(12, "transport retry counter exceeded"),
             ..wc
