@@ -27,6 +27,7 @@ def rank_main(rank: int, world: int, tokens: int, iters: int) -> dict[str, Any]:
     import torch.distributed as dist
 
     from dualcomm import Buffer
+    from dualcomm.ops import dispatch_with_layout
 
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(tokens, HIDDEN, generator=g).bfloat16()
@@ -38,16 +39,7 @@ def rank_main(rank: int, world: int, tokens: int, iters: int) -> dict[str, Any]:
     )
 
     def normal() -> None:
-        per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, EXPERTS)
-        recv, _, recv_w, _, handle, _ = buf.dispatch(
-            x,
-            num_tokens_per_rank=per_rank,
-            num_tokens_per_rdma_rank=per_node,
-            is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert,
-            topk_idx=idx,
-            topk_weights=w,
-        )
+        recv, _, recv_w, _, handle, _ = dispatch_with_layout(buf, x, idx, w, EXPERTS)
         assert isinstance(recv, torch.Tensor)
         buf.combine(recv, handle, topk_weights=recv_w)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from deep_ep_checks import calc_diff
 
 #: DeepEP's offset keeps rank values exact in bf16 and away from zero.
 RANK_OFFSET = 128
@@ -23,11 +24,6 @@ def cast_back(data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         scales = torch.pow(2.0, b.float() - 127)
     t, h = data.shape
     return (data.float().view(t, h // 128, 128) * scales.float().unsqueeze(-1)).view(t, h).bfloat16()
-
-
-def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
-    x, y = x.double() + 1, y.double() + 1
-    return float(1 - 2 * (x * y).sum() / (x * x + y * y).sum())
 
 
 @dataclass
