@@ -312,6 +312,10 @@ impl<'e> Op<'e> {
                 .collect();
             op.send_meta(twin, Tier::Rdma, &m)?;
         }
+        // With no twins to wait for, this rank's records go out before it looks at what its
+        // peers sent early: a peer whose record it refuses has this rank's record too, and so
+        // names the same mismatch instead of finding this rank gone.
+        op.relay_when_ready()?;
         // Completions of this operation that arrived while the previous one ran.
         let early: Vec<Completion> = std::mem::take(op.stash);
         for c in early {
