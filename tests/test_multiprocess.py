@@ -147,8 +147,10 @@ def test_killed_rank_fails_the_others_low_latency_calls_quickly(tmp_path):
     assert _shm_names() == before, "a SIGKILL leaves nothing in /dev/shm"
     assert got[2].get("error") == "no result"
     for r in (0, 1, 3):
-        assert got[r]["error"] == "PeerLostError" and "rank 2" in got[r]["message"], got[r]
+        # A survivor may first meet another survivor that already left because of the victim.
+        assert got[r]["error"] == "PeerLostError", got[r]
         assert got[r]["elapsed"] < 10.0
+    assert any("rank 2" in got[r]["message"] for r in (0, 1, 3))
 
 
 @pytest.mark.parametrize("transport", ["tcp", "shm", "shm+tcp"])
