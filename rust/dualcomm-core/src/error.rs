@@ -96,6 +96,14 @@ impl Error {
         )
     }
 
+    /// A broken invariant of dualcomm's own state on `rank` (not anything a peer sent).
+    pub fn internal(rank: usize, detail: impl Into<String>) -> Self {
+        Error::Internal {
+            rank,
+            detail: detail.into(),
+        }
+    }
+
     pub fn protocol(peer: usize, detail: impl Into<String>) -> Self {
         Error::Protocol {
             peer,

@@ -1,10 +1,9 @@
 //! The destination role of combine: every row this rank received in the dispatch goes back
 //! to the rank of its node that forwarded it (the one with the source's local index), which
-//! reduces it with the node's other rows of that token. Rows whose reducer is this rank
-//! itself are reduced at once.
+//! reduces it with the node's other rows of that token. The rows for each reducer go in
+//! (source, index) order, the order in which it sums them; the rows whose reducer is this
+//! rank itself are handed to its reducer, which reads them where they are.
 
-use super::finisher::Finisher;
-use super::reducer::Reducer;
 use crate::error::Result;
 use crate::protocol::dispatch::DispatchHandle;
 use crate::protocol::op::Op;
@@ -22,7 +21,8 @@ pub(super) struct Rows<'a> {
 }
 
 impl<'a> Rows<'a> {
-    fn row(&self, j: usize) -> [&'a [u8]; 2] {
+    /// Row `j` and its weights.
+    pub fn row(&self, j: usize) -> [&'a [u8]; 2] {
         let (rb, k) = (self.row_bytes, self.topk);
         [
             &self.x[j * rb..(j + 1) * rb],
@@ -42,7 +42,7 @@ pub(super) struct RowSources {
 pub(super) struct Destination {
     topo: Topology,
     me: usize,
-    /// Row indices per local rank of the reducer.
+    /// Row indices per local rank of the reducer, in (source, index) order.
     to_reducer: Vec<Vec<usize>>,
     sent: Vec<usize>,
 }
@@ -54,6 +54,9 @@ impl Destination {
         for j in 0..handle.num_recv {
             let f = topo.forwarder(handle.recv_src_rank[j] as usize, my_node);
             to_reducer[topo.local_of(f)].push(j);
+        }
+        for list in &mut to_reducer {
+            list.sort_by_key(|&j| (handle.recv_src_rank[j], handle.recv_src_idx[j]));
         }
         Self {
             topo: *topo,
@@ -83,23 +86,9 @@ impl Destination {
             .collect()
     }
 
-    /// Reduces the rows whose reducer is this rank itself.
-    pub fn reduce_own(
-        &mut self,
-        rows: &Rows<'_>,
-        handle: &DispatchHandle,
-        red: &mut Reducer,
-        fin: &mut Finisher<'_>,
-    ) -> Result<()> {
-        let (me, topo) = (self.me, self.topo);
-        let own = std::mem::take(&mut self.to_reducer[topo.local_of(me)]);
-        for j in own {
-            let [row, w] = rows.row(j);
-            if let Some(done) = red.add(me, topo.local_of(me), &Self::header(handle, j), row, w)? {
-                red.route(done, me, topo.node_of(me), fin, &handle.plan)?;
-            }
-        }
-        Ok(())
+    /// The rows whose reducer is this rank itself, in (source, index) order.
+    pub fn take_own_rows(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.to_reducer[self.topo.local_of(self.me)])
     }
 
     /// Sends rows to the node's other reducers as credits allow.

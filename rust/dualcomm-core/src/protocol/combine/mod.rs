@@ -3,11 +3,21 @@
 //! one token over its local ranks and sends one partial per token over rdma; the source sums
 //! the partials over nodes.
 //!
-//! Contributions and partials are staged on arrival and summed only once all are there,
-//! always in ascending local-rank order and then ascending node order. That makes the
-//! result bitwise reproducible whatever the arrival order, and it means rings always drain,
-//! so no ring can wait on another one (no deadlock for any ring size).
-
+//! Every token's sum is taken straight out of the receive rings, with no staging: its
+//! local rows in ascending local-rank order into the forwarder's partial (which is written
+//! where it is sent from), then the partials in ascending node order into the output. The
+//! order is fixed, so the result is bitwise reproducible whatever the arrival order.
+//!
+//! All of it runs in one global order of tokens, by (source rank, token index): each
+//! destination sends its rows for a reducer in that order, each reducer sums and sends its
+//! partials in that order, and each source finishes its tokens in that order (interleaved
+//! with the tokens it reduces for others). A reducer takes a token only once the head of
+//! every ring it needs holds that token's record, so records are consumed as they come, and
+//! no ring size can deadlock: take the smallest token any rank still waits for. Everything
+//! before it is consumed everywhere, so every ring that it needs is either empty (and its
+//! space handed back: `RecvRing::credit_due`) or holds its record at the head; the senders
+//! of the missing records are destinations (which wait for nothing but space) or reducers
+//! that have already summed it (and wait for nothing but space). So that token completes.
 //!
 //! Each rank plays three roles, each its own type: the [`destination::Destination`] of the
 //! dispatch sends its rows back, the [`reducer::Reducer`] (the dispatch's forwarder) sums
@@ -49,12 +59,11 @@ pub struct CombineOut<'a> {
     pub weights: &'a mut [f32],
 }
 
-/// Staging memory kept by the endpoint between combines, so that steady-state training
-/// steps neither fault in fresh pages nor zero them (every byte is written before it is read).
+/// The partials' memory, kept by the endpoint between combines so that steady-state
+/// training steps neither fault in fresh pages nor zero them (every byte is written before
+/// it is sent).
 #[derive(Debug, Default)]
 pub struct Scratch {
-    rows: Vec<u8>,
-    parts: Vec<f32>,
     bodies: Vec<u8>,
 }
 
@@ -66,12 +75,14 @@ fn at_least<T: Copy + Default>(mut v: Vec<T>, n: usize) -> Vec<T> {
     v
 }
 
-/// One token this rank reduces for its node: (source, index, local ranks that hold a row).
+/// One token this rank reduces for its node: (source, index, local ranks that hold a row),
+/// and where this rank's own row of it sits among the rows it received (when it holds one).
 #[derive(Clone, Copy)]
 pub(super) struct Entry {
     src: u32,
     idx: u32,
     mask: LocalMask,
+    own_row: usize,
 }
 
 /// Row geometry of one combine.
@@ -90,14 +101,6 @@ impl Shape {
     fn width(&self) -> usize {
         self.hidden + self.k
     }
-}
-
-/// A partial sum as it reaches the finisher.
-pub(super) enum Part<'a> {
-    /// This node's own partial, still in fp32.
-    Own(&'a [f32]),
-    /// Another node's partial: rows in the combine dtype, weights in fp32.
-    Wire(&'a [u8], &'a [u8]),
 }
 
 pub(crate) fn run(
@@ -120,17 +123,16 @@ pub(crate) fn run(
         row_bytes: c.shape.row_bytes(),
         topk: c.shape.k,
     };
+    let mut dest = Destination::new(handle, &topo, me);
     let mut red = Reducer::new(
         handle,
         &topo,
         me,
         c.shape,
-        std::mem::take(&mut scratch.rows),
+        dest.take_own_rows(),
         std::mem::take(&mut scratch.bodies),
-    );
-    let parts = std::mem::take(&mut scratch.parts);
-    let mut fin = Finisher::new(plan, c.shape, args.out_dtype, out.x, out.weights, parts);
-    let mut dest = Destination::new(handle, &topo, me);
+    )?;
+    let mut fin = Finisher::new(plan, &topo, me, c.shape, args.out_dtype, out.x, out.weights);
     // Writes take their bytes from registered memory: the caller's rows and weights, the
     // rows' headers, and the partials where they are summed.
     let headers = dest.headers(handle);
@@ -172,16 +174,14 @@ pub(crate) fn run(
             }
             started = true;
             progress = true;
-            dest.reduce_own(&rows, handle, &mut red, &mut fin)?;
         }
         // No data moves before every peer's metadata is in.
         if started {
             progress |= dest.post(&mut op, &rows, &row_sources, payload)?;
-            progress |= red.drain(&mut op, &c.layout, &mut fin, plan)?;
+            progress |= red.advance(&mut op, &rows, &mut fin, plan)?;
             progress |= red.post_partials(&mut op, partials, payload)?;
-            progress |= fin.drain(&mut op, &c.layout, plan, &topo)?;
             op.return_credits()?;
-            if fin.finished() && op.rings_finished() {
+            if red.finished() && op.rings_finished() {
                 break;
             }
         }
@@ -190,8 +190,6 @@ pub(crate) fn run(
     op.flush()?;
     drop(op);
     drop(registered);
-    scratch.rows = red.rows;
-    scratch.parts = fin.parts;
     scratch.bodies = red.bodies;
     Ok(())
 }

@@ -1,35 +1,41 @@
 //! The forwarder role of combine: for every token this rank forwarded in the dispatch (and
-//! its own tokens for its own node), the rows of the node's ranks that hold one are kept
-//! until the last arrives, then summed in ascending local-rank order; the sum goes to this
-//! rank's finisher (its own tokens) or, as one partial per token, back over rdma to the
-//! token's source on another node.
+//! its own tokens), in (source, index) order, the rows of the node's ranks that hold one
+//! are summed in ascending local-rank order straight from the receive rings (this rank's
+//! own row from its rows). The sum goes to this rank's finisher (its own tokens) or, as
+//! one partial per token, back over rdma to the token's source on another node.
 
 use std::collections::VecDeque;
 
-use super::finisher::{Finisher, node_pos};
-use super::{Entry, Part, Shape, at_least};
+use super::destination::Rows;
+use super::finisher::Finisher;
+use super::{Entry, Shape, at_least};
 use crate::error::{Error, Result};
 use crate::protocol::dispatch::DispatchHandle;
 use crate::protocol::op::Op;
-use crate::protocol::record::{HEADER_BYTES, Header, Layout};
+use crate::protocol::record::{HEADER_BYTES, Header};
 use crate::protocol::reduce::{Dtype, add_into, store};
 use crate::protocol::sources::Source;
 use crate::routing::SendPlan;
 use crate::topology::{LocalMask, Topology};
 use crate::transport::{Sge, Tier, TierCounters};
 
+/// Tokens summed per call of [`Reducer::advance`], so that partials leave and ring space
+/// goes back while a long run of ready tokens is summed.
+const BATCH: usize = 64;
+
 pub(super) struct Reducer {
+    /// Sorted by (source, index); this rank's own tokens are the ones that went to any node.
     entries: Vec<Entry>,
-    first_row: Vec<usize>,
-    present: Vec<LocalMask>,
-    /// Rows staged until a token's last one arrives (reused memory).
-    pub rows: Vec<u8>,
+    /// The first entry not summed yet.
+    next: usize,
+    topo: Topology,
+    me: usize,
     shape: Shape,
-    /// The sum of the entry `add` just completed (rows, then weights).
+    /// The sum of the entry being summed (rows, then weights).
     acc: Vec<f32>,
     /// Partials for sources on other nodes, waiting for ring credit: per source rank a queue
-    /// of (token index, entry); the partial itself sits in `bodies` at its entry's slot.
-    queues: Vec<VecDeque<(u32, usize)>>,
+    /// of entries; the partial itself sits in `bodies` at its entry's slot.
+    queues: Vec<VecDeque<usize>>,
     pub bodies: Vec<u8>,
     body_bytes: usize,
     /// Partials each source on another node is still owed.
@@ -37,15 +43,16 @@ pub(super) struct Reducer {
 }
 
 impl Reducer {
-    /// `rows` and `bodies` are reused staging memory.
+    /// `own_rows` are the rows this rank received that it reduces itself, in (source,
+    /// index) order; `bodies` is reused memory for the partials.
     pub fn new(
         handle: &DispatchHandle,
         topo: &Topology,
         me: usize,
         shape: Shape,
-        rows: Vec<u8>,
+        own_rows: Vec<usize>,
         bodies: Vec<u8>,
-    ) -> Self {
+    ) -> Result<Self> {
         let plan = &handle.plan;
         let my_node = topo.node_of(me);
         let mut entries: Vec<Entry> = handle
@@ -55,50 +62,85 @@ impl Reducer {
                 src: f.src,
                 idx: f.idx,
                 mask: f.mask,
+                own_row: usize::MAX,
             })
             .collect();
-        entries.extend((0..plan.num_tokens()).filter_map(|tok| {
-            let mask = plan.mask(tok, my_node);
-            (mask != 0).then_some(Entry {
-                src: me as u32,
-                idx: tok as u32,
-                mask,
-            })
-        }));
+        // Every own token that went anywhere is finished in this order too, even one with no
+        // row on this node (its entry then only collects the other nodes' partials).
+        entries.extend(
+            (0..plan.num_tokens())
+                .filter(|&tok| (0..topo.num_nodes()).any(|n| plan.mask(tok, n) != 0))
+                .map(|tok| Entry {
+                    src: me as u32,
+                    idx: tok as u32,
+                    mask: plan.mask(tok, my_node),
+                    own_row: usize::MAX,
+                }),
+        );
         entries.sort_unstable_by_key(|e| (e.src, e.idx));
-        let mut first_row = Vec::with_capacity(entries.len());
-        let mut rows_total = 0;
-        for e in &entries {
-            first_row.push(rows_total);
-            // A token with one local row needs no staging: its row is its sum.
-            if e.mask.count_ones() > 1 {
-                rows_total += e.mask.count_ones() as usize;
-            }
-        }
+        Self::place_own_rows(&mut entries, handle, topo, me, &own_rows)?;
         // A partial travels as one record: header, row, weights, laid out where it is summed.
         let body_bytes = HEADER_BYTES + shape.row_bytes() + shape.k * 4;
         let mut pending = vec![0usize; topo.world_size()];
-        for e in &entries {
+        for e in entries.iter().filter(|e| e.src as usize != me) {
             pending[e.src as usize] += 1;
         }
-        Self {
-            present: vec![0; entries.len()],
-            rows: at_least(rows, rows_total * (shape.row_bytes() + shape.k * 4)),
+        Ok(Self {
             bodies: at_least(bodies, entries.len() * body_bytes),
-            first_row,
+            next: 0,
+            topo: *topo,
+            me,
             shape,
             acc: vec![0.0; shape.width()],
             queues: vec![VecDeque::new(); topo.world_size()],
             body_bytes,
             pending,
             entries,
+        })
+    }
+
+    /// Points each entry with this rank's bit at the row this rank received for it: the two
+    /// lists are both in (source, index) order and must pair up one to one.
+    fn place_own_rows(
+        entries: &mut [Entry],
+        handle: &DispatchHandle,
+        topo: &Topology,
+        me: usize,
+        own_rows: &[usize],
+    ) -> Result<()> {
+        let bit: LocalMask = 1 << topo.local_of(me);
+        let mut rows = own_rows.iter();
+        for e in entries.iter_mut().filter(|e| e.mask & bit != 0) {
+            let j = *rows.next().ok_or_else(|| {
+                Error::internal(me, format!(
+                    "no received row for token {} of rank {}, which this rank forwarded to \
+                     itself",
+                    e.idx, e.src
+                ))
+            })?;
+            let key = (handle.recv_src_rank[j], handle.recv_src_idx[j]);
+            if key != (e.src, e.idx) {
+                return Err(Error::internal(me, format!(
+                    "received row {j} is token {} of rank {}, which this rank did not forward \
+                     to itself",
+                    key.1, key.0
+                )));
+            }
+            e.own_row = j;
+        }
+        match rows.next() {
+            Some(&j) => Err(Error::internal(me, format!(
+                "received row {j} (token {} of rank {}), which this rank did not forward",
+                handle.recv_src_idx[j], handle.recv_src_rank[j]
+            ))),
+            None => Ok(()),
         }
     }
 
     /// Tells each ring of the node how many rows it carries: one per token whose mask has
     /// the sender's bit.
     pub fn expect(&self, op: &mut Op<'_>) {
-        let (topo, me) = (op.topo, op.me);
+        let (topo, me) = (self.topo, self.me);
         let my_node = topo.node_of(me);
         for l in (0..topo.ranks_per_node()).filter(|&l| l != topo.local_of(me)) {
             let d = topo.rank_at(my_node, l);
@@ -111,33 +153,121 @@ impl Reducer {
         }
     }
 
-    /// Takes in the rows the node's ranks sent.
-    pub fn drain(
+    pub fn finished(&self) -> bool {
+        self.next == self.entries.len()
+    }
+
+    /// Sums the next tokens whose records are all in, as far as they go (at most a batch).
+    pub fn advance(
         &mut self,
         op: &mut Op<'_>,
-        layout: &Layout,
+        rows: &Rows<'_>,
         fin: &mut Finisher<'_>,
         plan: &SendPlan,
     ) -> Result<bool> {
-        let (t, topo, me) = (op.t, op.topo, op.me);
-        let my_node = topo.node_of(me);
-        let mut progress = false;
-        for l in (0..topo.ranks_per_node()).filter(|&l| l != topo.local_of(me)) {
-            let d = topo.rank_at(my_node, l);
-            let ring = op.recv_ring(d);
-            let avail = ring.available();
-            for i in 0..avail {
-                let rec = ring.record(t, i)?;
-                let h = Header::decode(rec);
-                let secs = layout.split(rec);
-                if let Some(done) = self.add(d, l, &h, secs[0], secs[1])? {
-                    self.route(done, me, my_node, fin, plan)?;
-                }
+        let start = self.next;
+        while let Some(&e) = self.entries.get(self.next) {
+            let own = e.src as usize == self.me;
+            if self.next - start == BATCH
+                || !self.rows_ready(op, &e)
+                || (own && !fin.partials_ready(op, plan, e.idx as usize))
+            {
+                break;
             }
-            ring.consume(avail);
-            progress |= avail > 0;
+            self.sum(op, &e, rows)?;
+            if own {
+                let sum = (e.mask != 0).then_some(&self.acc[..]);
+                fin.finish(op, plan, e.idx as usize, sum)?;
+            } else {
+                self.write_partial(&e, self.next);
+            }
+            self.next += 1;
         }
-        Ok(progress)
+        Ok(self.next > start)
+    }
+
+    /// Whether every other local rank that holds a row of `e` has its record at the head of
+    /// its ring (earlier tokens are consumed, so the head can only be this token's).
+    fn rows_ready(&self, op: &mut Op<'_>, e: &Entry) -> bool {
+        let (topo, me) = (self.topo, self.me);
+        let mut m = e.mask & !(1 << topo.local_of(me));
+        while m != 0 {
+            let l = m.trailing_zeros() as usize;
+            m &= m - 1;
+            if op.recv_ring(topo.rank_at(topo.node_of(me), l)).available() == 0 {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Sums `e`'s rows into `acc` in ascending local rank, consuming their records.
+    fn sum(&mut self, op: &mut Op<'_>, e: &Entry, rows: &Rows<'_>) -> Result<()> {
+        let (topo, me, t) = (self.topo, self.me, op.t);
+        let Shape { hidden, k, dtype } = self.shape;
+        let rb = self.shape.row_bytes();
+        self.acc.fill(0.0);
+        let mut m = e.mask;
+        while m != 0 {
+            let l = m.trailing_zeros() as usize;
+            m &= m - 1;
+            let d = topo.rank_at(topo.node_of(me), l);
+            if d == me {
+                let [row, w] = rows.row(e.own_row);
+                add_into(&mut self.acc[..hidden], row, dtype);
+                add_into(&mut self.acc[hidden..], w, Dtype::F32);
+                continue;
+            }
+            let ring = op.recv_ring(d);
+            let rec = ring.record(t, 0)?;
+            let h = Header::decode(rec);
+            if (h.src_rank, h.src_idx) != (e.src, e.idx) {
+                return Err(self.misplaced(d, l, &h, e));
+            }
+            let body = &rec[HEADER_BYTES..];
+            add_into(&mut self.acc[..hidden], &body[..rb], dtype);
+            add_into(&mut self.acc[hidden..], &body[rb..rb + k * 4], Dtype::F32);
+            ring.consume(1);
+        }
+        Ok(())
+    }
+
+    /// The error for a row from local rank `l` (rank `via`) that is not `due`'s.
+    fn misplaced(&self, via: usize, l: usize, h: &Header, due: &Entry) -> Error {
+        let what = format!("row for token {} of rank {}", h.src_idx, h.src_rank);
+        let found = self
+            .entries
+            .binary_search_by_key(&(h.src_rank, h.src_idx), |x| (x.src, x.idx));
+        let why = match found {
+            Err(_) => "which this rank did not forward".to_string(),
+            Ok(i) if self.entries[i].mask & (1 << l) == 0 => {
+                format!("which rank {via} never received from this rank")
+            }
+            Ok(i) if i < self.next => "a second time".to_string(),
+            Ok(_) => format!(
+                "before the one for token {} of rank {}: rows come in (source, index) order",
+                due.idx, due.src
+            ),
+        };
+        Error::protocol(via, format!("{what}, {why}"))
+    }
+
+    /// Writes `acc` as the partial of entry `slot` where it is sent from, and queues it.
+    fn write_partial(&mut self, e: &Entry, slot: usize) {
+        let shape = self.shape;
+        let rb = shape.row_bytes();
+        let bb = self.body_bytes;
+        let record = &mut self.bodies[slot * bb..(slot + 1) * bb];
+        let header = Header {
+            src_rank: e.src,
+            src_idx: e.idx,
+            mask: 0,
+        };
+        record[..HEADER_BYTES].copy_from_slice(&header.encode());
+        let body = &mut record[HEADER_BYTES..];
+        store(&self.acc[..shape.hidden], &mut body[..rb], shape.dtype);
+        body[rb..].copy_from_slice(bytemuck::cast_slice(&self.acc[shape.hidden..]));
+        self.queues[e.src as usize].push_back(slot);
     }
 
     /// The partials' memory, to be registered (it is not resized while the operation runs).
@@ -153,7 +283,7 @@ impl Reducer {
         partials: Source,
         payload: &TierCounters,
     ) -> Result<bool> {
-        let (t, epoch, topo, me) = (op.t, op.epoch, op.topo, op.me);
+        let (t, epoch, topo, me) = (op.t, op.epoch, self.topo, self.me);
         let rb = self.shape.row_bytes();
         let mut progress = false;
         for n in (0..topo.num_nodes()).filter(|&n| n != topo.node_of(me)) {
@@ -163,10 +293,7 @@ impl Reducer {
             let m = (ring.free() as usize).min(queue.len());
             if m > 0 {
                 let bb = self.body_bytes;
-                let sges: Vec<Sge> = queue
-                    .drain(..m)
-                    .map(|(_, e)| partials.piece(e, bb))
-                    .collect();
+                let sges: Vec<Sge> = queue.drain(..m).map(|e| partials.piece(e, bb)).collect();
                 ring.post(t, epoch, &sges, 1)?;
                 payload.add(Tier::Rdma, m * rb);
                 self.pending[s] -= m;
@@ -177,105 +304,5 @@ impl Reducer {
             }
         }
         Ok(progress)
-    }
-
-    /// Hands the sum `add` just completed on: to this rank's own finisher, or to the queue
-    /// for its source on another node.
-    pub fn route(
-        &mut self,
-        e: Entry,
-        me: usize,
-        my_node: usize,
-        fin: &mut Finisher<'_>,
-        plan: &SendPlan,
-    ) -> Result<()> {
-        if e.src as usize == me {
-            let tok = e.idx as usize;
-            return fin.put(me, tok, node_pos(plan, tok, my_node), Part::Own(&self.acc));
-        }
-        let shape = self.shape;
-        let rb = shape.row_bytes();
-        let slot = self.index_of(&e);
-        let bb = self.body_bytes;
-        let record = &mut self.bodies[slot * bb..(slot + 1) * bb];
-        let header = Header {
-            src_rank: e.src,
-            src_idx: e.idx,
-            mask: 0,
-        };
-        record[..HEADER_BYTES].copy_from_slice(&header.encode());
-        let body = &mut record[HEADER_BYTES..];
-        store(&self.acc[..shape.hidden], &mut body[..rb], shape.dtype);
-        body[rb..].copy_from_slice(bytemuck::cast_slice(&self.acc[shape.hidden..]));
-        self.queues[e.src as usize].push_back((e.idx, slot));
-        Ok(())
-    }
-
-    fn index_of(&self, e: &Entry) -> usize {
-        self.entries
-            .binary_search_by_key(&(e.src, e.idx), |x| (x.src, x.idx))
-            .expect("entry exists")
-    }
-
-    /// Takes local rank `l`'s row for `h`'s token. When it is the last one, sums all rows
-    /// (ascending local rank) into `acc` and returns the entry.
-    pub fn add(
-        &mut self,
-        via: usize,
-        l: usize,
-        h: &Header,
-        row: &[u8],
-        weights: &[u8],
-    ) -> Result<Option<Entry>> {
-        let e = self
-            .entries
-            .binary_search_by_key(&(h.src_rank, h.src_idx), |e| (e.src, e.idx))
-            .map_err(|_| {
-                Error::protocol(
-                    via,
-                    format!(
-                        "row for token {} of rank {}, which this rank did not forward",
-                        h.src_idx, h.src_rank
-                    ),
-                )
-            })?;
-        let entry = self.entries[e];
-        let bit: LocalMask = 1 << l;
-        if entry.mask & bit == 0 || self.present[e] & bit != 0 {
-            return Err(Error::protocol(
-                via,
-                format!(
-                    "unexpected or repeated row for token {} of rank {}",
-                    h.src_idx, h.src_rank
-                ),
-            ));
-        }
-        self.present[e] |= bit;
-        let rb = self.shape.row_bytes();
-        let cb = rb + self.shape.k * 4;
-        let first = self.first_row[e];
-        let slot = |b: LocalMask| first + (entry.mask & (b - 1)).count_ones() as usize;
-        if self.present[e] != entry.mask {
-            let at = slot(bit) * cb;
-            self.rows[at..at + rb].copy_from_slice(row);
-            self.rows[at + rb..at + cb].copy_from_slice(weights);
-            return Ok(None);
-        }
-        let hidden = self.shape.hidden;
-        self.acc.fill(0.0);
-        let mut m = entry.mask;
-        while m != 0 {
-            let b = m & m.wrapping_neg();
-            m &= m - 1;
-            let (r, w) = if b == bit {
-                (row, weights)
-            } else {
-                let at = slot(b) * cb;
-                (&self.rows[at..at + rb], &self.rows[at + rb..at + cb])
-            };
-            add_into(&mut self.acc[..hidden], r, self.shape.dtype);
-            add_into(&mut self.acc[hidden..], w, Dtype::F32);
-        }
-        Ok(Some(entry))
     }
 }
