@@ -112,27 +112,36 @@ impl Reducer {
         let mut rows = own_rows.iter();
         for e in entries.iter_mut().filter(|e| e.mask & bit != 0) {
             let j = *rows.next().ok_or_else(|| {
-                Error::internal(me, format!(
-                    "no received row for token {} of rank {}, which this rank forwarded to \
+                Error::internal(
+                    me,
+                    format!(
+                        "no received row for token {} of rank {}, which this rank forwarded to \
                      itself",
-                    e.idx, e.src
-                ))
+                        e.idx, e.src
+                    ),
+                )
             })?;
             let key = (handle.recv_src_rank[j], handle.recv_src_idx[j]);
             if key != (e.src, e.idx) {
-                return Err(Error::internal(me, format!(
-                    "received row {j} is token {} of rank {}, which this rank did not forward \
+                return Err(Error::internal(
+                    me,
+                    format!(
+                        "received row {j} is token {} of rank {}, which this rank did not forward \
                      to itself",
-                    key.1, key.0
-                )));
+                        key.1, key.0
+                    ),
+                ));
             }
             e.own_row = j;
         }
         match rows.next() {
-            Some(&j) => Err(Error::internal(me, format!(
-                "received row {j} (token {} of rank {}), which this rank did not forward",
-                handle.recv_src_idx[j], handle.recv_src_rank[j]
-            ))),
+            Some(&j) => Err(Error::internal(
+                me,
+                format!(
+                    "received row {j} (token {} of rank {}), which this rank did not forward",
+                    handle.recv_src_idx[j], handle.recv_src_rank[j]
+                ),
+            )),
             None => Ok(()),
         }
     }

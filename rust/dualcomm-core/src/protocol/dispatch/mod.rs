@@ -126,7 +126,8 @@ pub trait RecvSink {
     fn prepare(&mut self, shape: RecvShape) -> Result<RecvBuffers<'_>>;
 }
 
-/// A sink that owns its buffers.
+/// A sink that owns its buffers, and reuses their memory from one dispatch to the next (a
+/// fresh allocation of receive rows on every call spends its time faulting in pages).
 #[derive(Debug, Default)]
 pub struct VecSink {
     pub x: Vec<u8>,
@@ -146,13 +147,37 @@ pub fn try_zeroed<T: Clone + Default>(what: &str, n: usize) -> Result<Vec<T>> {
     Ok(v)
 }
 
+/// `v` resized to `n` zeroed elements, keeping its memory where it is large enough.
+fn refill<T: Clone + Default>(v: &mut Vec<T>, what: &str, n: usize) -> Result<()> {
+    v.clear();
+    v.try_reserve_exact(n).map_err(|e| Error::Os {
+        what: format!("allocating {what} ({n} elements)"),
+        detail: e.to_string(),
+    })?;
+    v.resize(n, T::default());
+    Ok(())
+}
+
 impl RecvSink for VecSink {
     fn prepare(&mut self, s: RecvShape) -> Result<RecvBuffers<'_>> {
         let n = s.num_recv;
-        self.x = try_zeroed("received rows", s.x_row_bytes.saturating_mul(n))?;
-        self.scales = try_zeroed("received scales", s.scale_row_bytes.saturating_mul(n))?;
-        self.topk_idx = try_zeroed("received top-k indices", s.num_topk.saturating_mul(n))?;
-        self.topk_weights = try_zeroed("received top-k weights", s.num_topk.saturating_mul(n))?;
+        refill(
+            &mut self.x,
+            "received rows",
+            s.x_row_bytes.saturating_mul(n),
+        )?;
+        refill(
+            &mut self.scales,
+            "received scales",
+            s.scale_row_bytes.saturating_mul(n),
+        )?;
+        refill(
+            &mut self.topk_idx,
+            "received top-k indices",
+            s.num_topk.saturating_mul(n),
+        )?;
+        let k = s.num_topk.saturating_mul(n);
+        refill(&mut self.topk_weights, "received top-k weights", k)?;
         Ok(RecvBuffers {
             x: &mut self.x,
             scales: &mut self.scales,
