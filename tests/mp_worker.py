@@ -4,6 +4,7 @@ from it, then saves what it saw for the parent to check."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -143,6 +144,35 @@ def scenario_mismatch(rank: int, p: dict[str, Any]) -> dict[str, Any]:
     return dict(error=None)
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def scenario_verbs(rank: int, p: dict[str, Any]) -> dict[str, Any]:
+    """transport='verbs' on this machine, then two 'auto' buffers and what they logged."""
+    records = _Records()
+    logger = logging.getLogger("dualcomm")
+    logger.addHandler(records)
+    logger.setLevel(logging.INFO)
+    out: dict[str, Any] = {}
+    try:
+        _buffer(dict(p, transport="verbs"))
+        out["error"] = None
+    except DualcommError as e:
+        out.update(error=type(e).__name__, message=str(e))
+    bufs = [_buffer(dict(p, transport="auto")) for _ in range(2)]
+    out["auto"] = [b.transport for b in bufs]
+    for b in bufs:
+        b.destroy()
+    out["log"] = records.messages
+    return out
+
+
 def scenario_low_latency_killed(rank: int, p: dict[str, Any]) -> dict[str, Any]:
     """A low-latency round, then the victim dies before the next low-latency dispatch."""
     hidden, experts, tokens = 256, 2 * p["nodes"] * p["rpn"], 4
@@ -183,6 +213,7 @@ SCENARIOS = {
     "killed": scenario_killed,
     "hostile": scenario_hostile,
     "soak": scenario_soak,
+    "verbs": scenario_verbs,
 }
 
 

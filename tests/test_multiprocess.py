@@ -204,6 +204,33 @@ def test_mismatched_configurations_fail_on_every_rank(tmp_path):
         assert "num_nvl_bytes=4096" in g["message"] and "num_nvl_bytes=8192" in g["message"]
 
 
+def _what_verbs_lacks_here() -> str:
+    """What this machine lacks for verbs, found without dualcomm: the library, then a device."""
+    import ctypes.util
+
+    if ctypes.util.find_library("ibverbs") is None:
+        return "libibverbs is not installed"
+    devices = Path("/sys/class/infiniband")
+    if not devices.is_dir() or not any(devices.iterdir()):
+        return "no RDMA device"
+    return ""
+
+
+def test_verbs_says_what_is_missing_and_auto_falls_back_to_tcp_saying_so_once(tmp_path):
+    lacks = _what_verbs_lacks_here()
+    if not lacks:
+        pytest.skip("this machine has an RDMA device: the verbs transport's own tests cover it")
+    got = launch(2, "verbs", _params(2, 1), tmp_path)
+    for g in got:
+        assert g["error"] == "TransportUnavailableError", g
+        assert "transport='verbs'" in g["message"] and lacks in g["message"], g["message"]
+        # Every rank learns every rank's reason.
+        assert "rank 0:" in g["message"] and "rank 1:" in g["message"], g["message"]
+        assert g["auto"] == ["tcp", "tcp"]
+        said = [m for m in g["log"] if "rdma tier runs over tcp" in m]
+        assert len(said) == 1 and lacks in said[0], g["log"]
+
+
 def test_torchrun_launch(tmp_path):
     script = Path(__file__).with_name("torchrun_worker.py")
     cmd = [

@@ -6,6 +6,7 @@ and then the chosen transport connects everybody."""
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import socket
 from typing import Any
@@ -18,9 +19,56 @@ from dualcomm._native import (
     ShmSegment,
     TcpListener,
     TransportUnavailableError,
+    find_verbs_device,
     unlink_segment,
 )
 from dualcomm.config import resolve_ring_bytes
+
+log = logging.getLogger("dualcomm")
+_said_rdma_tier: set[str] = set()
+
+# What `DUALCOMM_IB_DEVICE` names (NCCL_IB_HCA's syntax): the devices and ports verbs may use.
+IB_DEVICE_ENV = "DUALCOMM_IB_DEVICE"
+
+
+def _probe_verbs() -> str | None:
+    """This rank's RDMA device and port in words, or None with the reason logged once per
+    process (the rdma tier then runs over TCP)."""
+    try:
+        found = find_verbs_device(os.environ.get(IB_DEVICE_ENV) or None)
+    except TransportUnavailableError as e:
+        if "no-device" not in _said_rdma_tier:
+            _said_rdma_tier.add("no-device")
+            log.info("dualcomm: the rdma tier runs over tcp: %s", e)
+        return None
+    return found
+
+
+def _verbs_outcomes(group: Any, world: int) -> list[Any]:
+    """Every rank's device probe: ("ok", description) or ("missing", reason)."""
+    import torch.distributed as dist
+
+    try:
+        mine: Any = ("ok", find_verbs_device(os.environ.get(IB_DEVICE_ENV) or None))
+    except TransportUnavailableError as e:
+        mine = ("missing", str(e))
+    outcomes: list[Any] = [None] * world
+    dist.all_gather_object(outcomes, mine, group=group)
+    return outcomes
+
+
+def _refuse_verbs(outcomes: list[Any]) -> TransportUnavailableError:
+    """`transport='verbs'`: what is missing, and on which ranks; or, where every rank has a
+    port, that this build cannot drive it yet (every rank raises the same)."""
+    missing = {r: why for r, (kind, why) in enumerate(outcomes) if kind == "missing"}
+    if missing:
+        said = "; ".join(f"rank {r}: {why}" for r, why in sorted(missing.items()))
+        return TransportUnavailableError(f"transport='verbs': {said}; use 'tcp' or 'auto'")
+    ports = ", ".join(f"rank {r}: {what}" for r, (_, what) in enumerate(outcomes))
+    return TransportUnavailableError(
+        f"transport='verbs': every rank has an active RDMA port ({ports}), but this build of "
+        "dualcomm has no verbs data path yet (the rdma tier runs over tcp); use 'tcp' or 'auto'"
+    )
 
 
 def local_address() -> str:
@@ -110,8 +158,17 @@ def make_endpoint(
             f"transport='shm+tcp': the ranks of a node must share a host for shared memory, but nodes of "
             f"{rpn} ranks span hosts {hosts}; set ranks_per_node to the ranks per host, or use 'tcp'"
         )
+    if transport == "verbs":
+        raise _refuse_verbs(_verbs_outcomes(group, world))
     if transport == "full-mesh":
         transport = "shm" if one_host else "tcp"
+    if transport == "auto" and world > rpn:
+        found = _probe_verbs()
+        if found is not None and "device" not in _said_rdma_tier:
+            _said_rdma_tier.add("device")
+            log.warning(
+                "dualcomm: found %s, but this build has no verbs data path yet: the rdma tier runs over tcp", found
+            )
     if transport == "auto":
         if one_host and rpn == world:
             transport = "shm"

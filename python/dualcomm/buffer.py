@@ -96,7 +96,11 @@ class Buffer:
             when the whole world is one node on this host; "shm+tcp" when each node's ranks
             share a host; else TCP), "shm+tcp" (one transport per tier: shared memory inside
             each node, TCP between nodes, as NVLink and the network on a cluster), "shm"
-            (every tier through shared memory, one host only), "tcp", or "loopback".
+            (every tier through shared memory, one host only), "tcp", "verbs" (the rdma tier
+            over InfiniBand/RoCE: for now it checks every rank for an active port, named
+            by `DUALCOMM_IB_DEVICE` as NCCL_IB_HCA, and raises `TransportUnavailableError`
+            saying what is missing; "auto" logs once why the rdma tier runs over TCP), or
+            "loopback".
     """
 
     num_sms: int = 20
@@ -123,8 +127,8 @@ class Buffer:
                 raise _checks.fail(name, "a non-negative int", _checks.describe(v))
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise _checks.fail("timeout", "a positive number of seconds", _checks.describe(timeout))
-        if transport not in ("auto", "loopback", "tcp", "shm", "shm+tcp"):
-            raise _checks.fail("transport", "'auto', 'shm+tcp', 'tcp', 'shm' or 'loopback'", repr(transport))
+        if transport not in ("auto", "loopback", "tcp", "shm", "shm+tcp", "verbs"):
+            raise _checks.fail("transport", "'auto', 'shm+tcp', 'tcp', 'shm', 'verbs' or 'loopback'", repr(transport))
         if enable_shrink:
             raise _checks.fail("enable_shrink", "False (rank masking is not part of dualcomm)", True)
         if group is None and comm is not None:

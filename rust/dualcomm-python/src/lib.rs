@@ -216,6 +216,17 @@ fn routing_tables<'py>(
     tables(py, &topo, &topk_idx, num_experts)
 }
 
+/// The RDMA device and port this rank would use (`spec`: `DUALCOMM_IB_DEVICE`'s syntax), in
+/// words; `TransportUnavailableError` says what is missing (libibverbs, a device, an active
+/// port).
+#[pyfunction]
+#[pyo3(signature = (spec=None))]
+fn find_verbs_device(py: Python<'_>, spec: Option<String>) -> PyResult<String> {
+    py.detach(|| dualcomm_core::transport::verbs::device::find(spec.as_deref()))
+        .map(|c| c.to_string())
+        .map_err(to_py)
+}
+
 #[pyfunction]
 fn unlink_segment(job: &str, rank: usize) {
     dualcomm_core::transport::shm::unlink(&dualcomm_core::transport::shm::segment_name(job, rank));
@@ -1113,6 +1124,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<TcpListener>()?;
     m.add_class::<ShmSegment>()?;
     m.add_function(wrap_pyfunction!(unlink_segment, m)?)?;
+    m.add_function(wrap_pyfunction!(find_verbs_device, m)?)?;
     m.add_function(wrap_pyfunction!(routing_tables, m)?)?;
     errors::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

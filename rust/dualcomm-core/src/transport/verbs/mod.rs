@@ -4,10 +4,14 @@
 //! writes to work requests and from work completions back to the contract's completions
 //! (`work`), and the accounting of posted receives and outstanding sends (`queues`).
 //!
-//! The binding to libibverbs (ibverbs-sys, behind a cargo feature) only copies these values
-//! into and out of `ibv_*` structures; every decision is made, and tested, here.
+//! libibverbs itself is loaded at run time (`library`), so no build needs rdma-core and no
+//! import fails without it; `device` finds the device and port a rank uses, or says what is
+//! missing. The data path's binding only copies the values above into and out of `ibv_*`
+//! structures; every decision is made, and tested, here.
 
 pub mod address;
+pub mod device;
+pub mod library;
 pub mod qp;
 pub mod queues;
 pub mod work;
