@@ -344,7 +344,7 @@ def test_bad_group_and_transport_choices():
         Buffer(object())
     with pytest.raises(InvalidArgumentError, match=r"^num_nvl_bytes: expected a non-negative int, got int -1"):
         Buffer(object(), num_nvl_bytes=-1)
-    expected = r"^transport: expected 'auto', 'shm\+tcp', 'tcp', 'shm' or 'loopback'"
+    expected = r"^transport: expected 'auto', 'shm\+tcp', 'tcp', 'shm', 'verbs' or 'loopback', got 'ib'"
     with pytest.raises(InvalidArgumentError, match=expected):
         Buffer(object(), transport="ib")
     group = dualcomm.LoopbackGroup(LoopbackWorld(1), 0, 1, 1)
