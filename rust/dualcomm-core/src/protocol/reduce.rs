@@ -25,8 +25,34 @@ impl Dtype {
     }
 }
 
+/// Runs `$body` compiled for AVX2 where the CPU has it (checked once, then cached by std),
+/// else for the baseline target: a wheel built for any x86-64 still gets 256-bit loops.
+/// Only the width changes, never the operations (no FMA, no reassociation), so both
+/// versions give the same bits.
+macro_rules! with_best_simd {
+    ($body:ident($($arg:expr),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2")]
+            unsafe fn wide(f: impl FnOnce()) {
+                f()
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2 (checked just above).
+                return unsafe { wide(|| $body($($arg),*)) };
+            }
+        }
+        $body($($arg),*)
+    }};
+}
+
 /// `acc[i] += row[i]` with `row` in `dtype`.
 pub fn add_into(acc: &mut [f32], row: &[u8], dtype: Dtype) {
+    with_best_simd!(add_into_body(acc, row, dtype))
+}
+
+#[inline(always)]
+fn add_into_body(acc: &mut [f32], row: &[u8], dtype: Dtype) {
     match dtype {
         Dtype::Bf16 => {
             // bf16 is the top half of an f32: widening is a shift (and vectorizes).
@@ -44,6 +70,11 @@ pub fn add_into(acc: &mut [f32], row: &[u8], dtype: Dtype) {
 
 /// `acc[i] += w * row[i]` with `row` in `dtype` (one rounding per term: product, then sum).
 pub fn add_scaled_into(acc: &mut [f32], row: &[u8], w: f32, dtype: Dtype) {
+    with_best_simd!(add_scaled_into_body(acc, row, w, dtype))
+}
+
+#[inline(always)]
+fn add_scaled_into_body(acc: &mut [f32], row: &[u8], w: f32, dtype: Dtype) {
     match dtype {
         Dtype::Bf16 => {
             for (a, b) in acc.iter_mut().zip(row.chunks_exact(2)) {
@@ -67,6 +98,11 @@ pub fn read_f32s(dst: &mut [f32], src: &[u8]) {
 
 /// Writes `acc` as `dtype` (bf16 rounds to nearest even, as torch does).
 pub fn store(acc: &[f32], out: &mut [u8], dtype: Dtype) {
+    with_best_simd!(store_body(acc, out, dtype))
+}
+
+#[inline(always)]
+fn store_body(acc: &[f32], out: &mut [u8], dtype: Dtype) {
     match dtype {
         Dtype::Bf16 => {
             for (a, o) in acc.iter().zip(out.chunks_exact_mut(2)) {
@@ -82,7 +118,7 @@ pub fn store(acc: &[f32], out: &mut [u8], dtype: Dtype) {
 }
 
 /// Round to nearest even, NaN kept quiet: the same bits as `half` and torch, branch-light.
-#[inline]
+#[inline(always)]
 fn f32_to_bf16_bits(v: f32) -> u16 {
     let bits = v.to_bits();
     if v.is_nan() {
