@@ -393,11 +393,14 @@ struct Endpoint {
     address: Option<String>,
     timeout: Duration,
     destroyed: AtomicBool,
+    /// This rank's share of the receive pool's default bound.
+    _pool_share: pool::RankShare,
 }
 
 impl Endpoint {
     fn start(ep: CoreEndpoint) -> PyResult<Self> {
         Ok(Self {
+            _pool_share: pool::RankShare::new(),
             topo: *ep.topology(),
             rank: ep.rank(),
             id: ep.id(),

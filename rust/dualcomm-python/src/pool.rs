@@ -6,20 +6,22 @@
 //! An output array of at least `POOLED_MIN` bytes borrows a buffer from the pool; the array's
 //! base object (a `Lease`) gives it back when NumPy and torch drop their last reference. Free
 //! buffers are kept up to `DUALCOMM_RECV_POOL_BYTES` per process (default: a sixteenth of the
-//! machine's memory, at most 4 GiB; 0 turns pooling off), by
+//! machine's memory, at most 4 GiB, for each rank living in the process, so that a loopback
+//! world of several ranks in one process keeps every rank's outputs, up to a quarter of
+//! memory; 0 turns pooling off), by
 //! size class (sizes rounded up to a quarter power of two, so varying receive counts reuse
 //! them). Buffers go back uninitialised: every output is fully written by its operation.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use pyo3::prelude::*;
 
 /// Outputs below this come from NumPy as before (malloc reuses small blocks well).
 pub const POOLED_MIN: usize = 1 << 20;
-/// A sixteenth of physical memory, at most 4 GiB (1 GiB where the size is unknown): the bound
-/// is per process, and one host runs a process per rank.
-fn default_limit() -> usize {
+/// Physical memory in bytes, where the system says.
+fn physical_memory() -> Option<usize> {
     // SAFETY: sysconf only reads system configuration.
     let (pages, page) = unsafe {
         (
@@ -27,10 +29,36 @@ fn default_limit() -> usize {
             libc::sysconf(libc::_SC_PAGESIZE),
         )
     };
-    if pages <= 0 || page <= 0 {
-        return 1 << 30;
+    (pages > 0 && page > 0).then(|| (pages as u128 * page as u128).min(usize::MAX as u128) as usize)
+}
+
+/// Ranks (endpoints) alive in this process.
+static RANKS: AtomicUsize = AtomicUsize::new(0);
+
+/// Held by each endpoint for its life: the default bound grows with the ranks of the process.
+pub struct RankShare(());
+
+impl RankShare {
+    pub fn new() -> Self {
+        RANKS.fetch_add(1, Ordering::Relaxed);
+        Self(())
     }
-    ((pages as u128 * page as u128 / 16) as usize).min(4 << 30)
+}
+
+impl Drop for RankShare {
+    fn drop(&mut self) {
+        RANKS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A sixteenth of physical memory, at most 4 GiB (1 GiB where the size is unknown), per rank
+/// of this process (one host usually runs a process per rank), at most a quarter of memory.
+fn default_limit() -> usize {
+    let ranks = RANKS.load(Ordering::Relaxed).max(1);
+    match physical_memory() {
+        Some(mem) => (mem / 16).min(4 << 30).saturating_mul(ranks).min(mem / 4),
+        None => (1usize << 30).saturating_mul(ranks),
+    }
 }
 
 /// Free buffers by size class, and the bytes they hold.
@@ -38,17 +66,23 @@ type FreeLists = (HashMap<usize, Vec<Box<[u64]>>>, usize);
 
 struct Pool {
     free: Mutex<FreeLists>,
-    limit: usize,
+    /// `DUALCOMM_RECV_POOL_BYTES`, when set.
+    explicit: Option<usize>,
+}
+
+impl Pool {
+    fn limit(&self) -> usize {
+        self.explicit.unwrap_or_else(default_limit)
+    }
 }
 
 fn pool() -> &'static Pool {
     static POOL: OnceLock<Pool> = OnceLock::new();
     POOL.get_or_init(|| Pool {
         free: Mutex::new((HashMap::new(), 0)),
-        limit: std::env::var("DUALCOMM_RECV_POOL_BYTES")
+        explicit: std::env::var("DUALCOMM_RECV_POOL_BYTES")
             .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(default_limit),
+            .and_then(|v| v.parse().ok()),
     })
 }
 
@@ -62,7 +96,7 @@ pub fn size_class(bytes: usize) -> usize {
 
 /// Whether outputs of `bytes` come from the pool.
 pub fn pooled(bytes: usize) -> bool {
-    bytes >= POOLED_MIN && pool().limit > 0
+    bytes >= POOLED_MIN && pool().limit() > 0
 }
 
 /// A buffer of at least `bytes`, 8-aligned: a free one of its class, or a new one (zeroed
@@ -102,8 +136,9 @@ pub fn take(bytes: usize) -> Result<Box<[u64]>, dualcomm_core::Error> {
 fn give_back(buf: Box<[u64]>) {
     let class = buf.len() * 8;
     let p = pool();
+    let limit = p.limit();
     let mut free = p.free.lock().unwrap();
-    if free.1 + class <= p.limit {
+    if free.1 + class <= limit {
         free.1 += class;
         free.0.entry(class).or_default().push(buf);
     }
