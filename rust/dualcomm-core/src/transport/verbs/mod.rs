@@ -9,6 +9,7 @@
 //! missing. The data path's binding only copies the values above into and out of `ibv_*`
 //! structures; every decision is made, and tested, here.
 
+pub mod abi;
 pub mod address;
 pub mod device;
 pub mod library;
