@@ -6,7 +6,7 @@
 use std::ffi::CStr;
 
 use super::address::PathMtu;
-use super::library::Library;
+use super::library::{Context, Library};
 use crate::error::{Error, Result};
 
 /// The environment variable that restricts the devices and ports a rank may use.
@@ -270,6 +270,38 @@ pub fn probe(lib: &Library) -> std::result::Result<Vec<DeviceInfo>, String> {
     Ok(devices)
 }
 
+/// Opens the device called `name`: its context, to be closed with `close_device`.
+pub fn open_by_name(lib: &Library, name: &str) -> std::result::Result<*mut Context, String> {
+    let mut n = 0;
+    // SAFETY: as in `probe`.
+    let list = unsafe { (lib.get_device_list)(&mut n) };
+    if list.is_null() {
+        return Err(format!(
+            "ibv_get_device_list failed: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let mut ctx = None;
+    for i in 0..n.max(0) as usize {
+        // SAFETY: `list` holds `n` devices with NUL-terminated names.
+        let dev = unsafe { *list.add(i) };
+        let this = unsafe { CStr::from_ptr((lib.get_device_name)(dev)) };
+        if this.to_bytes() == name.as_bytes() {
+            // SAFETY: a listed device; the context outlives the list.
+            ctx = Some(unsafe { (lib.open_device)(dev) });
+            break;
+        }
+    }
+    let err = std::io::Error::last_os_error();
+    // SAFETY: returned by ibv_get_device_list; no device pointer is kept.
+    unsafe { (lib.free_device_list)(list) };
+    match ctx {
+        None => Err(format!("no RDMA device called {name}")),
+        Some(c) if c.is_null() => Err(format!("ibv_open_device({name}) failed: {err}")),
+        Some(c) => Ok(c),
+    }
+}
+
 /// The device and port this rank would use, or `TransportUnavailable` saying what is
 /// missing: libibverbs, a device, or an active port that `spec` allows.
 pub fn find(spec: Option<&str>) -> Result<Chosen> {
@@ -278,8 +310,8 @@ pub fn find(spec: Option<&str>) -> Result<Chosen> {
         transport: "verbs".into(),
         reason,
     };
-    let lib = Library::open().map_err(unavailable)?;
-    let devices = probe(&lib).map_err(unavailable)?;
+    let lib = Library::get().map_err(unavailable)?;
+    let devices = probe(lib).map_err(unavailable)?;
     choose(&devices, &sel).map_err(unavailable)
 }
 

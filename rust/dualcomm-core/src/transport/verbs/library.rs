@@ -2,10 +2,12 @@
 //! rdma-core still imports everywhere, and a job on a machine without it learns so from
 //! `TransportUnavailable` instead of a failed import.
 //!
-//! Only the exported, versioned entry points are used here; the calls that rdma-core
-//! inlines through the context's operation table (post, poll) belong to the data path.
+//! Only exported, versioned entry points are looked up here (`dlsym` gives each one's
+//! default version); the calls verbs.h inlines through the context's operation table (post,
+//! poll) are reached through `abi::context_ops`.
 
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::sync::OnceLock;
 
 /// Sonames tried in order: the ABI-stable one a runtime package installs, then the
 /// development link a `-dev` package adds.
@@ -15,28 +17,59 @@ const SONAMES: [&str; 2] = ["libibverbs.so.1", "libibverbs.so"];
 pub type Device = c_void;
 pub type Context = c_void;
 
-type GetDeviceList = unsafe extern "C" fn(*mut c_int) -> *mut *mut Device;
-type FreeDeviceList = unsafe extern "C" fn(*mut *mut Device);
-type GetDeviceName = unsafe extern "C" fn(*mut Device) -> *const c_char;
-type OpenDevice = unsafe extern "C" fn(*mut Device) -> *mut Context;
-type CloseDevice = unsafe extern "C" fn(*mut Context) -> c_int;
-type QueryPort = unsafe extern "C" fn(*mut Context, u8, *mut c_void) -> c_int;
+/// Declares the entry points and their loading in one place, so that a name, its type and
+/// its lookup cannot drift apart.
+macro_rules! entry_points {
+    ($($field:ident = $sym:literal : fn($($arg:ty),*) $(-> $ret:ty)?;)*) => {
+        /// The loaded library. It stays loaded for the life of the process (unloading a
+        /// verbs provider under live objects is never safe).
+        pub struct Library {
+            $(pub $field: unsafe extern "C" fn($($arg),*) $(-> $ret)?,)*
+        }
 
-/// The loaded library and the entry points device discovery needs. It stays loaded for the
-/// life of the process (unloading a verbs provider under live objects is never safe).
-pub struct Library {
-    pub get_device_list: GetDeviceList,
-    pub free_device_list: FreeDeviceList,
-    pub get_device_name: GetDeviceName,
-    pub open_device: OpenDevice,
-    pub close_device: CloseDevice,
-    /// The exported `ibv_query_port`, which fills the port attributes up to `link_layer`
-    /// (see `device::port_attr`).
-    pub query_port: QueryPort,
+        impl Library {
+            /// # Safety
+            /// `h` is a live dlopen handle of libibverbs.
+            unsafe fn resolve(h: *mut c_void) -> Result<Self, String> {
+                // SAFETY: each symbol is looked up by its libibverbs name and given the
+                // signature verbs.h declares for it.
+                unsafe {
+                    Ok(Self {
+                        $($field: std::mem::transmute::<
+                            *mut c_void,
+                            unsafe extern "C" fn($($arg),*) $(-> $ret)?,
+                        >(symbol(h, $sym)?),)*
+                    })
+                }
+            }
+        }
+    };
 }
 
-/// Why libibverbs could not be loaded, in words for the user.
-pub fn dlerror_text() -> String {
+entry_points! {
+    get_device_list = "ibv_get_device_list": fn(*mut c_int) -> *mut *mut Device;
+    free_device_list = "ibv_free_device_list": fn(*mut *mut Device);
+    get_device_name = "ibv_get_device_name": fn(*mut Device) -> *const c_char;
+    open_device = "ibv_open_device": fn(*mut Device) -> *mut Context;
+    close_device = "ibv_close_device": fn(*mut Context) -> c_int;
+    // The exported `ibv_query_port` fills `ibv_port_attr` (see `device::port_attr`).
+    query_port = "ibv_query_port": fn(*mut Context, u8, *mut c_void) -> c_int;
+    query_gid = "ibv_query_gid": fn(*mut Context, u8, c_int, *mut c_void) -> c_int;
+    alloc_pd = "ibv_alloc_pd": fn(*mut Context) -> *mut c_void;
+    dealloc_pd = "ibv_dealloc_pd": fn(*mut c_void) -> c_int;
+    reg_mr = "ibv_reg_mr": fn(*mut c_void, *mut c_void, usize, c_int) -> *mut c_void;
+    dereg_mr = "ibv_dereg_mr": fn(*mut c_void) -> c_int;
+    create_cq = "ibv_create_cq": fn(*mut Context, c_int, *mut c_void, *mut c_void, c_int) -> *mut c_void;
+    destroy_cq = "ibv_destroy_cq": fn(*mut c_void) -> c_int;
+    create_srq = "ibv_create_srq": fn(*mut c_void, *mut c_void) -> *mut c_void;
+    destroy_srq = "ibv_destroy_srq": fn(*mut c_void) -> c_int;
+    create_qp = "ibv_create_qp": fn(*mut c_void, *mut c_void) -> *mut c_void;
+    modify_qp = "ibv_modify_qp": fn(*mut c_void, *mut c_void, c_int) -> c_int;
+    destroy_qp = "ibv_destroy_qp": fn(*mut c_void) -> c_int;
+}
+
+/// Why the last dl* call failed, in words for the user.
+fn dlerror_text() -> String {
     // SAFETY: dlerror returns a thread-local string or null.
     let e = unsafe { libc::dlerror() };
     if e.is_null() {
@@ -44,56 +77,6 @@ pub fn dlerror_text() -> String {
     } else {
         // SAFETY: non-null dlerror strings are NUL-terminated.
         unsafe { CStr::from_ptr(e) }.to_string_lossy().into_owned()
-    }
-}
-
-impl Library {
-    /// Loads libibverbs, or says what is missing.
-    pub fn open() -> Result<Self, String> {
-        let mut tried = Vec::new();
-        for name in SONAMES {
-            let c = CString::new(name).expect("no NUL in sonames");
-            // SAFETY: dlopen with a valid C string; the handle is never closed.
-            let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-            if h.is_null() {
-                tried.push(dlerror_text());
-                continue;
-            }
-            // SAFETY: each symbol is looked up by its libibverbs name and cast to the
-            // signature verbs.h declares for it.
-            unsafe {
-                return Ok(Self {
-                    get_device_list: std::mem::transmute::<*mut c_void, GetDeviceList>(symbol(
-                        h,
-                        "ibv_get_device_list",
-                    )?),
-                    free_device_list: std::mem::transmute::<*mut c_void, FreeDeviceList>(symbol(
-                        h,
-                        "ibv_free_device_list",
-                    )?),
-                    get_device_name: std::mem::transmute::<*mut c_void, GetDeviceName>(symbol(
-                        h,
-                        "ibv_get_device_name",
-                    )?),
-                    open_device: std::mem::transmute::<*mut c_void, OpenDevice>(symbol(
-                        h,
-                        "ibv_open_device",
-                    )?),
-                    close_device: std::mem::transmute::<*mut c_void, CloseDevice>(symbol(
-                        h,
-                        "ibv_close_device",
-                    )?),
-                    query_port: std::mem::transmute::<*mut c_void, QueryPort>(symbol(
-                        h,
-                        "ibv_query_port",
-                    )?),
-                });
-            }
-        }
-        Err(format!(
-            "libibverbs is not installed (rdma-core's libibverbs1 package): {}",
-            tried.join("; ")
-        ))
     }
 }
 
@@ -107,5 +90,32 @@ unsafe fn symbol(h: *mut c_void, name: &str) -> Result<*mut c_void, String> {
         Err(format!("libibverbs has no {name}: {}", dlerror_text()))
     } else {
         Ok(p)
+    }
+}
+
+impl Library {
+    /// libibverbs, loaded on first use; or what is missing (the same answer from then on).
+    pub fn get() -> Result<&'static Self, String> {
+        static LIB: OnceLock<Result<Library, String>> = OnceLock::new();
+        LIB.get_or_init(Self::open).as_ref().map_err(Clone::clone)
+    }
+
+    fn open() -> Result<Self, String> {
+        let mut tried = Vec::new();
+        for name in SONAMES {
+            let c = CString::new(name).expect("no NUL in sonames");
+            // SAFETY: dlopen with a valid C string; the handle is never closed.
+            let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+            if h.is_null() {
+                tried.push(dlerror_text());
+                continue;
+            }
+            // SAFETY: `h` is libibverbs, just opened.
+            return unsafe { Self::resolve(h) };
+        }
+        Err(format!(
+            "libibverbs is not installed (rdma-core's libibverbs1 package): {}",
+            tried.join("; ")
+        ))
     }
 }

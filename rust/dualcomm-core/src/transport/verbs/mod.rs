@@ -6,8 +6,11 @@
 //!
 //! libibverbs itself is loaded at run time (`library`), so no build needs rdma-core and no
 //! import fails without it; `device` finds the device and port a rank uses, or says what is
-//! missing. The data path's binding only copies the values above into and out of `ibv_*`
-//! structures; every decision is made, and tested, here.
+//! missing; `abi` lays out verbs.h's structures (checked against the header by a test) and
+//! translates the values above into them; `resources` owns the verbs objects (device,
+//! protection domain, memory regions, completion and shared receive queues, RC queue pairs).
+//! Still to come: the `Transport` over these, wired into the tiered transport and the
+//! bootstrap. `tests/verbs_device.rs` runs on a machine with an RDMA device.
 
 pub mod abi;
 pub mod address;
@@ -15,4 +18,5 @@ pub mod device;
 pub mod library;
 pub mod qp;
 pub mod queues;
+pub mod resources;
 pub mod work;
