@@ -46,6 +46,25 @@ def torch_layout(idx: torch.Tensor, e: int, world: int, rpn: int):
     return in_rank.sum(0), in_rank.view(t, world // rpn, rpn).any(2).sum(0), chosen.sum(0), in_rank
 
 
+def rdma_devices() -> dict[str, str]:
+    """What this machine offers the verbs transport: `ibv_devices`' listing where the tool
+    exists, and the device and port dualcomm would pick (or what it lacks)."""
+    from dualcomm import TransportUnavailableError
+    from dualcomm._native import find_verbs_device
+
+    found: dict[str, str] = {}
+    try:
+        found["dualcomm"] = find_verbs_device(os.environ.get("DUALCOMM_IB_DEVICE") or None)
+    except TransportUnavailableError as e:
+        found["dualcomm"] = str(e)
+    try:
+        listing = subprocess.run(["ibv_devices"], capture_output=True, text=True, timeout=20)
+        found["ibv_devices"] = (listing.stdout + listing.stderr).strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        found["ibv_devices"] = f"not run: {e}"
+    return found
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-check")))
@@ -84,7 +103,8 @@ def main() -> None:
     copy_dst = torch.empty_like(ring)
     copy = timed(lambda: copy_dst.copy_(ring))
     rows.append(("pack records vs copy_", copy / timed(pack), f"{t * rb / timed(pack) / 1e9:.0f} GB/s"))
-    results = {"tests_passed": tests.returncode == 0, "rows": rows}
+    results = {"tests_passed": tests.returncode == 0, "rows": rows, "rdma": rdma_devices()}
+    print(f"[gpu-check] RDMA: {results['rdma']}", flush=True)
     (a.out / "gpu_check.json").write_text(json.dumps(results, indent=2))
     print(f"{'what':<42}{'ratio':>8}  detail")
     for name, ratio, detail in rows:
