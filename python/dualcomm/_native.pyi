@@ -25,6 +25,7 @@ __all__ = [
     "TcpListener",
     "TransportUnavailableError",
     "__version__",
+    "find_verbs_device",
     "routing_tables",
     "unlink_segment",
 ]
