@@ -382,6 +382,7 @@ pub fn work_completion(wc: &IbvWc) -> WorkCompletion {
 mod tests {
     use super::*;
     use crate::transport::verbs::address::{PathMtu, QpAddress, RemoteRegion};
+    use crate::transport::verbs::device::port_attr;
     use crate::transport::verbs::qp::{LinkLayer, QpConfig, connect};
     use std::mem::{offset_of, size_of};
 
@@ -656,6 +657,23 @@ mod tests {
             ("offsetof(struct ibv_cq, context)", CONTEXT_FIELD),
             ("offsetof(struct ibv_srq, context)", CONTEXT_FIELD),
             ("offsetof(struct ibv_qp, qp_num)", QP_NUM_OFFSET),
+            ("offsetof(struct ibv_port_attr, state)", port_attr::STATE),
+            (
+                "offsetof(struct ibv_port_attr, active_mtu)",
+                port_attr::ACTIVE_MTU,
+            ),
+            ("offsetof(struct ibv_port_attr, lid)", port_attr::LID),
+            (
+                "offsetof(struct ibv_port_attr, link_layer)",
+                port_attr::LINK_LAYER,
+            ),
+            // The port query writes the whole structure into a buffer of this size.
+            (
+                "sizeof(struct ibv_port_attr) <= DUALCOMM_PORT_ATTR_BYTES",
+                1,
+            ),
+            ("IBV_PORT_ACTIVE", 4),
+            ("IBV_LINK_LAYER_ETHERNET", 2),
             (
                 "IBV_WR_RDMA_WRITE_WITH_IMM",
                 IBV_WR_RDMA_WRITE_WITH_IMM as usize,
@@ -707,9 +725,12 @@ mod tests {
         }
         let ours = ours();
         let mut c = String::from(
-            "#include <stddef.h>\n#include <stdio.h>\n#include <infiniband/verbs.h>\n\
-             int main(void) {\n",
+            "#include <stddef.h>\n#include <stdio.h>\n#include <infiniband/verbs.h>\n",
         );
+        c.push_str(&format!(
+            "#define DUALCOMM_PORT_ATTR_BYTES {}\nint main(void) {{\n",
+            port_attr::BYTES
+        ));
         for (expr, _) in &ours {
             c.push_str(&format!("  printf(\"%zu\\n\", (size_t)({expr}));\n"));
         }

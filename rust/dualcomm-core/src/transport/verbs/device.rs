@@ -194,7 +194,8 @@ pub fn choose(devices: &[DeviceInfo], sel: &Selection) -> std::result::Result<Ch
 }
 
 /// Offsets in `ibv_port_attr` (verbs.h; the exported `ibv_query_port` fills the fields up
-/// to `link_layer`, which are laid out the same in every rdma-core release).
+/// to `link_layer`, which are laid out the same in every rdma-core release; checked against
+/// the installed header with the rest of `abi`).
 pub mod port_attr {
     pub const STATE: usize = 0;
     pub const ACTIVE_MTU: usize = 8;
@@ -401,47 +402,6 @@ mod tests {
         assert_eq!(p.active_mtu, Some(PathMtu::Mtu1024));
         assert_eq!(p.lid, 0x1234);
         assert_eq!(p.link, PortLink::Ethernet);
-    }
-
-    /// Where the rdma-core headers are installed, the offsets above are checked against
-    /// them with the C compiler (the CI installs libibverbs-dev).
-    #[test]
-    fn port_attribute_offsets_match_the_installed_header() {
-        let header = std::path::Path::new("/usr/include/infiniband/verbs.h");
-        if !header.exists() {
-            eprintln!("skipped: {} is not installed", header.display());
-            return;
-        }
-        let dir = std::env::temp_dir().join(format!("dualcomm-verbs-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let src = dir.join("offsets.c");
-        std::fs::write(
-            &src,
-            "#include <stddef.h>\n#include <stdio.h>\n#include <infiniband/verbs.h>\n\
-             int main(void) { printf(\"%zu %zu %zu %zu %zu\", \
-             offsetof(struct ibv_port_attr, state), offsetof(struct ibv_port_attr, active_mtu), \
-             offsetof(struct ibv_port_attr, lid), offsetof(struct ibv_port_attr, link_layer), \
-             sizeof(struct ibv_port_attr)); return 0; }\n",
-        )
-        .unwrap();
-        let exe = dir.join("offsets");
-        let built = std::process::Command::new("cc")
-            .arg(&src)
-            .arg("-o")
-            .arg(&exe)
-            .status()
-            .expect("a C compiler where the verbs header is installed");
-        assert!(built.success());
-        let out = std::process::Command::new(&exe).output().unwrap();
-        let got: Vec<usize> = String::from_utf8(out.stdout)
-            .unwrap()
-            .split(' ')
-            .map(|v| v.parse().unwrap())
-            .collect();
-        use port_attr::*;
-        assert_eq!(&got[..4], &[STATE, ACTIVE_MTU, LID, LINK_LAYER]);
-        assert!(got[4] <= BYTES, "ibv_port_attr is {} bytes", got[4]);
-        std::fs::remove_dir_all(&dir).ok();
     }
 
     /// On this machine: whatever libibverbs finds, `find` either picks an active port or
