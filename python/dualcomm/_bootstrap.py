@@ -31,27 +31,31 @@ _said_rdma_tier: set[str] = set()
 IB_DEVICE_ENV = "DUALCOMM_IB_DEVICE"
 
 
+def _find_verbs() -> tuple[str, str]:
+    """This rank's RDMA device and port: ("ok", description) or ("missing", reason)."""
+    try:
+        return ("ok", find_verbs_device(os.environ.get(IB_DEVICE_ENV) or None))
+    except TransportUnavailableError as e:
+        return ("missing", str(e))
+
+
 def _probe_verbs() -> str | None:
     """This rank's RDMA device and port in words, or None with the reason logged once per
     process (the rdma tier then runs over TCP)."""
-    try:
-        found = find_verbs_device(os.environ.get(IB_DEVICE_ENV) or None)
-    except TransportUnavailableError as e:
-        if "no-device" not in _said_rdma_tier:
-            _said_rdma_tier.add("no-device")
-            log.info("dualcomm: the rdma tier runs over tcp: %s", e)
-        return None
-    return found
+    kind, what = _find_verbs()
+    if kind == "ok":
+        return what
+    if "no-device" not in _said_rdma_tier:
+        _said_rdma_tier.add("no-device")
+        log.info("dualcomm: the rdma tier runs over tcp: %s", what)
+    return None
 
 
 def _verbs_outcomes(group: Any, world: int) -> list[Any]:
-    """Every rank's device probe: ("ok", description) or ("missing", reason)."""
+    """Every rank's `_find_verbs`."""
     import torch.distributed as dist
 
-    try:
-        mine: Any = ("ok", find_verbs_device(os.environ.get(IB_DEVICE_ENV) or None))
-    except TransportUnavailableError as e:
-        mine = ("missing", str(e))
+    mine = _find_verbs()
     outcomes: list[Any] = [None] * world
     dist.all_gather_object(outcomes, mine, group=group)
     return outcomes

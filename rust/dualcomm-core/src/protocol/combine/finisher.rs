@@ -83,7 +83,7 @@ impl<'o> Finisher<'o> {
         own: Option<&[f32]>,
     ) -> Result<()> {
         let Shape { hidden, k, dtype } = self.shape;
-        let (t, my_node) = (op.t, self.topo.node_of(self.me));
+        let my_node = self.topo.node_of(self.me);
         let rb = self.shape.row_bytes();
         let orb = hidden * self.out_dtype.size();
         let out = &mut self.out_x[tok * orb..(tok + 1) * orb];
@@ -97,9 +97,7 @@ impl<'o> Finisher<'o> {
                 return Ok(());
             }
             let n = nodes.clone().next().expect("one node");
-            let p = self.topo.forwarder(self.me, n);
-            let ring = op.recv_ring(p);
-            let body = &Self::check(ring.record(t, 0)?, plan, self.me, p, n, tok)?[HEADER_BYTES..];
+            let body = Self::take_partial(op, plan, self.topo, self.me, n, tok)?;
             if dtype == self.out_dtype {
                 out.copy_from_slice(&body[..rb]);
             } else {
@@ -108,7 +106,6 @@ impl<'o> Finisher<'o> {
                 store(&self.acc[..hidden], out, self.out_dtype);
             }
             read_f32s(out_w, &body[rb..rb + k * 4]);
-            ring.consume(1);
             return Ok(());
         }
         self.acc.fill(0.0);
@@ -120,27 +117,29 @@ impl<'o> Finisher<'o> {
                 self.acc.iter_mut().zip(sum).for_each(|(a, b)| *a += b);
                 continue;
             }
-            let p = self.topo.forwarder(self.me, n);
-            let ring = op.recv_ring(p);
-            let body = &Self::check(ring.record(t, 0)?, plan, self.me, p, n, tok)?[HEADER_BYTES..];
+            let body = Self::take_partial(op, plan, self.topo, self.me, n, tok)?;
             add_into(&mut self.acc[..hidden], &body[..rb], dtype);
             add_into(&mut self.acc[hidden..], &body[rb..rb + k * 4], Dtype::F32);
-            ring.consume(1);
         }
         store(&self.acc[..hidden], out, self.out_dtype);
         out_w.copy_from_slice(&self.acc[hidden..]);
         Ok(())
     }
 
-    /// `rec`, if it is the partial of `tok` that node `n`'s twin `p` owes this rank.
-    fn check<'r>(
-        rec: &'r [u8],
+    /// Consumes the head of node `n`'s twin's ring, which must be `tok`'s partial, and
+    /// returns its body (row, then weights). Its space is handed back only by
+    /// `return_credits`, after the caller has read it.
+    fn take_partial<'t>(
+        op: &mut Op<'t>,
         plan: &SendPlan,
+        topo: Topology,
         me: usize,
-        p: usize,
         n: usize,
         tok: usize,
-    ) -> Result<&'r [u8]> {
+    ) -> Result<&'t [u8]> {
+        let (t, p) = (op.t, topo.forwarder(me, n));
+        let ring = op.recv_ring(p);
+        let rec = ring.record(t, 0)?;
         let h = Header::decode(rec);
         let got = h.src_idx as usize;
         if h.src_rank as usize != me || got >= plan.num_tokens() || plan.mask(got, n) == 0 {
@@ -161,6 +160,7 @@ impl<'o> Finisher<'o> {
                 ),
             ));
         }
-        Ok(rec)
+        ring.consume(1);
+        Ok(&rec[HEADER_BYTES..])
     }
 }

@@ -139,11 +139,7 @@ pub struct VecSink {
 /// A zeroed vector of `n` elements, or an error (never an abort) when memory is short.
 pub fn try_zeroed<T: Clone + Default>(what: &str, n: usize) -> Result<Vec<T>> {
     let mut v = Vec::new();
-    v.try_reserve_exact(n).map_err(|e| Error::Os {
-        what: format!("allocating {what} ({n} elements)"),
-        detail: e.to_string(),
-    })?;
-    v.resize(n, T::default());
+    refill(&mut v, what, n)?;
     Ok(v)
 }
 

@@ -225,8 +225,13 @@ pub fn decode_port(num: u8, b: &[u8]) -> PortInfo {
     }
 }
 
-/// Every device libibverbs lists, with its ports' state.
-pub fn probe(lib: &Library) -> std::result::Result<Vec<DeviceInfo>, String> {
+/// Opens every device libibverbs lists, in order, and hands `visit` its name and context
+/// (null if it would not open) until `visit` returns something, which keeps that context;
+/// the others are closed here.
+fn each_device<R>(
+    lib: &Library,
+    mut visit: impl FnMut(&str, *mut Context) -> Option<R>,
+) -> std::result::Result<Option<R>, String> {
     let mut n = 0;
     // SAFETY: ibv_get_device_list writes the count and returns a null-terminated array (or
     // null with errno set), freed below.
@@ -240,67 +245,75 @@ pub fn probe(lib: &Library) -> std::result::Result<Vec<DeviceInfo>, String> {
             format!("ibv_get_device_list failed: {e}")
         });
     }
-    let mut devices = Vec::new();
+    let mut found = None;
     for i in 0..n.max(0) as usize {
-        // SAFETY: `list` holds `n` device pointers.
-        let dev = unsafe { *list.add(i) };
-        // SAFETY: a listed device has a NUL-terminated name.
-        let name = unsafe { CStr::from_ptr((lib.get_device_name)(dev)) }
-            .to_string_lossy()
-            .into_owned();
-        // SAFETY: the device is listed; a context opened here is closed below.
+        // SAFETY: `list` holds `n` device pointers, each with a NUL-terminated name.
+        let (dev, name) = unsafe {
+            let dev = *list.add(i);
+            (
+                dev,
+                CStr::from_ptr((lib.get_device_name)(dev))
+                    .to_string_lossy()
+                    .into_owned(),
+            )
+        };
+        // SAFETY: a listed device; its context outlives the list.
         let ctx = unsafe { (lib.open_device)(dev) };
+        let got = visit(&name, ctx);
+        if got.is_none() && !ctx.is_null() {
+            // SAFETY: opened above, no objects made on it.
+            unsafe { (lib.close_device)(ctx) };
+        }
+        if got.is_some() {
+            found = got;
+            break;
+        }
+    }
+    // SAFETY: returned by ibv_get_device_list; no device pointer is kept.
+    unsafe { (lib.free_device_list)(list) };
+    Ok(found)
+}
+
+/// Every device libibverbs lists, with its ports' state.
+pub fn probe(lib: &Library) -> std::result::Result<Vec<DeviceInfo>, String> {
+    let mut devices = Vec::new();
+    each_device::<()>(lib, |name, ctx| {
         let mut ports = Vec::new();
         if !ctx.is_null() {
             for num in 1..=MAX_PORTS {
                 let mut attr = [0u8; port_attr::BYTES];
-                // SAFETY: `attr` is larger than any release's ibv_port_attr.
+                // SAFETY: an open context; `attr` is larger than any release's ibv_port_attr.
                 let rc = unsafe { (lib.query_port)(ctx, num, attr.as_mut_ptr().cast()) };
                 if rc != 0 {
                     break;
                 }
                 ports.push(decode_port(num, &attr));
             }
-            // SAFETY: opened above, no objects made on it.
-            unsafe { (lib.close_device)(ctx) };
         }
-        devices.push(DeviceInfo { name, ports });
-    }
-    // SAFETY: returned by ibv_get_device_list; no device pointer is kept.
-    unsafe { (lib.free_device_list)(list) };
+        devices.push(DeviceInfo {
+            name: name.to_string(),
+            ports,
+        });
+        None
+    })?;
     Ok(devices)
 }
 
 /// Opens the device called `name`: its context, to be closed with `close_device`.
 pub fn open_by_name(lib: &Library, name: &str) -> std::result::Result<*mut Context, String> {
-    let mut n = 0;
-    // SAFETY: as in `probe`.
-    let list = unsafe { (lib.get_device_list)(&mut n) };
-    if list.is_null() {
-        return Err(format!(
-            "ibv_get_device_list failed: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    let mut ctx = None;
-    for i in 0..n.max(0) as usize {
-        // SAFETY: `list` holds `n` devices with NUL-terminated names.
-        let dev = unsafe { *list.add(i) };
-        let this = unsafe { CStr::from_ptr((lib.get_device_name)(dev)) };
-        if this.to_bytes() == name.as_bytes() {
-            // SAFETY: a listed device; the context outlives the list.
-            ctx = Some(unsafe { (lib.open_device)(dev) });
-            break;
+    let opened = each_device(lib, |this, ctx| {
+        if this != name {
+            return None;
         }
-    }
-    let err = std::io::Error::last_os_error();
-    // SAFETY: returned by ibv_get_device_list; no device pointer is kept.
-    unsafe { (lib.free_device_list)(list) };
-    match ctx {
-        None => Err(format!("no RDMA device called {name}")),
-        Some(c) if c.is_null() => Err(format!("ibv_open_device({name}) failed: {err}")),
-        Some(c) => Ok(c),
-    }
+        let err = std::io::Error::last_os_error();
+        let got = if ctx.is_null() {
+            Err(format!("ibv_open_device({name}) failed: {err}"))
+        } else {
+            Ok(ctx)
+        };
+        Some(got)
+    })?;
+    opened.unwrap_or_else(|| Err(format!("no RDMA device called {name}")))
 }
 
 /// The device and port this rank would use, or `TransportUnavailable` saying what is
