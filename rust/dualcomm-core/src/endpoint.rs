@@ -18,6 +18,7 @@ use crate::transport::loopback::LoopbackFabric;
 use crate::transport::shm::{ShmSegment, ShmTransport};
 use crate::transport::tcp::{SECRET_BYTES, TcpBinding, TcpTransport};
 use crate::transport::tiered::Tiered;
+use crate::transport::verbs::transport::{VerbsOptions, VerbsSetup};
 use crate::transport::{
     Completion, NUM_REGIONS, Tier, TierCounters, TierWiring, Transport, Wiring,
 };
@@ -172,6 +173,65 @@ impl Endpoint {
             tier(Tier::Rdma),
             config.timeout,
         )?;
+        let t = Tiered::new(Box::new(nvl), Box::new(rdma))?;
+        Ok(Self::new(Box::new(t), topo, config))
+    }
+
+    /// Opens this rank's verbs resources, before the bootstrap exchanges their `card`s: for
+    /// every link of the world (`rdma_only` false: `verbs`), or only the rdma tier's, with
+    /// shared memory inside each node (`shm_verbs`). Says what is missing as
+    /// `TransportUnavailable` (libibverbs, a device, an active port).
+    pub fn verbs_setup(
+        topo: &Topology,
+        rank: usize,
+        config: &Config,
+        rdma_only: bool,
+        options: &VerbsOptions,
+    ) -> Result<VerbsSetup> {
+        let plan: Arc<dyn Wiring> = Self::wiring(topo, config);
+        let wiring: Arc<dyn Wiring> = if rdma_only {
+            Arc::new(TierWiring {
+                inner: plan,
+                tier: Tier::Rdma,
+            })
+        } else {
+            plan
+        };
+        VerbsSetup::open(rank, wiring, options, config.timeout)
+    }
+
+    /// Joins a world whose links all run over verbs: `setup` from `verbs_setup` (with
+    /// `rdma_only` false), `cards[r]` rank r's card.
+    pub fn verbs(
+        setup: VerbsSetup,
+        cards: &[Vec<u8>],
+        topo: Topology,
+        config: Config,
+    ) -> Result<Self> {
+        let t = setup.connect(cards)?;
+        Ok(Self::new(Box::new(t), topo, config))
+    }
+
+    /// Joins a world with shared memory inside each node and verbs between nodes: `segment`
+    /// as for `shm_tcp`, `setup` from `verbs_setup` with `rdma_only`.
+    pub fn shm_verbs(
+        segment: ShmSegment,
+        job: &str,
+        setup: VerbsSetup,
+        cards: &[Vec<u8>],
+        topo: Topology,
+        config: Config,
+    ) -> Result<Self> {
+        let nvl = ShmTransport::attach(
+            segment,
+            job,
+            Arc::new(TierWiring {
+                inner: Self::wiring(&topo, &config),
+                tier: Tier::Nvl,
+            }),
+            config.timeout,
+        )?;
+        let rdma = setup.connect(cards)?;
         let t = Tiered::new(Box::new(nvl), Box::new(rdma))?;
         Ok(Self::new(Box::new(t), topo, config))
     }

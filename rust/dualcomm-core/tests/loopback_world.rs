@@ -3,7 +3,7 @@
 //! combine returns, per token, the sum over the ranks it went to.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -11,6 +11,8 @@ use dualcomm_core::transport::Tier;
 use dualcomm_core::transport::loopback::LoopbackFabric;
 use dualcomm_core::transport::shm::{ShmSegment, segment_name};
 use dualcomm_core::transport::tcp::TcpBinding;
+use dualcomm_core::transport::verbs::device::find;
+use dualcomm_core::transport::verbs::transport::VerbsOptions;
 use dualcomm_core::{
     CombineArgs, CombineOut, Config, DispatchArgs, Dtype, ElemType, Endpoint, Error, Route,
     TopkArgs, Topology, VecSink,
@@ -33,6 +35,9 @@ struct Case {
     /// Ranks talk through shared-memory segments instead; with `tcp` too, shared memory
     /// carries the nvl tier and TCP the rdma tier (one transport per tier).
     shm: bool,
+    /// Ranks talk over RC queue pairs on the RDMA device this machine has (the test is
+    /// skipped without one); with `shm` too, verbs carries only the rdma tier.
+    verbs: bool,
 }
 
 fn to_bf16_bytes(x: &[f32]) -> Vec<u8> {
@@ -123,7 +128,7 @@ fn run(c: &Case) -> Vec<RankResult> {
     let mut segments: Vec<Option<ShmSegment>> = (0..w)
         .map(|r| {
             c.shm.then(|| {
-                let lens = if c.tcp {
+                let lens = if c.tcp || c.verbs {
                     Endpoint::tier_region_lens(&topo, &config, Tier::Nvl)
                 } else {
                     Endpoint::region_lens(&topo, &config)
@@ -132,20 +137,40 @@ fn run(c: &Case) -> Vec<RankResult> {
             })
         })
         .collect();
+    // Verbs ranks publish their cards here, then connect once all are in.
+    let cards = Arc::new(Mutex::new(vec![Vec::new(); w]));
+    let published = Arc::new(Barrier::new(w));
     let handles: Vec<_> = (0..w)
         .map(|r| {
             let (fabric, ins, config) = (Arc::clone(&fabric), Arc::clone(&ins), config.clone());
+            let (cards, published, verbs) = (Arc::clone(&cards), Arc::clone(&published), c.verbs);
             let (binding, addrs) = (bindings[r].take(), addrs.clone());
             let (segment, job) = (segments[r].take(), job.clone());
             let (t, k, e, h, bf16) = (c.tokens[r], c.topk, c.experts, c.hidden, c.bf16);
             thread::spawn(move || {
-                let mut ep = match (segment, binding) {
-                    (Some(seg), Some(b)) => {
+                let setup = verbs.then(|| {
+                    let opts = VerbsOptions::from_env().unwrap();
+                    let s = Endpoint::verbs_setup(&topo, r, &config, segment.is_some(), &opts);
+                    let s = s.unwrap();
+                    cards.lock().unwrap()[r] = s.card();
+                    published.wait();
+                    s
+                });
+                let cards = cards.lock().unwrap().clone();
+                let mut ep = match (segment, binding, setup) {
+                    (Some(seg), None, Some(s)) => {
+                        Endpoint::shm_verbs(seg, &job, s, &cards, topo, config).unwrap()
+                    }
+                    (None, None, Some(s)) => Endpoint::verbs(s, &cards, topo, config).unwrap(),
+                    (_, _, Some(_)) => unreachable!("verbs with tcp"),
+                    (Some(seg), Some(b), None) => {
                         Endpoint::shm_tcp(seg, &job, b, topo, r, &addrs, secret, config).unwrap()
                     }
-                    (Some(seg), None) => Endpoint::shm(seg, &job, topo, config).unwrap(),
-                    (None, Some(b)) => Endpoint::tcp(b, topo, r, &addrs, secret, config).unwrap(),
-                    (None, None) => Endpoint::loopback(&fabric, topo, r, config).unwrap(),
+                    (Some(seg), None, None) => Endpoint::shm(seg, &job, topo, config).unwrap(),
+                    (None, Some(b), None) => {
+                        Endpoint::tcp(b, topo, r, &addrs, secret, config).unwrap()
+                    }
+                    (None, None, None) => Endpoint::loopback(&fabric, topo, r, config).unwrap(),
                 };
                 let inp = &ins[r];
                 let (dtype, elem) = if bf16 {
@@ -240,6 +265,12 @@ fn run(c: &Case) -> Vec<RankResult> {
 }
 
 fn check(c: &Case) {
+    if c.verbs
+        && let Err(e) = find(VerbsOptions::from_env().unwrap().device.as_deref())
+    {
+        eprintln!("skipped: {e}");
+        return;
+    }
     let topo = Topology::new(c.nodes, c.rpn).unwrap();
     let w = topo.world_size();
     let epr = c.experts / w;
@@ -330,6 +361,7 @@ fn two_by_two_small_rings_stream() {
         bf16: true,
         tcp: false,
         shm: false,
+        verbs: false,
     });
 }
 
@@ -347,6 +379,7 @@ fn three_by_three() {
         bf16: false,
         tcp: false,
         shm: false,
+        verbs: false,
     });
 }
 
@@ -364,6 +397,7 @@ fn single_rank() {
         bf16: true,
         tcp: false,
         shm: false,
+        verbs: false,
     });
 }
 
@@ -376,7 +410,7 @@ proptest! {
         let w = nodes * rpn;
         let mut s = seed;
         let tokens = (0..w).map(|_| (lcg(&mut s) as usize) % (max_t + 1)).collect();
-        check(&Case { nodes, rpn, tokens, hidden, topk, experts: epr * w, ring_records, seed, bf16, tcp: false, shm: false });
+        check(&Case { nodes, rpn, tokens, hidden, topk, experts: epr * w, ring_records, seed, bf16, tcp: false, shm: false, verbs: false });
     }
 }
 
@@ -394,6 +428,7 @@ fn tcp_two_by_two_small_rings() {
         bf16: true,
         tcp: true,
         shm: false,
+        verbs: false,
     });
 }
 
@@ -411,6 +446,7 @@ fn tcp_four_nodes() {
         bf16: false,
         tcp: true,
         shm: false,
+        verbs: false,
     });
 }
 
@@ -428,6 +464,7 @@ fn shm_two_by_two_small_rings() {
         bf16: true,
         tcp: false,
         shm: true,
+        verbs: false,
     });
     check(&Case {
         nodes: 1,
@@ -441,6 +478,7 @@ fn shm_two_by_two_small_rings() {
         bf16: false,
         tcp: false,
         shm: true,
+        verbs: false,
     });
 }
 
@@ -460,6 +498,7 @@ fn shm_inside_nodes_tcp_between_them() {
         bf16: true,
         tcp: true,
         shm: true,
+        verbs: false,
     });
     check(&Case {
         nodes: 2,
@@ -473,11 +512,50 @@ fn shm_inside_nodes_tcp_between_them() {
         bf16: false,
         tcp: true,
         shm: true,
+        verbs: false,
     });
 }
 
 /// A node of 72 ranks (an NVL72 rack is one NVLink domain): local-rank masks wider than 64
 /// bits, tokens forwarded to ranks whose bits lie above 64.
+/// The whole protocol over verbs on one machine with one NIC: every rank's queue pairs on
+/// the same device, connected to each other (skipped without an RDMA device).
+#[test]
+fn verbs_between_nodes() {
+    check(&Case {
+        nodes: 2,
+        rpn: 1,
+        tokens: vec![40, 33],
+        hidden: 16,
+        topk: 2,
+        experts: 4,
+        ring_records: 2,
+        seed: 21,
+        bf16: true,
+        tcp: false,
+        shm: false,
+        verbs: true,
+    });
+}
+
+#[test]
+fn shm_inside_nodes_verbs_between_them() {
+    check(&Case {
+        nodes: 2,
+        rpn: 2,
+        tokens: vec![30, 0, 27, 41],
+        hidden: 8,
+        topk: 3,
+        experts: 8,
+        ring_records: 1,
+        seed: 5,
+        bf16: false,
+        tcp: false,
+        shm: true,
+        verbs: true,
+    });
+}
+
 #[test]
 fn nodes_of_72_ranks() {
     let w = 144;
@@ -493,6 +571,7 @@ fn nodes_of_72_ranks() {
         bf16: false,
         tcp: false,
         shm: false,
+        verbs: false,
     });
 }
 

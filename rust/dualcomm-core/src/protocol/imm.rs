@@ -2,6 +2,8 @@
 //! lets a rank tell a fast peer's next operation from the current one. Kinds 5 to 7 are
 //! unused, room for more control messages.
 
+use crate::transport::OpCount;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ImmKind {
     /// `value` records were written to the ring.
@@ -59,14 +61,15 @@ impl Imm {
     /// completed `mine`: linked ranks are never more than one operation apart, so the
     /// count is the one nearest `mine` with the goodbye's low bits.
     pub fn goodbye_ops(self, mine: u64) -> u64 {
-        let modulus = 1u64 << Self::VALUE_BITS;
-        let low = self.value() as u64;
-        let base = mine - mine % modulus;
-        [base.wrapping_sub(modulus), base, base + modulus]
-            .into_iter()
-            .map(|b| b.wrapping_add(low))
-            .min_by_key(|&c| c.abs_diff(mine))
-            .expect("three candidates")
+        self.goodbye_count().near(mine)
+    }
+
+    /// What a goodbye says of its sender's count.
+    pub fn goodbye_count(self) -> OpCount {
+        OpCount::Modulo {
+            low: self.value() as u64,
+            bits: Self::VALUE_BITS,
+        }
     }
 }
 

@@ -904,7 +904,7 @@ impl<'e> Op<'e> {
     fn lost_peer(&self) -> Option<Error> {
         for p in (0..self.topo.world_size()).filter(|&p| self.needs(p)) {
             if let Some(d) = self.t.peer_gone(p) {
-                if d.completed_ops.is_some_and(|n| n > self.seq) {
+                if d.completed_ops.is_some_and(|n| n.near(self.seq) > self.seq) {
                     continue; // it finished this operation: all it sent here has arrived
                 }
                 return Some(Error::PeerLost {

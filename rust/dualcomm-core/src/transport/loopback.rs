@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use super::memory::{CompletionQueue, RegionMem, Registry};
 use super::{
-    Completion, Departure, MemKey, NUM_REGIONS, RegionId, Sge, TierCounters, Transport, Wiring,
+    Completion, Departure, MemKey, NUM_REGIONS, OpCount, RegionId, Sge, TierCounters, Transport,
+    Wiring,
 };
 use crate::error::{Error, Result};
 
@@ -194,7 +195,7 @@ impl Transport for LoopbackTransport {
             }
             *gone = Some(Departure {
                 reason: format!("its buffer was destroyed after {completed_ops} operations"),
-                completed_ops: Some(completed_ops),
+                completed_ops: Some(OpCount::Exact(completed_ops)),
             });
         }
         for slot in &self.fabric.slots {

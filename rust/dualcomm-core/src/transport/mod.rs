@@ -241,7 +241,37 @@ pub type Notify = Arc<dyn Fn() + Send + Sync>;
 pub struct Departure {
     pub reason: String,
     /// Operations the peer completed, when it said goodbye (unknown if it crashed).
-    pub completed_ops: Option<u64>,
+    pub completed_ops: Option<OpCount>,
+}
+
+/// How many operations a departed peer said it completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpCount {
+    Exact(u64),
+    /// Only the count modulo `2^bits` is known (a goodbye that fits in an immediate).
+    Modulo {
+        low: u64,
+        bits: u32,
+    },
+}
+
+impl OpCount {
+    /// The count, as read by a rank at operation `mine`: linked ranks are never more than
+    /// one operation apart, so a wrapped count is the candidate nearest `mine`.
+    pub fn near(self, mine: u64) -> u64 {
+        match self {
+            OpCount::Exact(n) => n,
+            OpCount::Modulo { low, bits } => {
+                let modulus = 1u64 << bits;
+                let base = mine - mine % modulus;
+                [base.wrapping_sub(modulus), base, base + modulus]
+                    .into_iter()
+                    .map(|b| b.wrapping_add(low))
+                    .min_by_key(|&c| c.abs_diff(mine))
+                    .expect("three candidates")
+            }
+        }
+    }
 }
 
 /// One rank's view of the fabric.

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use super::memory::Registry;
 use super::{
-    Completion, Departure, MemKey, NUM_REGIONS, RegionId, Sge, TierCounters, Transport, Wiring,
+    Completion, Departure, MemKey, NUM_REGIONS, OpCount, RegionId, Sge, TierCounters, Transport,
+    Wiring,
 };
 use crate::error::{Error, Result};
 
@@ -696,7 +697,7 @@ impl Transport for ShmTransport {
             let ops = seg.u64_at(hdr::COMPLETED_OPS).load(Ordering::Relaxed);
             return Some(Departure {
                 reason: format!("it left after {ops} operations"),
-                completed_ops: Some(ops),
+                completed_ops: Some(OpCount::Exact(ops)),
             });
         }
         (!seg.owner_alive()).then(|| Departure {

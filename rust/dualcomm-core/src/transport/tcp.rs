@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use super::memory::{CompletionQueue, RegionMem, Registry};
 use super::{
-    Completion, Departure, MemKey, NUM_REGIONS, RegionId, Sge, TierCounters, Transport, Wiring,
+    Completion, Departure, MemKey, NUM_REGIONS, OpCount, RegionId, Sge, TierCounters, Transport,
+    Wiring,
 };
 use crate::error::{Error, Result};
 use crate::protocol::op::RECV_DEPTH;
@@ -468,7 +469,7 @@ fn serve(
             Ok(Frame::Goodbye { completed_ops }) => {
                 *shared.gone[peer].lock().unwrap() = Some(Departure {
                     reason: format!("it left after {completed_ops} operations"),
-                    completed_ops: Some(completed_ops),
+                    completed_ops: Some(OpCount::Exact(completed_ops)),
                 });
                 said_goodbye = true;
                 shared.cq.wake();

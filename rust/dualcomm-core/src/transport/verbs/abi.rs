@@ -10,6 +10,7 @@ use super::qp::QpAttrs;
 use super::work::{LocalSge, WcOpcode, WcStatus, WorkCompletion, WriteRequest};
 
 // enum ibv_wr_opcode, ibv_send_flags, ibv_wc_opcode, ibv_wc_flags.
+pub const IBV_WR_RDMA_WRITE: u32 = 0;
 pub const IBV_WR_RDMA_WRITE_WITH_IMM: u32 = 1;
 pub const IBV_SEND_SIGNALED: u32 = 1 << 1;
 pub const IBV_WC_RDMA_WRITE: u32 = 1;
@@ -323,9 +324,13 @@ pub fn send_wr(req: &WriteRequest, sg_list: &mut [IbvSge]) -> IbvSendWr {
             sg_list.as_mut_ptr()
         },
         num_sge: sg_list.len() as i32,
-        opcode: IBV_WR_RDMA_WRITE_WITH_IMM,
+        opcode: if req.imm_be.is_some() {
+            IBV_WR_RDMA_WRITE_WITH_IMM
+        } else {
+            IBV_WR_RDMA_WRITE
+        },
         send_flags: if req.signaled { IBV_SEND_SIGNALED } else { 0 },
-        imm_data: req.imm_be,
+        imm_data: req.imm_be.unwrap_or(0),
         rdma: IbvRdmaWr {
             remote_addr: req.remote_addr,
             rkey: req.rkey,
@@ -462,7 +467,7 @@ mod tests {
             ],
             remote_addr: 0x9000,
             rkey: 77,
-            imm_be: 0x1234_5678u32.to_be(),
+            imm_be: Some(0x1234_5678u32.to_be()),
             signaled: true,
         };
         let mut list = sges(&req);
@@ -489,6 +494,12 @@ mod tests {
         let wr = send_wr(&unsignaled, &mut []);
         assert_eq!((wr.send_flags, wr.num_sge), (0, 0));
         assert!(wr.sg_list.is_null());
+        // Without an immediate it is a plain write: the peer sees no completion (a fence).
+        let fence = WriteRequest {
+            imm_be: None,
+            ..unsignaled
+        };
+        assert_eq!(send_wr(&fence, &mut []).opcode, IBV_WR_RDMA_WRITE);
     }
 
     #[test]
@@ -674,6 +685,8 @@ mod tests {
             ),
             ("IBV_PORT_ACTIVE", 4),
             ("IBV_LINK_LAYER_ETHERNET", 2),
+            ("IBV_WR_RDMA_WRITE", IBV_WR_RDMA_WRITE as usize),
+            ("IBV_QPS_ERR", super::super::qp::ERR as usize),
             (
                 "IBV_WR_RDMA_WRITE_WITH_IMM",
                 IBV_WR_RDMA_WRITE_WITH_IMM as usize,

@@ -136,6 +136,50 @@ impl QpAddress {
     }
 }
 
+/// What one rank publishes through the bootstrap: for each peer it links to, the address of
+/// the queue pair it made for that peer (`to` rank as u32, then the address), in any order.
+pub fn encode_card(entries: &[(usize, QpAddress)]) -> Vec<u8> {
+    let mut card = Vec::with_capacity(entries.len() * (4 + ADDRESS_BYTES));
+    for (to, address) in entries {
+        card.extend_from_slice(&(*to as u32).to_le_bytes());
+        card.extend_from_slice(&address.encode());
+    }
+    card
+}
+
+/// The address `owner`'s card holds for rank `to`; a card that is malformed, or that has no
+/// address (or two) for `to`, is `owner`'s fault.
+pub fn address_in_card(owner: usize, card: &[u8], to: usize) -> Result<QpAddress> {
+    let bad = |what: String| Error::Protocol {
+        peer: owner,
+        detail: format!("verbs card: {what}"),
+    };
+    const ENTRY: usize = 4 + ADDRESS_BYTES;
+    if card.len() % ENTRY != 0 {
+        return Err(bad(format!(
+            "{} bytes, not a whole number of {ENTRY}-byte entries",
+            card.len()
+        )));
+    }
+    let mut found = None;
+    for entry in card.chunks_exact(ENTRY) {
+        let entry_to = u32::from_le_bytes(entry[..4].try_into().expect("4 bytes")) as usize;
+        if entry_to != to {
+            continue;
+        }
+        if found.is_some() {
+            return Err(bad(format!("two addresses for rank {to}")));
+        }
+        found = Some(QpAddress::decode(owner, &entry[4..])?);
+    }
+    found.ok_or_else(|| {
+        bad(format!(
+            "no address for rank {to}: rank {owner} did not make a queue pair for it \
+             (do both ranks agree on the topology?)"
+        ))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +199,17 @@ mod tests {
                 rkey: 9 + i as u32,
             }),
         }
+    }
+
+    #[test]
+    fn a_card_gives_each_peer_the_address_made_for_it() {
+        let for_peer = |qpn| QpAddress { qpn, ..sample(1) };
+        let card = encode_card(&[(4, for_peer(40)), (0, for_peer(10)), (7, for_peer(70))]);
+        for (to, qpn) in [(0, 10), (4, 40), (7, 70)] {
+            assert_eq!(address_in_card(1, &card, to).unwrap().qpn, qpn);
+        }
+        // An address in the card of one rank that names another is refused.
+        assert!(address_in_card(3, &card, 0).is_err());
     }
 
     proptest! {
@@ -190,6 +245,19 @@ mod tests {
             );
         }
         assert!(QpAddress::decode(2, &good[..10]).is_err());
+        let card = encode_card(&[(0, sample(2)), (5, sample(2))]);
+        assert!(address_in_card(2, &card[..card.len() - 1], 5).is_err());
+        let twice = encode_card(&[(5, sample(2)), (5, sample(2))]);
+        for (card, to, says) in [
+            (&card, 4, "no address for rank 4"),
+            (&twice, 5, "two addresses"),
+        ] {
+            let e = address_in_card(2, card, to).unwrap_err();
+            assert!(
+                matches!(e, Error::Protocol { peer: 2, .. }) && e.to_string().contains(says),
+                "{e}"
+            );
+        }
         assert_eq!(PathMtu::Mtu1024.bytes(), 1024);
     }
 }

@@ -103,6 +103,17 @@ pub struct Grh {
 const INIT: u8 = 1;
 const RTR: u8 = 2;
 const RTS: u8 = 3;
+/// The error state: a queue pair put here flushes its work and refuses its peer's writes.
+pub const ERR: u8 = 6;
+
+/// The transition that ends a queue pair's traffic (at shutdown): its posted work is flushed
+/// and its peer's next write fails, which that peer reports as this rank's loss.
+pub fn to_error() -> QpAttrs {
+    QpAttrs {
+        state: Some(ERR),
+        ..QpAttrs::default()
+    }
+}
 
 /// The three transitions that connect `local`'s queue pair to `remote`'s.
 pub fn connect(local: &QpAddress, remote: &QpAddress, cfg: &QpConfig) -> [(QpState, QpAttrs); 3] {

@@ -23,6 +23,16 @@ impl RecvQueue {
         }
     }
 
+    /// At most `max` receives posted: a shared receive queue has a device limit (32767 on
+    /// ConnectX). Past it, a burst from many peers at once meets receiver-not-ready, which the
+    /// NIC retries without limit (`rnr_retry` 7): slower, never lost.
+    pub fn capped(self, max: usize) -> Self {
+        Self {
+            depth: self.depth.min(max),
+            ..self
+        }
+    }
+
     pub fn depth(&self) -> usize {
         self.depth
     }
@@ -56,6 +66,8 @@ pub struct SendQueue {
     /// Work request id of the next post, and of the oldest one not known to be done.
     next: u64,
     done: u64,
+    /// Whether the newest post asks for a completion (else a flush adds one that does).
+    tail_signaled: bool,
 }
 
 impl SendQueue {
@@ -65,6 +77,7 @@ impl SendQueue {
             signal_every: signal_every.clamp(1, depth),
             next: 0,
             done: 0,
+            tail_signaled: true,
         }
     }
 
@@ -84,10 +97,16 @@ impl SendQueue {
         let id = self.next;
         self.next += 1;
         let outstanding = (self.next - self.done) as usize;
-        Some((
-            id,
-            last || (id + 1) % self.signal_every as u64 == 0 || outstanding == self.depth,
-        ))
+        let signaled =
+            last || (id + 1) % self.signal_every as u64 == 0 || outstanding == self.depth;
+        self.tail_signaled = signaled;
+        Some((id, signaled))
+    }
+
+    /// Whether a flush must post a signaled write of its own: writes are outstanding and the
+    /// newest asks for no completion, so nothing would ever say they are done.
+    pub fn needs_fence(&self) -> bool {
+        !self.drained() && !self.tail_signaled
     }
 
     /// A signaled completion for `wr_id`: it and every write before it have left.
@@ -122,6 +141,8 @@ mod tests {
             q.consumed(1).unwrap();
         }
         assert_eq!(q.refill(), 800);
+        let mut big = RecvQueue::new(63, 1025).capped(16384);
+        assert_eq!((big.depth(), big.refill()), (16384, 16384));
         let mut empty = RecvQueue::new(1, 1);
         let e = empty.consumed(4).unwrap_err();
         assert!(matches!(e, Error::Protocol { peer: 4, .. }), "{e}");
@@ -155,8 +176,11 @@ mod tests {
         assert_eq!(signaled, vec![3, 4]);
         // The write before a flush asks for its completion, or the flush would never end.
         let mut q = SendQueue::new(8, 4);
-        assert_eq!(q.post(true), Some((0, true)));
-        q.completed(0);
-        assert!(q.drained());
+        assert_eq!(q.post(false), Some((0, false)));
+        assert!(q.needs_fence());
+        assert_eq!(q.post(true), Some((1, true)));
+        assert!(!q.needs_fence());
+        q.completed(1);
+        assert!(q.drained() && !q.needs_fence());
     }
 }

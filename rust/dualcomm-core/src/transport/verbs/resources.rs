@@ -123,8 +123,23 @@ impl Nic {
     /// # Safety
     /// The memory stays valid until the returned `Mr` is dropped.
     pub unsafe fn register(&self, ptr: *mut u8, len: usize) -> Result<Mr> {
-        let n = &self.inner;
         let access = abi::IBV_ACCESS_LOCAL_WRITE | abi::IBV_ACCESS_REMOTE_WRITE;
+        // SAFETY: the caller's promise.
+        unsafe { self.register_with(ptr, len, access) }
+    }
+
+    /// Registers `len` bytes at `ptr` as a source of this rank's writes only: the NIC may
+    /// read them, nobody may write them (so read-only memory registers too).
+    ///
+    /// # Safety
+    /// The memory stays valid until the returned `Mr` is dropped.
+    pub unsafe fn register_source(&self, ptr: *const u8, len: usize) -> Result<Mr> {
+        // SAFETY: the caller's promise; with no access flags the NIC never writes it.
+        unsafe { self.register_with(ptr.cast_mut(), len, 0) }
+    }
+
+    unsafe fn register_with(&self, ptr: *mut u8, len: usize, access: i32) -> Result<Mr> {
+        let n = &self.inner;
         // SAFETY: a live protection domain; the caller keeps the memory.
         let mr = unsafe { (n.lib.reg_mr)(n.pd, ptr.cast(), len, access) } as *mut IbvMr;
         if mr.is_null() {

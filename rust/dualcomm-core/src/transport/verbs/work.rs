@@ -29,8 +29,8 @@ pub struct WriteRequest {
     pub sges: Vec<LocalSge>,
     pub remote_addr: u64,
     pub rkey: u32,
-    /// The immediate as the wire carries it (`htonl`).
-    pub imm_be: u32,
+    /// The immediate as the wire carries it (`htonl`); none for a plain write (a fence).
+    pub imm_be: Option<u32>,
     pub signaled: bool,
 }
 
@@ -102,7 +102,7 @@ pub fn write_request(
         sges,
         remote_addr: remote.addr + offset as u64,
         rkey: remote.rkey,
-        imm_be: w.imm.to_be(),
+        imm_be: Some(w.imm.to_be()),
         signaled: w.signaled,
     })
 }
@@ -248,7 +248,7 @@ mod tests {
             (wr.remote_addr, wr.rkey, wr.wr_id, wr.signaled),
             (0x5000_0000 + 4096, 555, 42, true)
         );
-        assert_eq!(wr.imm_be.to_ne_bytes(), [1, 2, 3, 4]); // network byte order on the wire
+        assert_eq!(wr.imm_be.unwrap().to_ne_bytes(), [1, 2, 3, 4]); // network byte order on the wire
     }
 
     #[test]
