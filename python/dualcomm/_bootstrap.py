@@ -9,7 +9,8 @@ import ipaddress
 import logging
 import os
 import socket
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from dualcomm import _checks
 from dualcomm._native import (
@@ -19,12 +20,14 @@ from dualcomm._native import (
     ShmSegment,
     TcpListener,
     TransportUnavailableError,
+    VerbsPort,
     find_verbs_device,
     unlink_segment,
 )
 from dualcomm.config import resolve_ring_bytes
 
 log = logging.getLogger("dualcomm")
+T = TypeVar("T")
 _said_rdma_tier: set[str] = set()
 
 # What `DUALCOMM_IB_DEVICE` names (NCCL_IB_HCA's syntax): the devices and ports verbs may use.
@@ -39,18 +42,6 @@ def _find_verbs() -> tuple[str, str]:
         return ("missing", str(e))
 
 
-def _probe_verbs() -> str | None:
-    """This rank's RDMA device and port in words, or None with the reason logged once per
-    process (the rdma tier then runs over TCP)."""
-    kind, what = _find_verbs()
-    if kind == "ok":
-        return what
-    if "no-device" not in _said_rdma_tier:
-        _said_rdma_tier.add("no-device")
-        log.info("dualcomm: the rdma tier runs over tcp: %s", what)
-    return None
-
-
 def _verbs_outcomes(group: Any, world: int) -> list[Any]:
     """Every rank's `_find_verbs`."""
     import torch.distributed as dist
@@ -61,18 +52,40 @@ def _verbs_outcomes(group: Any, world: int) -> list[Any]:
     return outcomes
 
 
-def _refuse_verbs(outcomes: list[Any]) -> TransportUnavailableError:
-    """`transport='verbs'`: what is missing, and on which ranks; or, where every rank has a
-    port, that this build cannot drive it yet (every rank raises the same)."""
+def _verbs_missing(outcomes: list[Any]) -> str | None:
+    """What keeps verbs from running on some ranks, naming them; None if every rank has a port."""
     missing = {r: why for r, (kind, why) in enumerate(outcomes) if kind == "missing"}
-    if missing:
-        said = "; ".join(f"rank {r}: {why}" for r, why in sorted(missing.items()))
-        return TransportUnavailableError(f"transport='verbs': {said}; use 'tcp' or 'auto'")
-    ports = ", ".join(f"rank {r}: {what}" for r, (_, what) in enumerate(outcomes))
-    return TransportUnavailableError(
-        f"transport='verbs': every rank has an active RDMA port ({ports}), but this build of "
-        "dualcomm has no verbs data path yet (the rdma tier runs over tcp); use 'tcp' or 'auto'"
-    )
+    if not missing:
+        return None
+    return "; ".join(f"rank {r}: {why}" for r, why in sorted(missing.items()))
+
+
+def _say_rdma_tier_once(key: str, level: int, message: str, *args: Any) -> None:
+    if key not in _said_rdma_tier:
+        _said_rdma_tier.add(key)
+        log.log(level, message, *args)
+
+
+def _on_every_rank(group: Any, world: int, what: str, make: Callable[[], T]) -> T:
+    """`make()` on every rank: its result, or an error on every rank naming the ranks where it
+    failed (no rank goes on to wait for one that failed)."""
+    import torch.distributed as dist
+
+    error: DualcommError | None = None
+    made: T | None = None
+    try:
+        made = make()
+    except DualcommError as e:
+        error = e
+    outcomes: list[Any] = [None] * world
+    dist.all_gather_object(outcomes, None if error is None else f"{type(error).__name__}: {error}", group=group)
+    if error is not None:
+        raise error
+    failed = {r: o for r, o in enumerate(outcomes) if o is not None}
+    if failed:
+        raise TransportUnavailableError(f"{what} failed on ranks {failed}")
+    assert made is not None
+    return made
 
 
 def local_address() -> str:
@@ -163,16 +176,22 @@ def make_endpoint(
             f"{rpn} ranks span hosts {hosts}; set ranks_per_node to the ranks per host, or use 'tcp'"
         )
     if transport == "verbs":
-        raise _refuse_verbs(_verbs_outcomes(group, world))
+        missing = _verbs_missing(_verbs_outcomes(group, world))
+        if missing is not None:
+            raise TransportUnavailableError(f"transport='verbs': {missing}; use 'tcp' or 'auto'")
+        transport = "shm+verbs" if nodes_on_one_host and rpn > 1 else "verbs"
     if transport == "full-mesh":
         transport = "shm" if one_host else "tcp"
     if transport == "auto" and world > rpn:
-        found = _probe_verbs()
-        if found is not None and "device" not in _said_rdma_tier:
-            _said_rdma_tier.add("device")
-            log.warning(
-                "dualcomm: found %s, but this build has no verbs data path yet: the rdma tier runs over tcp", found
+        outcomes = _verbs_outcomes(group, world)
+        missing = _verbs_missing(outcomes)
+        if missing is None:
+            transport = "shm+verbs" if nodes_on_one_host and rpn > 1 else "verbs"
+            _say_rdma_tier_once(
+                "verbs", logging.INFO, "dualcomm: the rdma tier runs over verbs (%s)", outcomes[rank][1]
             )
+        else:
+            _say_rdma_tier_once("no-device", logging.INFO, "dualcomm: the rdma tier runs over tcp: %s", missing)
     if transport == "auto":
         if one_host and rpn == world:
             transport = "shm"
@@ -185,22 +204,35 @@ def make_endpoint(
     # Every rank resolves the same sizes: the requests were compared above.
     num_nvl_bytes = resolve_ring_bytes(num_nvl_bytes, rpn, rpn > 1)
     num_rdma_bytes = resolve_ring_bytes(num_rdma_bytes, nodes, nodes > 1)
-    if transport in ("shm", "shm+tcp"):
-        error: DualcommError | None = None
-        try:
-            segment = ShmSegment(job, rank, nodes, rpn, num_nvl_bytes, num_rdma_bytes, nvl_only=transport == "shm+tcp")
-        except DualcommError as e:
-            error = e
+    port: VerbsPort | None = None
+    cards: list[Any] = [None] * world
+    if transport in ("verbs", "shm+verbs"):
+        rdma_only = transport == "shm+verbs"
+        port = _on_every_rank(
+            group,
+            world,
+            f"transport={transport!r}: opening the RDMA device",
+            lambda: VerbsPort(rank, nodes, rpn, num_nvl_bytes, num_rdma_bytes, float(timeout), rdma_only=rdma_only),
+        )
+        dist.all_gather_object(cards, port.card, group=group)
+    if transport == "verbs":
+        assert port is not None
+        ep = Endpoint.verbs(port, cards)
+        dist.barrier(group)  # every queue pair is ready before anybody's first write
+        return ep, transport
+    if transport in ("shm", "shm+tcp", "shm+verbs"):
         # Every segment exists, or every rank learns which could not be made (no rank waits).
-        outcomes: list[Any] = [None] * world
-        dist.all_gather_object(outcomes, None if error is None else f"{type(error).__name__}: {error}", group=group)
-        failed = {r: o for r, o in enumerate(outcomes) if o is not None}
-        if error is not None:
-            raise error
-        if failed:
-            raise TransportUnavailableError(f"transport={transport!r}: shared memory failed on ranks {failed}")
+        segment = _on_every_rank(
+            group,
+            world,
+            f"transport={transport!r}: shared memory",
+            lambda: ShmSegment(job, rank, nodes, rpn, num_nvl_bytes, num_rdma_bytes, nvl_only=transport != "shm"),
+        )
         try:
-            if transport == "shm":
+            if transport == "shm+verbs":
+                assert port is not None
+                ep = Endpoint.shm_verbs(segment, job, port, cards)
+            elif transport == "shm":
                 ep = Endpoint.shm(segment, job, nodes, rpn, num_nvl_bytes, num_rdma_bytes, float(timeout))
             else:
                 assert listener is not None

@@ -24,6 +24,7 @@ __all__ = [
     "SystemResourceError",
     "TcpListener",
     "TransportUnavailableError",
+    "VerbsPort",
     "__version__",
     "find_verbs_device",
     "routing_tables",
@@ -72,6 +73,23 @@ class TcpListener:
     def __new__(cls, host: str) -> TcpListener: ...
     @property
     def address(self) -> str: ...
+
+@final
+class VerbsPort:
+    def __new__(
+        cls,
+        rank: int,
+        num_nodes: int,
+        ranks_per_node: int,
+        num_nvl_bytes: int,
+        num_rdma_bytes: int,
+        timeout_s: float,
+        rdma_only: bool = False,
+    ) -> VerbsPort: ...
+    @property
+    def card(self) -> bytes: ...
+    @property
+    def device(self) -> str: ...
 
 @final
 class Handle:
@@ -141,6 +159,10 @@ class Endpoint:
         num_rdma_bytes: int,
         timeout_s: float,
     ) -> Endpoint: ...
+    @staticmethod
+    def verbs(port: VerbsPort, cards: list[bytes]) -> Endpoint: ...
+    @staticmethod
+    def shm_verbs(segment: ShmSegment, job: str, port: VerbsPort, cards: list[bytes]) -> Endpoint: ...
     @property
     def rank(self) -> int: ...
     @property

@@ -18,7 +18,7 @@ use crate::transport::loopback::LoopbackFabric;
 use crate::transport::shm::{ShmSegment, ShmTransport};
 use crate::transport::tcp::{SECRET_BYTES, TcpBinding, TcpTransport};
 use crate::transport::tiered::Tiered;
-use crate::transport::verbs::transport::{VerbsOptions, VerbsSetup};
+use crate::transport::verbs::setup::{VerbsOptions, VerbsSetup};
 use crate::transport::{
     Completion, NUM_REGIONS, Tier, TierCounters, TierWiring, Transport, Wiring,
 };

@@ -12,7 +12,7 @@ use dualcomm_core::transport::loopback::LoopbackFabric;
 use dualcomm_core::transport::shm::{ShmSegment, segment_name};
 use dualcomm_core::transport::tcp::TcpBinding;
 use dualcomm_core::transport::verbs::device::find;
-use dualcomm_core::transport::verbs::transport::VerbsOptions;
+use dualcomm_core::transport::verbs::setup::VerbsOptions;
 use dualcomm_core::{
     CombineArgs, CombineOut, Config, DispatchArgs, Dtype, ElemType, Endpoint, Error, Route,
     TopkArgs, Topology, VecSink,

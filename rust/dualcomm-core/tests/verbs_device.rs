@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dualcomm_core::Error;
-use dualcomm_core::transport::verbs::transport::{VerbsOptions, VerbsSetup, VerbsTransport};
+use dualcomm_core::transport::verbs::setup::{VerbsOptions, VerbsSetup};
+use dualcomm_core::transport::verbs::transport::VerbsTransport;
 use dualcomm_core::transport::{Completion, OpenWiring, RegionId, Sge, Tier, Transport};
 
 use dualcomm_core::transport::verbs::abi::{IbvWc, work_completion};

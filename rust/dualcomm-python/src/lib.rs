@@ -13,6 +13,7 @@ use std::time::Duration;
 use dualcomm_core::routing::{SendPlan, dispatch_layout};
 use dualcomm_core::transport::loopback::LoopbackFabric;
 use dualcomm_core::transport::tcp::{SECRET_BYTES, TcpBinding};
+use dualcomm_core::transport::verbs::setup::{VerbsOptions, VerbsSetup};
 use dualcomm_core::transport::{RegionId, Tier, Transport};
 use dualcomm_core::{
     CombineArgs, CombineOut, Config, DispatchArgs, DispatchHandle, Dtype, ElemType,
@@ -21,7 +22,7 @@ use dualcomm_core::{
 };
 use numpy::{PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBytes, PyDict};
 
 use errors::to_py;
 use jobs::{Raw, input, now, output, padded_output};
@@ -127,6 +128,80 @@ impl TcpListener {
     #[getter]
     fn address(&self) -> String {
         self.address.clone()
+    }
+}
+
+/// This rank's verbs resources (device, regions, one RC queue pair per linked peer), opened
+/// before the bootstrap all-gathers every rank's `card` and `Endpoint.verbs` or
+/// `Endpoint.shm_verbs` connects them.
+#[pyclass(module = "dualcomm._native", frozen)]
+struct VerbsPort {
+    inner: Mutex<Option<VerbsSetup>>,
+    card: Vec<u8>,
+    device: String,
+    topo: Topology,
+    config: Config,
+    rdma_only: bool,
+}
+
+#[pymethods]
+impl VerbsPort {
+    /// `rdma_only`: verbs carries only the rdma tier (shared memory the nvl tier). The device
+    /// comes from `DUALCOMM_IB_DEVICE` (NCCL_IB_HCA's syntax), the RoCE GID index from
+    /// `DUALCOMM_IB_GID_INDEX`.
+    #[new]
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (rank, num_nodes, ranks_per_node, num_nvl_bytes, num_rdma_bytes, timeout_s, rdma_only=false))]
+    fn new(
+        py: Python<'_>,
+        rank: usize,
+        num_nodes: usize,
+        ranks_per_node: usize,
+        num_nvl_bytes: usize,
+        num_rdma_bytes: usize,
+        timeout_s: f64,
+        rdma_only: bool,
+    ) -> PyResult<Self> {
+        let (topo, config) = world_of(
+            num_nodes,
+            ranks_per_node,
+            num_nvl_bytes,
+            num_rdma_bytes,
+            timeout_s,
+        )?;
+        if rank >= topo.world_size() {
+            return Err(to_py(Error::invalid(
+                "rank",
+                format!("below the world size {}", topo.world_size()),
+                rank,
+            )));
+        }
+        let setup = py
+            .detach(|| {
+                let options = VerbsOptions::from_env()?;
+                CoreEndpoint::verbs_setup(&topo, rank, &config, rdma_only, &options)
+            })
+            .map_err(to_py)?;
+        Ok(Self {
+            card: setup.card(),
+            device: setup.device(),
+            inner: Mutex::new(Some(setup)),
+            topo,
+            config,
+            rdma_only,
+        })
+    }
+
+    /// What this rank publishes through the bootstrap.
+    #[getter]
+    fn card<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.card)
+    }
+
+    /// The device and port in use, in words.
+    #[getter]
+    fn device(&self) -> String {
+        self.device.clone()
     }
 }
 
@@ -597,6 +672,50 @@ impl Endpoint {
             .detach(move || {
                 CoreEndpoint::shm_tcp(seg, &job, binding, topo, rank, &peers, secret, config)
             })
+            .map_err(to_py)?;
+        Self::start(ep)
+    }
+
+    /// Joins a world whose links all run over verbs; `cards[r]` is rank r's `VerbsPort.card`.
+    #[staticmethod]
+    fn verbs(py: Python<'_>, port: &VerbsPort, cards: Vec<Vec<u8>>) -> PyResult<Self> {
+        if port.rdma_only {
+            return Err(to_py(Error::invalid(
+                "port",
+                "a VerbsPort for every link (rdma_only=False)",
+                "one for the rdma tier only",
+            )));
+        }
+        let (topo, config) = (port.topo, port.config.clone());
+        let setup = take_once(&port.inner, "port")?;
+        let ep = py
+            .detach(move || CoreEndpoint::verbs(setup, &cards, topo, config))
+            .map_err(to_py)?;
+        Self::start(ep)
+    }
+
+    /// Joins a world with shared memory inside each node and verbs between nodes: `segment`
+    /// made with `nvl_only=True`, `port` with `rdma_only=True`.
+    #[staticmethod]
+    fn shm_verbs(
+        py: Python<'_>,
+        segment: &ShmSegment,
+        job: String,
+        port: &VerbsPort,
+        cards: Vec<Vec<u8>>,
+    ) -> PyResult<Self> {
+        if !port.rdma_only {
+            return Err(to_py(Error::invalid(
+                "port",
+                "a VerbsPort for the rdma tier (rdma_only=True)",
+                "one for every link",
+            )));
+        }
+        let (topo, config) = (port.topo, port.config.clone());
+        let seg = take_once(&segment.inner, "segment")?;
+        let setup = take_once(&port.inner, "port")?;
+        let ep = py
+            .detach(move || CoreEndpoint::shm_verbs(seg, &job, setup, &cards, topo, config))
             .map_err(to_py)?;
         Self::start(ep)
     }
@@ -1125,6 +1244,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Handle>()?;
     m.add_class::<Event>()?;
     m.add_class::<TcpListener>()?;
+    m.add_class::<VerbsPort>()?;
     m.add_class::<ShmSegment>()?;
     m.add_function(wrap_pyfunction!(unlink_segment, m)?)?;
     m.add_function(wrap_pyfunction!(find_verbs_device, m)?)?;

@@ -9,8 +9,8 @@
 //! missing; `abi` lays out verbs.h's structures (checked against the header by a test) and
 //! translates the values above into them; `resources` owns the verbs objects (device,
 //! protection domain, memory regions, completion and shared receive queues, RC queue pairs);
-//! `transport` is the contract's `Transport` over them (set up in two steps around the
-//! bootstrap), which `Endpoint::verbs` and `Endpoint::shm_verbs` run the protocol on.
+//! `setup` makes them in two steps around the bootstrap, and `transport` is the contract's
+//! `Transport` over them, which `Endpoint::verbs` and `Endpoint::shm_verbs` run the protocol on.
 //! `tests/verbs_device.rs` and the verbs cases of `tests/loopback_world.rs` run on a machine
 //! with an RDMA device and say why they skipped elsewhere.
 
@@ -21,5 +21,6 @@ pub mod library;
 pub mod qp;
 pub mod queues;
 pub mod resources;
+pub mod setup;
 pub mod transport;
 pub mod work;

@@ -1,18 +1,12 @@
 //! The verbs `Transport`: the rdma tier on an InfiniBand or RoCE NIC, through RC queue pairs
-//! and RDMA_WRITE_WITH_IMM, exactly the contract of `transport::Transport`.
+//! and RDMA_WRITE_WITH_IMM, exactly the contract of `transport::Transport` (made by
+//! `setup::VerbsSetup::connect`).
 //!
-//! Set-up takes two steps around the bootstrap, as NCCL's IB transport does.
-//! `VerbsSetup::open` opens the device, allocates and registers this rank's regions and makes
-//! one RC queue pair per linked peer (and none for the others); its `card` is what the
-//! bootstrap all-gathers. `VerbsSetup::connect` takes every rank's card and moves each queue
-//! pair through INIT -> RTR -> RTS to the queue pair that peer made for this rank. Receives
-//! are posted before any queue pair is ready, so an early writer never meets an empty queue.
-//!
-//! Running: one completion queue takes both directions' completions. The progress engine
-//! reaps it in `poll`, and so does a writer that waits for send-queue room. One shared
-//! receive queue serves every peer and is refilled as immediates consume it (`RecvQueue`).
-//! One send in `SIGNAL_EVERY` asks for a completion; `flush` posts a signaled empty write (a
-//! fence) where the newest write asks for none, and then waits for every queue to drain.
+//! One completion queue takes both directions' completions. The progress engine reaps it in
+//! `poll`, and so does a writer that waits for send-queue room. One shared receive queue
+//! serves every peer and is refilled as immediates consume it (`RecvQueue`). One send in
+//! `SIGNAL_EVERY` asks for a completion; `flush` posts a signaled empty write (a fence) where
+//! the newest write asks for none, and then waits for every queue to drain.
 //!
 //! Faults: an error completion is the loss of its queue pair's peer, reported by `peer_gone`
 //! (the protocol turns it into `PeerLostError` naming the peer). A silent peer becomes one
@@ -21,15 +15,13 @@
 //! moves its queue pairs to the error state, so that a peer still writing learns it is gone.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::abi::{IbvWc, work_completion};
-use super::address::{PathMtu, QpAddress, RemoteRegion, address_in_card, encode_card};
-use super::device::{PortLink, find};
-use super::qp::{self, LinkLayer, QpConfig};
+use super::address::RemoteRegion;
+use super::qp;
 use super::queues::{RecvQueue, SendQueue};
 use super::resources::{Cq, Mr, Nic, Qp, Srq};
 use super::work::{
@@ -37,11 +29,10 @@ use super::work::{
 };
 use crate::error::{Error, Result};
 use crate::protocol::imm::{Imm, ImmKind};
-use crate::protocol::op::RECV_DEPTH;
 use crate::transport::memory::{RegionMem, outside_slots};
 use crate::transport::{
-    Completion, Departure, MAX_SGE, MemKey, NUM_REGIONS, RegionId, Sge, Tier, TierCounters,
-    Transport, Wiring,
+    Completion, Departure, MemKey, NUM_REGIONS, RegionId, Sge, Tier, TierCounters, Transport,
+    Wiring,
 };
 
 /// Work requests one queue pair holds: enough to keep a 400 Gb/s link busy with the
@@ -52,250 +43,28 @@ pub const SIGNAL_EVERY: usize = 32;
 /// Receives posted at most (see `RecvQueue::capped`), below every ConnectX's limit.
 pub const MAX_SRQ_DEPTH: usize = 16384;
 /// Completions taken from the queue per `ibv_poll_cq`.
-const POLL_BATCH: usize = 64;
+pub const POLL_BATCH: usize = 64;
 /// How long `shutdown` waits for its goodbyes to leave.
 const GOODBYE_WAIT: Duration = Duration::from_secs(1);
 
-/// Which device, port and GID a rank uses.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct VerbsOptions {
-    /// NCCL_IB_HCA-style selection (`mlx5_0:1`, `^mlx5_1`, `=mlx5_2`); `None`: the first
-    /// active port.
-    pub device: Option<String>,
-    /// The GID table entry on RoCE (NCCL_IB_GID_INDEX's role); ignored on InfiniBand.
-    pub gid_index: u8,
-}
-
-impl VerbsOptions {
-    /// From `DUALCOMM_IB_DEVICE` and `DUALCOMM_IB_GID_INDEX`.
-    pub fn from_env() -> Result<Self> {
-        let gid_index = match std::env::var("DUALCOMM_IB_GID_INDEX") {
-            Ok(v) => v.trim().parse().map_err(|_| {
-                Error::invalid("DUALCOMM_IB_GID_INDEX", "a GID table index, 0 to 255", &v)
-            })?,
-            Err(_) => 0,
-        };
-        Ok(Self {
-            device: std::env::var("DUALCOMM_IB_DEVICE")
-                .ok()
-                .filter(|s| !s.is_empty()),
-            gid_index,
-        })
-    }
-}
-
-/// A queue pair made for `peer`, not connected yet.
-struct Unconnected {
-    peer: usize,
-    tier: Tier,
-    qp: Qp,
-    psn: u32,
-}
-
-/// A rank's verbs resources before its peers' addresses are known.
-pub struct VerbsSetup {
-    rank: usize,
-    wiring: Arc<dyn Wiring>,
-    timeout: Duration,
-    nic: Nic,
-    cq: Cq,
-    srq: Srq,
-    region_mrs: [Option<Mr>; NUM_REGIONS],
-    regions: [RegionMem; NUM_REGIONS],
-    links: Vec<Unconnected>,
-    recv: RecvQueue,
-}
-
-impl VerbsSetup {
-    /// Opens the device `options` selects and makes everything a rank needs but its peers'
-    /// addresses. `TransportUnavailable` says what is missing (libibverbs, a device, a port).
-    pub fn open(
-        rank: usize,
-        wiring: Arc<dyn Wiring>,
-        options: &VerbsOptions,
-        timeout: Duration,
-    ) -> Result<Self> {
-        let chosen = find(options.device.as_deref())?;
-        let nic = Nic::open(chosen, options.gid_index)?;
-        let regions = RegionMem::all(wiring.region_lens())?;
-        let mut region_mrs: [Option<Mr>; NUM_REGIONS] = Default::default();
-        for (mr, mem) in region_mrs.iter_mut().zip(&regions) {
-            if !mem.is_empty() {
-                // SAFETY: the region lives in the transport next to its registration, which
-                // is declared first and so dropped first.
-                *mr = Some(unsafe { nic.register(mem.as_ptr().cast_mut(), mem.len())? });
-            }
-        }
-        let peers: Vec<(usize, Tier)> = (0..wiring.world_size())
-            .filter_map(|p| wiring.link(rank, p).map(|t| (p, t)))
-            .collect();
-        // One receive per immediate a peer may have in flight, and one for its goodbye.
-        let recv = RecvQueue::new(peers.len(), RECV_DEPTH + 1).capped(MAX_SRQ_DEPTH);
-        let cq = nic.completion_queue((recv.depth() + peers.len() * SEND_DEPTH).max(1))?;
-        let srq = nic.shared_receive_queue(recv.depth().max(1) as u32)?;
-        let seed = RandomState::new();
-        let links = peers
-            .into_iter()
-            .map(|(peer, tier)| {
-                Ok(Unconnected {
-                    peer,
-                    tier,
-                    qp: nic.queue_pair(&cq, &srq, SEND_DEPTH as u32, MAX_SGE as u32)?,
-                    // A random first sequence number, as NCCL's: a stale packet of an earlier
-                    // job on the same queue pair number is not taken for this one's.
-                    psn: (seed.hash_one((rank, peer)) & 0xff_ffff) as u32,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            rank,
-            wiring,
-            timeout,
-            nic,
-            cq,
-            srq,
-            region_mrs,
-            regions,
-            links,
-            recv,
-        })
-    }
-
-    /// The device and port in use, in words.
-    pub fn device(&self) -> String {
-        self.nic.chosen.to_string()
-    }
-
-    /// This rank's regions as a peer writes them.
-    fn remote_regions(&self) -> [RemoteRegion; NUM_REGIONS] {
-        std::array::from_fn(|i| match &self.region_mrs[i] {
-            Some(mr) => RemoteRegion {
-                addr: mr.addr(),
-                len: self.regions[i].len() as u64,
-                rkey: mr.rkey(),
-            },
-            None => RemoteRegion::default(),
-        })
-    }
-
-    fn address_of(&self, link: &Unconnected) -> QpAddress {
-        let port = &self.nic.chosen.port;
-        QpAddress {
-            rank: self.rank as u32,
-            lid: port.lid,
-            gid: self.nic.gid,
-            qpn: link.qp.qp_num(),
-            psn: link.psn,
-            mtu: port.active_mtu.unwrap_or(PathMtu::Mtu1024),
-            regions: self.remote_regions(),
-        }
-    }
-
-    /// What this rank publishes through the bootstrap: an address for each linked peer.
-    pub fn card(&self) -> Vec<u8> {
-        let entries: Vec<(usize, QpAddress)> = self
-            .links
-            .iter()
-            .map(|l| (l.peer, self.address_of(l)))
-            .collect();
-        encode_card(&entries)
-    }
-
-    fn qp_config(&self) -> QpConfig {
-        let port = &self.nic.chosen.port;
-        let link = match port.link {
-            PortLink::InfiniBand => LinkLayer::InfiniBand,
-            PortLink::Ethernet => LinkLayer::Ethernet {
-                gid_index: self.nic.gid_index,
-            },
-        };
-        QpConfig::new(port.num, link)
-    }
-
-    /// Connects every queue pair to the one its peer made for this rank; `cards[r]` is rank
-    /// r's `card` (ranks this one does not link to may send anything).
-    pub fn connect(mut self, cards: &[Vec<u8>]) -> Result<VerbsTransport> {
-        let world = self.wiring.world_size();
-        if cards.len() != world {
-            return Err(Error::invalid(
-                "cards",
-                format!("one card per rank of the world ({world})"),
-                cards.len(),
-            ));
-        }
-        let lens = self.wiring.region_lens();
-        let cfg = self.qp_config();
-        for _ in 0..self.recv.refill() {
-            self.srq.post_receive(RECV_WR_BIT)?;
-        }
-        let mut peers: Vec<Option<Peer>> = (0..world).map(|_| None).collect();
-        let mut qp_peer = HashMap::new();
-        for link in std::mem::take(&mut self.links) {
-            let remote = address_in_card(link.peer, &cards[link.peer], self.rank)?;
-            for (i, r) in remote.regions.iter().enumerate() {
-                if r.len != lens[i] as u64 {
-                    return Err(Error::ConfigMismatch(format!(
-                        "rank {} registered {} bytes for region {i}, rank {} expects {}",
-                        link.peer, r.len, self.rank, lens[i]
-                    )));
-                }
-            }
-            let local = self.address_of(&link);
-            for (_, attrs) in qp::connect(&local, &remote, &cfg) {
-                link.qp.modify(&attrs)?;
-            }
-            qp_peer.insert(link.qp.qp_num(), link.peer);
-            peers[link.peer] = Some(Peer {
-                tier: link.tier,
-                qp: link.qp,
-                remote: remote.regions,
-                sends: Mutex::new(SendQueue::new(SEND_DEPTH, SIGNAL_EVERY)),
-            });
-        }
-        Ok(VerbsTransport {
-            rank: self.rank,
-            wiring: self.wiring,
-            timeout: self.timeout,
-            device: self.nic.chosen.device.clone(),
-            peers,
-            qp_peer,
-            reaper: Mutex::new(Reaper {
-                recv: self.recv,
-                arrived: Vec::new(),
-                wcs: vec![IbvWc::default(); POLL_BATCH],
-            }),
-            sources: Mutex::new(Vec::new()),
-            gone: (0..world).map(|_| Mutex::new(None)).collect(),
-            closed: AtomicBool::new(false),
-            wakeups: AtomicU64::new(0),
-            counters: TierCounters::default(),
-            srq: self.srq,
-            cq: self.cq,
-            region_mrs: self.region_mrs,
-            regions: self.regions,
-            nic: self.nic,
-        })
-    }
-}
-
 /// A connected peer.
-struct Peer {
-    tier: Tier,
-    qp: Qp,
-    remote: [RemoteRegion; NUM_REGIONS],
-    sends: Mutex<SendQueue>,
+pub(super) struct Peer {
+    pub(super) tier: Tier,
+    pub(super) qp: Qp,
+    pub(super) remote: [RemoteRegion; NUM_REGIONS],
+    pub(super) sends: Mutex<SendQueue>,
 }
 
 /// What reaping the completion queue keeps between calls.
-struct Reaper {
-    recv: RecvQueue,
+pub(super) struct Reaper {
+    pub(super) recv: RecvQueue,
     /// Peers' writes reaped (maybe by a writer) and not yet handed to `poll`.
-    arrived: Vec<Completion>,
-    wcs: Vec<IbvWc>,
+    pub(super) arrived: Vec<Completion>,
+    pub(super) wcs: Vec<IbvWc>,
 }
 
 /// Memory registered by `register`.
-struct Source {
+pub(super) struct Source {
     /// None for an empty range (a NIC registers no zero-length memory).
     mr: Option<Mr>,
     addr: u64,
@@ -303,24 +72,24 @@ struct Source {
 }
 
 pub struct VerbsTransport {
-    rank: usize,
-    wiring: Arc<dyn Wiring>,
-    timeout: Duration,
-    device: String,
+    pub(super) rank: usize,
+    pub(super) wiring: Arc<dyn Wiring>,
+    pub(super) timeout: Duration,
+    pub(super) device: String,
     /// Indexed by rank; queue pairs go first, before the queues and memory they use.
-    peers: Vec<Option<Peer>>,
-    qp_peer: HashMap<u32, usize>,
-    reaper: Mutex<Reaper>,
-    sources: Mutex<Vec<Option<Source>>>,
-    gone: Vec<Mutex<Option<Departure>>>,
-    closed: AtomicBool,
-    wakeups: AtomicU64,
-    counters: TierCounters,
-    srq: Srq,
-    cq: Cq,
-    region_mrs: [Option<Mr>; NUM_REGIONS],
-    regions: [RegionMem; NUM_REGIONS],
-    nic: Nic,
+    pub(super) peers: Vec<Option<Peer>>,
+    pub(super) qp_peer: HashMap<u32, usize>,
+    pub(super) reaper: Mutex<Reaper>,
+    pub(super) sources: Mutex<Vec<Option<Source>>>,
+    pub(super) gone: Vec<Mutex<Option<Departure>>>,
+    pub(super) closed: AtomicBool,
+    pub(super) wakeups: AtomicU64,
+    pub(super) counters: TierCounters,
+    pub(super) srq: Srq,
+    pub(super) cq: Cq,
+    pub(super) region_mrs: [Option<Mr>; NUM_REGIONS],
+    pub(super) regions: [RegionMem; NUM_REGIONS],
+    pub(super) nic: Nic,
 }
 
 impl VerbsTransport {
