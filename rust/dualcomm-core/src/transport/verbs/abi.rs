@@ -215,6 +215,33 @@ pub mod context_ops {
 pub const CONTEXT_FIELD: usize = 0;
 /// `ibv_qp.qp_num`.
 pub const QP_NUM_OFFSET: usize = 52;
+/// `ibv_context.async_fd`: made non-blocking, so that asynchronous events can be polled.
+pub const ASYNC_FD_OFFSET: usize = 268;
+
+/// `ibv_async_event`: the object it concerns (a pointer, or a port number), and its type.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IbvAsyncEvent {
+    pub element: u64,
+    pub event_type: u32,
+    pub _pad: u32,
+}
+
+/// `ibv_event_type` values the transport acts on.
+pub const IBV_EVENT_CQ_ERR: u32 = 0;
+pub const IBV_EVENT_QP_FATAL: u32 = 1;
+pub const IBV_EVENT_QP_REQ_ERR: u32 = 2;
+pub const IBV_EVENT_QP_ACCESS_ERR: u32 = 3;
+pub const IBV_EVENT_DEVICE_FATAL: u32 = 8;
+pub const IBV_EVENT_PORT_ERR: u32 = 10;
+pub const IBV_EVENT_SRQ_ERR: u32 = 14;
+/// Port events that change nothing for an established connection.
+pub const IBV_EVENT_PORT_ACTIVE: u32 = 9;
+pub const IBV_EVENT_LID_CHANGE: u32 = 11;
+pub const IBV_EVENT_PKEY_CHANGE: u32 = 12;
+pub const IBV_EVENT_SM_CHANGE: u32 = 13;
+pub const IBV_EVENT_CLIENT_REREGISTER: u32 = 17;
+pub const IBV_EVENT_GID_CHANGE: u32 = 18;
 
 /// `a` as `ibv_modify_qp`'s attributes and mask: exactly the fields `a` sets.
 pub fn qp_attr(a: &QpAttrs) -> (IbvQpAttr, i32) {
@@ -668,6 +695,28 @@ mod tests {
             ("offsetof(struct ibv_cq, context)", CONTEXT_FIELD),
             ("offsetof(struct ibv_srq, context)", CONTEXT_FIELD),
             ("offsetof(struct ibv_qp, qp_num)", QP_NUM_OFFSET),
+            ("offsetof(struct ibv_context, async_fd)", ASYNC_FD_OFFSET),
+            ("sizeof(struct ibv_async_event)", size_of::<IbvAsyncEvent>()),
+            (
+                "offsetof(struct ibv_async_event, event_type)",
+                offset_of!(IbvAsyncEvent, event_type),
+            ),
+            ("IBV_EVENT_CQ_ERR", IBV_EVENT_CQ_ERR as usize),
+            ("IBV_EVENT_QP_FATAL", IBV_EVENT_QP_FATAL as usize),
+            ("IBV_EVENT_QP_REQ_ERR", IBV_EVENT_QP_REQ_ERR as usize),
+            ("IBV_EVENT_QP_ACCESS_ERR", IBV_EVENT_QP_ACCESS_ERR as usize),
+            ("IBV_EVENT_DEVICE_FATAL", IBV_EVENT_DEVICE_FATAL as usize),
+            ("IBV_EVENT_PORT_ERR", IBV_EVENT_PORT_ERR as usize),
+            ("IBV_EVENT_SRQ_ERR", IBV_EVENT_SRQ_ERR as usize),
+            ("IBV_EVENT_PORT_ACTIVE", IBV_EVENT_PORT_ACTIVE as usize),
+            ("IBV_EVENT_LID_CHANGE", IBV_EVENT_LID_CHANGE as usize),
+            ("IBV_EVENT_PKEY_CHANGE", IBV_EVENT_PKEY_CHANGE as usize),
+            ("IBV_EVENT_SM_CHANGE", IBV_EVENT_SM_CHANGE as usize),
+            (
+                "IBV_EVENT_CLIENT_REREGISTER",
+                IBV_EVENT_CLIENT_REREGISTER as usize,
+            ),
+            ("IBV_EVENT_GID_CHANGE", IBV_EVENT_GID_CHANGE as usize),
             ("offsetof(struct ibv_port_attr, state)", port_attr::STATE),
             (
                 "offsetof(struct ibv_port_attr, active_mtu)",

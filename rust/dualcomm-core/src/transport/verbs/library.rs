@@ -66,6 +66,8 @@ entry_points! {
     create_qp = "ibv_create_qp": fn(*mut c_void, *mut c_void) -> *mut c_void;
     modify_qp = "ibv_modify_qp": fn(*mut c_void, *mut c_void, c_int) -> c_int;
     destroy_qp = "ibv_destroy_qp": fn(*mut c_void) -> c_int;
+    get_async_event = "ibv_get_async_event": fn(*mut Context, *mut c_void) -> c_int;
+    ack_async_event = "ibv_ack_async_event": fn(*mut c_void);
 }
 
 /// Why the last dl* call failed, in words for the user.

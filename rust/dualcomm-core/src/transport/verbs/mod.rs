@@ -17,6 +17,7 @@
 pub mod abi;
 pub mod address;
 pub mod device;
+pub mod events;
 pub mod library;
 pub mod qp;
 pub mod queues;

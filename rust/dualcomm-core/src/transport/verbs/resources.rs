@@ -10,9 +10,11 @@ use std::ffi::{c_int, c_void};
 use std::sync::Arc;
 
 use super::abi::{
-    self, IbvGid, IbvMr, IbvQpCap, IbvQpInitAttr, IbvRecvWr, IbvSendWr, IbvSrqInitAttr, IbvWc,
+    self, IbvAsyncEvent, IbvGid, IbvMr, IbvQpCap, IbvQpInitAttr, IbvRecvWr, IbvSendWr,
+    IbvSrqInitAttr, IbvWc,
 };
 use super::device::{Chosen, open_by_name};
+use super::events::{AsyncEvent, names_port, names_queue_pair};
 use super::library::{Context, Library};
 use super::qp::QpAttrs;
 use super::work::WriteRequest;
@@ -97,6 +99,20 @@ impl Nic {
             pd,
             device: chosen.device.clone(),
         });
+        // SAFETY: a live context; `async_fd` is at its verbs.h offset (abi tests).
+        let async_fd = unsafe { *((ctx as *const u8).add(abi::ASYNC_FD_OFFSET) as *const c_int) };
+        // SAFETY: the context's own descriptor; non-blocking so events can be polled.
+        let flags = unsafe { libc::fcntl(async_fd, libc::F_GETFL) };
+        // SAFETY: as above.
+        if flags < 0
+            || unsafe { libc::fcntl(async_fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0
+        {
+            return Err(failed(
+                "fcntl(O_NONBLOCK) on the async event fd",
+                &chosen.device,
+                None,
+            ));
+        }
         let mut gid = IbvGid::default();
         // SAFETY: a live context; `gid` is an ibv_gid.
         let rc = unsafe {
@@ -149,6 +165,34 @@ impl Nic {
             nic: Arc::clone(n),
             mr,
         })
+    }
+
+    /// The asynchronous events the device has queued (none waits: the descriptor is
+    /// non-blocking), each acknowledged.
+    pub fn async_events(&self) -> Vec<AsyncEvent> {
+        let n = &self.inner;
+        let mut out = Vec::new();
+        loop {
+            let mut raw = IbvAsyncEvent::default();
+            // SAFETY: a live context; `raw` is an ibv_async_event.
+            let rc =
+                unsafe { (n.lib.get_async_event)(n.ctx, (&mut raw as *mut IbvAsyncEvent).cast()) };
+            if rc != 0 {
+                return out; // EAGAIN: nothing more queued
+            }
+            let qp_num = names_queue_pair(raw.event_type).then(|| {
+                // SAFETY: the event's element is a live ibv_qp of this context until acked.
+                unsafe { *((raw.element as *const u8).add(abi::QP_NUM_OFFSET) as *const u32) }
+            });
+            let port = names_port(raw.event_type).then_some(raw.element as u32 as u8);
+            // SAFETY: acknowledges the event just read, once.
+            unsafe { (n.lib.ack_async_event)((&mut raw as *mut IbvAsyncEvent).cast()) };
+            out.push(AsyncEvent {
+                event_type: raw.event_type,
+                qp_num,
+                port,
+            });
+        }
     }
 
     pub fn completion_queue(&self, depth: usize) -> Result<Cq> {

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::abi::IbvWc;
 use super::address::{PathMtu, QpAddress, RemoteRegion, address_in_card, encode_card};
@@ -234,6 +234,7 @@ impl VerbsSetup {
                 recv: self.recv,
                 arrived: Vec::new(),
                 wcs: vec![IbvWc::default(); POLL_BATCH],
+                events_due: Instant::now(),
             }),
             sources: Mutex::new(Vec::new()),
             gone: (0..world).map(|_| Mutex::new(None)).collect(),

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use super::abi::{IbvWc, work_completion};
 use super::address::RemoteRegion;
+use super::events::{self, Fault};
 use super::qp;
 use super::queues::{RecvQueue, SendQueue};
 use super::resources::{Cq, Mr, Nic, Qp, Srq};
@@ -44,6 +45,8 @@ pub const SIGNAL_EVERY: usize = 32;
 pub const MAX_SRQ_DEPTH: usize = 16384;
 /// Completions taken from the queue per `ibv_poll_cq`.
 pub const POLL_BATCH: usize = 64;
+/// How often an active transport reads the device's asynchronous events.
+const EVENTS_EVERY: Duration = Duration::from_millis(10);
 /// How long `shutdown` waits for its goodbyes to leave.
 const GOODBYE_WAIT: Duration = Duration::from_secs(1);
 
@@ -61,6 +64,8 @@ pub(super) struct Reaper {
     /// Peers' writes reaped (maybe by a writer) and not yet handed to `poll`.
     pub(super) arrived: Vec<Completion>,
     pub(super) wcs: Vec<IbvWc>,
+    /// When the device's asynchronous events are next read.
+    pub(super) events_due: Instant,
 }
 
 /// Memory registered by `register`.
@@ -165,6 +170,11 @@ impl VerbsTransport {
     fn reap(&self, r: &mut Reaper) -> Result<()> {
         let n = self.cq.poll(&mut r.wcs)?;
         let closed = self.closed.load(Ordering::SeqCst);
+        let now = Instant::now();
+        if now >= r.events_due && !closed {
+            r.events_due = now + EVENTS_EVERY;
+            self.take_async_events();
+        }
         for i in 0..n {
             let wc = work_completion(&r.wcs[i]);
             let peer_of = |qpn: u32| self.qp_peer.get(&qpn).copied();
@@ -214,6 +224,39 @@ impl VerbsTransport {
             self.srq.post_receive(RECV_WR_BIT)?;
         }
         Ok(())
+    }
+
+    /// A port that went down or a failed queue pair loses peers at once, not only when a
+    /// write to each of them times out.
+    fn take_async_events(&self) {
+        let port = self.nic.chosen.port.num;
+        for event in self.nic.async_events() {
+            match events::fault(&event, &self.device, port) {
+                Some(Fault::Everyone(reason)) => {
+                    for peer in (0..self.peers.len()).filter(|&p| self.peers[p].is_some()) {
+                        self.depart(
+                            peer,
+                            Departure {
+                                reason: reason.clone(),
+                                completed_ops: None,
+                            },
+                        );
+                    }
+                }
+                Some(Fault::QueuePair { qp_num, reason }) => {
+                    if let Some(&peer) = self.qp_peer.get(&qp_num) {
+                        self.depart(
+                            peer,
+                            Departure {
+                                reason,
+                                completed_ops: None,
+                            },
+                        );
+                    }
+                }
+                None => {}
+            }
+        }
     }
 
     fn reap_now(&self) -> Result<()> {
