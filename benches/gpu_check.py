@@ -65,6 +65,26 @@ def rdma_devices() -> dict[str, str]:
     return found
 
 
+def verbs_device_tests(found: dict[str, str]) -> dict[str, str]:
+    """Runs the verbs device tests that `benches/build_verbs_tests.sh` built (this machine has
+    no Rust toolchain), where dualcomm found an RDMA port; each test's outcome in words."""
+    built = ROOT / "target" / "verbs-tests"
+    if not built.is_dir():
+        return {"not run": f"{built} is not there (run benches/build_verbs_tests.sh and carry it)"}
+    if "unavailable" in found["dualcomm"]:
+        return {"not run": found["dualcomm"]}
+    outcomes = {}
+    for exe in sorted(built.iterdir()):
+        args = [str(exe), "--test-threads", "1"] + (["verbs"] if exe.name == "loopback_world" else [])
+        try:
+            r = subprocess.run(args, capture_output=True, text=True, timeout=120)
+            tail = (r.stdout + r.stderr).strip().splitlines()[-3:]
+            outcomes[exe.name] = ("passed: " if r.returncode == 0 else "FAILED: ") + " | ".join(tail)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            outcomes[exe.name] = f"FAILED: {e}"
+    return outcomes
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-check")))
@@ -103,8 +123,10 @@ def main() -> None:
     copy_dst = torch.empty_like(ring)
     copy = timed(lambda: copy_dst.copy_(ring))
     rows.append(("pack records vs copy_", copy / timed(pack), f"{t * rb / timed(pack) / 1e9:.0f} GB/s"))
-    results = {"tests_passed": tests.returncode == 0, "rows": rows, "rdma": rdma_devices()}
-    print(f"[gpu-check] RDMA: {results['rdma']}", flush=True)
+    rdma = rdma_devices()
+    results = {"tests_passed": tests.returncode == 0, "rows": rows, "rdma": rdma, "verbs": verbs_device_tests(rdma)}
+    print(f"[gpu-check] RDMA: {rdma}", flush=True)
+    print(f"[gpu-check] verbs device tests: {results['verbs']}", flush=True)
     (a.out / "gpu_check.json").write_text(json.dumps(results, indent=2))
     print(f"{'what':<42}{'ratio':>8}  detail")
     for name, ratio, detail in rows:
