@@ -18,6 +18,7 @@ use crate::transport::loopback::LoopbackFabric;
 use crate::transport::shm::{ShmSegment, ShmTransport};
 use crate::transport::tcp::{SECRET_BYTES, TcpBinding, TcpTransport};
 use crate::transport::tiered::Tiered;
+#[cfg(feature = "verbs")]
 use crate::transport::verbs::setup::{VerbsOptions, VerbsSetup};
 use crate::transport::{
     Completion, NUM_REGIONS, Tier, TierCounters, TierWiring, Transport, Wiring,
@@ -181,6 +182,7 @@ impl Endpoint {
     /// every link of the world (`rdma_only` false: `verbs`), or only the rdma tier's, with
     /// shared memory inside each node (`shm_verbs`). Says what is missing as
     /// `TransportUnavailable` (libibverbs, a device, an active port).
+    #[cfg(feature = "verbs")]
     pub fn verbs_setup(
         topo: &Topology,
         rank: usize,
@@ -202,6 +204,7 @@ impl Endpoint {
 
     /// Joins a world whose links all run over verbs: `setup` from `verbs_setup` (with
     /// `rdma_only` false), `cards[r]` rank r's card.
+    #[cfg(feature = "verbs")]
     pub fn verbs(
         setup: VerbsSetup,
         cards: &[Vec<u8>],
@@ -214,6 +217,7 @@ impl Endpoint {
 
     /// Joins a world with shared memory inside each node and verbs between nodes: `segment`
     /// as for `shm_tcp`, `setup` from `verbs_setup` with `rdma_only`.
+    #[cfg(feature = "verbs")]
     pub fn shm_verbs(
         segment: ShmSegment,
         job: &str,

@@ -11,8 +11,8 @@ use dualcomm_core::transport::Tier;
 use dualcomm_core::transport::loopback::LoopbackFabric;
 use dualcomm_core::transport::shm::{ShmSegment, segment_name};
 use dualcomm_core::transport::tcp::TcpBinding;
-use dualcomm_core::transport::verbs::device::find;
-use dualcomm_core::transport::verbs::setup::VerbsOptions;
+#[cfg(feature = "verbs")]
+use dualcomm_core::transport::verbs::setup::{VerbsOptions, VerbsSetup};
 use dualcomm_core::{
     CombineArgs, CombineOut, Config, DispatchArgs, Dtype, ElemType, Endpoint, Error, Route,
     TopkArgs, Topology, VecSink,
@@ -149,19 +149,14 @@ fn run(c: &Case) -> Vec<RankResult> {
             let (t, k, e, h, bf16) = (c.tokens[r], c.topk, c.experts, c.hidden, c.bf16);
             thread::spawn(move || {
                 let setup = verbs.then(|| {
-                    let opts = VerbsOptions::from_env().unwrap();
-                    let s = Endpoint::verbs_setup(&topo, r, &config, segment.is_some(), &opts);
-                    let s = s.unwrap();
+                    let s = open_verbs(&topo, r, &config, segment.is_some());
                     cards.lock().unwrap()[r] = s.card();
                     published.wait();
                     s
                 });
                 let cards = cards.lock().unwrap().clone();
                 let mut ep = match (segment, binding, setup) {
-                    (Some(seg), None, Some(s)) => {
-                        Endpoint::shm_verbs(seg, &job, s, &cards, topo, config).unwrap()
-                    }
-                    (None, None, Some(s)) => Endpoint::verbs(s, &cards, topo, config).unwrap(),
+                    (seg, None, Some(s)) => join_verbs(seg, &job, s, &cards, topo, config),
                     (_, _, Some(_)) => unreachable!("verbs with tcp"),
                     (Some(seg), Some(b), None) => {
                         Endpoint::shm_tcp(seg, &job, b, topo, r, &addrs, secret, config).unwrap()
@@ -264,11 +259,76 @@ fn run(c: &Case) -> Vec<RankResult> {
     got
 }
 
+/// This rank's verbs resources (every link's, or with `rdma_only` the rdma tier's).
+#[cfg(feature = "verbs")]
+fn open_verbs(topo: &Topology, rank: usize, config: &Config, rdma_only: bool) -> VerbsSetup {
+    let opts = VerbsOptions::from_env().unwrap();
+    Endpoint::verbs_setup(topo, rank, config, rdma_only, &opts).unwrap()
+}
+
+/// Verbs alone, or shared memory inside nodes with verbs between them.
+#[cfg(feature = "verbs")]
+fn join_verbs(
+    segment: Option<ShmSegment>,
+    job: &str,
+    setup: VerbsSetup,
+    cards: &[Vec<u8>],
+    topo: Topology,
+    config: Config,
+) -> Endpoint {
+    match segment {
+        Some(seg) => Endpoint::shm_verbs(seg, job, setup, cards, topo, config).unwrap(),
+        None => Endpoint::verbs(setup, cards, topo, config).unwrap(),
+    }
+}
+
+/// Why the verbs cases cannot run here, if they cannot.
+#[cfg(feature = "verbs")]
+fn verbs_missing() -> Option<String> {
+    let device = VerbsOptions::from_env().unwrap().device;
+    dualcomm_core::transport::verbs::device::find(device.as_deref())
+        .err()
+        .map(|e| e.to_string())
+}
+
+// Without the feature the verbs cases skip before any of these is reached.
+#[cfg(not(feature = "verbs"))]
+struct VerbsSetup;
+
+#[cfg(not(feature = "verbs"))]
+impl VerbsSetup {
+    fn card(&self) -> Vec<u8> {
+        unreachable!("a verbs case in a build without the verbs feature")
+    }
+}
+
+#[cfg(not(feature = "verbs"))]
+fn open_verbs(_: &Topology, _: usize, _: &Config, _: bool) -> VerbsSetup {
+    unreachable!("a verbs case in a build without the verbs feature")
+}
+
+#[cfg(not(feature = "verbs"))]
+fn join_verbs(
+    _: Option<ShmSegment>,
+    _: &str,
+    _: VerbsSetup,
+    _: &[Vec<u8>],
+    _: Topology,
+    _: Config,
+) -> Endpoint {
+    unreachable!("a verbs case in a build without the verbs feature")
+}
+
+#[cfg(not(feature = "verbs"))]
+fn verbs_missing() -> Option<String> {
+    Some("built without the verbs feature".into())
+}
+
 fn check(c: &Case) {
     if c.verbs
-        && let Err(e) = find(VerbsOptions::from_env().unwrap().device.as_deref())
+        && let Some(why) = verbs_missing()
     {
-        eprintln!("skipped: {e}");
+        eprintln!("skipped: {why}");
         return;
     }
     let topo = Topology::new(c.nodes, c.rpn).unwrap();

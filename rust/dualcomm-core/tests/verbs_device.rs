@@ -1,6 +1,7 @@
 //! Verbs on a real RDMA device: run where `ibv_get_device_list` finds one with an active port
 //! (`DUALCOMM_IB_DEVICE` picks it, `DUALCOMM_IB_GID_INDEX` its GID on RoCE), skipped with the
 //! reason otherwise, as the rust-ibverbs crate's tests do.
+#![cfg(feature = "verbs")]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

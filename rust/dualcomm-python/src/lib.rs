@@ -5,6 +5,7 @@
 mod errors;
 mod jobs;
 mod pool;
+mod verbs;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,7 +14,6 @@ use std::time::Duration;
 use dualcomm_core::routing::{SendPlan, dispatch_layout};
 use dualcomm_core::transport::loopback::LoopbackFabric;
 use dualcomm_core::transport::tcp::{SECRET_BYTES, TcpBinding};
-use dualcomm_core::transport::verbs::setup::{VerbsOptions, VerbsSetup};
 use dualcomm_core::transport::{RegionId, Tier, Transport};
 use dualcomm_core::{
     CombineArgs, CombineOut, Config, DispatchArgs, DispatchHandle, Dtype, ElemType,
@@ -26,6 +26,7 @@ use pyo3::types::{PyBytes, PyDict};
 
 use errors::to_py;
 use jobs::{Raw, input, now, output, padded_output};
+use verbs::{VerbsSetup, join_verbs, open_verbs};
 
 fn config(num_nvl_bytes: usize, num_rdma_bytes: usize, timeout_s: f64) -> PyResult<Config> {
     if !(timeout_s.is_finite() && timeout_s > 0.0) {
@@ -177,10 +178,7 @@ impl VerbsPort {
             )));
         }
         let setup = py
-            .detach(|| {
-                let options = VerbsOptions::from_env()?;
-                CoreEndpoint::verbs_setup(&topo, rank, &config, rdma_only, &options)
-            })
+            .detach(|| open_verbs(&topo, rank, &config, rdma_only))
             .map_err(to_py)?;
         Ok(Self {
             card: setup.card(),
@@ -297,8 +295,7 @@ fn routing_tables<'py>(
 #[pyfunction]
 #[pyo3(signature = (spec=None))]
 fn find_verbs_device(py: Python<'_>, spec: Option<String>) -> PyResult<String> {
-    py.detach(|| dualcomm_core::transport::verbs::device::find(spec.as_deref()))
-        .map(|c| c.to_string())
+    py.detach(|| verbs::find_device(spec.as_deref()))
         .map_err(to_py)
 }
 
@@ -689,7 +686,7 @@ impl Endpoint {
         let (topo, config) = (port.topo, port.config.clone());
         let setup = take_once(&port.inner, "port")?;
         let ep = py
-            .detach(move || CoreEndpoint::verbs(setup, &cards, topo, config))
+            .detach(move || join_verbs(None, setup, &cards, topo, config))
             .map_err(to_py)?;
         Self::start(ep)
     }
@@ -715,7 +712,7 @@ impl Endpoint {
         let seg = take_once(&segment.inner, "segment")?;
         let setup = take_once(&port.inner, "port")?;
         let ep = py
-            .detach(move || CoreEndpoint::shm_verbs(seg, &job, setup, &cards, topo, config))
+            .detach(move || join_verbs(Some((seg, job)), setup, &cards, topo, config))
             .map_err(to_py)?;
         Self::start(ep)
     }

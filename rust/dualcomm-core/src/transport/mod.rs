@@ -8,6 +8,7 @@ pub mod memory;
 pub mod shm;
 pub mod tcp;
 pub mod tiered;
+#[cfg(feature = "verbs")]
 pub mod verbs;
 
 use std::sync::Arc;
