@@ -95,6 +95,7 @@ fn world(nodes: usize, rpn: usize, tokens: usize) -> Timing {
                     let (start, before) = (Instant::now(), payload(&ep));
                     ep.combine(
                         &CombineArgs {
+                            rows_at: &[],
                             x: &recv.x,
                             hidden: HIDDEN,
                             dtype: Dtype::Bf16,

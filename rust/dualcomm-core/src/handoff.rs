@@ -171,7 +171,7 @@ impl<K> RecvSink for RecvHandoff<K> {
         self.shapes
             .take()
             .ok_or_else(gone)?
-            .send(shape)
+            .send(shape.clone())
             .map_err(|_| gone())?;
         let memory = self
             .replies
@@ -191,12 +191,13 @@ impl<K> RecvSink for RecvHandoff<K> {
         // SAFETY: `held` keeps the memory alive until this job ends; the buffers were made
         // for this job alone.
         unsafe {
-            Ok(RecvBuffers {
-                x: memory.x.slice_mut(),
-                scales: memory.scales.slice_mut(),
-                topk_idx: memory.topk_idx.slice_mut(),
-                topk_weights: memory.topk_weights.slice_mut(),
-            })
+            Ok(RecvBuffers::contiguous(
+                &shape,
+                memory.x.slice_mut(),
+                memory.scales.slice_mut(),
+                memory.topk_idx.slice_mut(),
+                memory.topk_weights.slice_mut(),
+            ))
         }
     }
 }
@@ -211,6 +212,7 @@ mod tests {
             x_row_bytes: 4,
             scale_row_bytes: 0,
             num_topk: 1,
+            recv_per_src: vec![n as u64],
             ..RecvShape::default()
         }
     }
@@ -237,9 +239,9 @@ mod tests {
             };
             request.answer(Ok(memory));
         });
-        let bufs = sink.prepare(shape(3)).unwrap();
-        assert_eq!((bufs.x.len(), bufs.topk_idx.len()), (12, 3));
-        bufs.x.fill(7);
+        let mut bufs = sink.prepare(shape(3)).unwrap();
+        assert_eq!((bufs.x[0].len(), bufs.topk_idx[0].len()), (12, 3));
+        bufs.x[0].fill(7);
         caller.join().unwrap();
     }
 

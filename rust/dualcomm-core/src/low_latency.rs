@@ -167,6 +167,7 @@ impl Endpoint {
         );
         self.combine(
             &CombineArgs {
+                rows_at: &[],
                 x: bytemuck::cast_slice(&rows),
                 hidden: args.hidden,
                 dtype: Dtype::F32,

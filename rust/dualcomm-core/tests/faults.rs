@@ -380,6 +380,7 @@ fn one_round(ep: &mut Endpoint, rank: usize) -> Result<()> {
     let mut comb_w = vec![0f32; TOKENS * TOPK];
     ep.combine(
         &CombineArgs {
+            rows_at: &[],
             x: &recv.x,
             hidden: HIDDEN,
             dtype: Dtype::F32,

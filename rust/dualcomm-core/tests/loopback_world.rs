@@ -220,6 +220,7 @@ fn run(c: &Case) -> Vec<RankResult> {
                 let mut comb_w = vec![f32::NAN; t * k];
                 ep.combine(
                     &CombineArgs {
+                        rows_at: &[],
                         x: &recv.x,
                         hidden: h,
                         dtype,

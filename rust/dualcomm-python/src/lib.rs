@@ -1137,6 +1137,7 @@ impl Endpoint {
                 let result = unsafe {
                     ep.combine_queued(
                         &CombineArgs {
+                            rows_at: &[],
                             x: x_raw.slice(),
                             hidden,
                             dtype,

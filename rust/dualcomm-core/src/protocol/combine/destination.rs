@@ -18,12 +18,20 @@ pub(super) struct Rows<'a> {
     pub weights: &'a [u8],
     pub row_bytes: usize,
     pub topk: usize,
+    /// See `CombineArgs::rows_at`.
+    pub at: &'a [usize],
 }
 
 impl<'a> Rows<'a> {
+    /// Where row `j` of the receive order sits in `x`.
+    pub fn index(&self, j: usize) -> usize {
+        if self.at.is_empty() { j } else { self.at[j] }
+    }
+
     /// Row `j` and its weights.
     pub fn row(&self, j: usize) -> [&'a [u8]; 2] {
         let (rb, k) = (self.row_bytes, self.topk);
+        let j = self.index(j);
         [
             &self.x[j * rb..(j + 1) * rb],
             &self.weights[j * k * 4..(j + 1) * k * 4],
@@ -113,8 +121,8 @@ impl Destination {
                 for (i, &j) in list.iter().enumerate().skip(self.sent[l]).take(n) {
                     sges.extend([
                         src.headers[l].piece(i, HEADER_BYTES),
-                        src.x.piece(j, rb),
-                        src.weights.piece(j, k * 4),
+                        src.x.piece(rows.index(j), rb),
+                        src.weights.piece(rows.index(j), k * 4),
                     ]);
                 }
                 ring.post(t, epoch, &sges, 3)?;

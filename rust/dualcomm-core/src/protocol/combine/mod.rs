@@ -50,6 +50,10 @@ pub struct CombineArgs<'a> {
     pub num_topk: usize,
     /// The dtype of the result (fp32 keeps the full-precision sum).
     pub out_dtype: Dtype,
+    /// Where row `j` of the handle's receive order sits in `x` (and `weights`), when `x`
+    /// holds more rows than the handle's (one channel's rows inside a Buffer's output);
+    /// empty: row `j` is row `j`.
+    pub rows_at: &'a [usize],
 }
 
 /// Where combine writes: `[num_tokens, hidden]` in `out_dtype`, and `[num_tokens,
@@ -122,6 +126,7 @@ pub(crate) fn run(
         weights: args.weights.map(bytemuck::cast_slice).unwrap_or(&[]),
         row_bytes: c.shape.row_bytes(),
         topk: c.shape.k,
+        at: args.rows_at,
     };
     let mut dest = Destination::new(handle, &topo, me);
     let mut red = Reducer::new(
@@ -222,7 +227,12 @@ fn check(
         ));
     }
     let rb = args.hidden * args.dtype.size();
-    if handle.num_recv.checked_mul(rb) != Some(args.x.len()) {
+    let x_rows = if args.rows_at.is_empty() {
+        handle.num_recv
+    } else {
+        args.x.len() / rb.max(1)
+    };
+    if x_rows.checked_mul(rb) != Some(args.x.len()) {
         return Err(Error::invalid(
             "x",
             format!(
@@ -232,12 +242,21 @@ fn check(
             format!("{} rows", args.x.len() / rb.max(1)),
         ));
     }
+    if !args.rows_at.is_empty()
+        && (args.rows_at.len() != handle.num_recv || args.rows_at.iter().any(|&r| r >= x_rows))
+    {
+        return Err(Error::invalid(
+            "rows_at",
+            format!("{} row numbers below {x_rows}", handle.num_recv),
+            format!("{} row numbers", args.rows_at.len()),
+        ));
+    }
     if let Some(w) = args.weights
-        && handle.num_recv.checked_mul(k) != Some(w.len())
+        && x_rows.checked_mul(k) != Some(w.len())
     {
         return Err(Error::invalid(
             "topk_weights",
-            format!("{} x {k} values", handle.num_recv),
+            format!("{x_rows} x {k} values"),
             w.len(),
         ));
     }

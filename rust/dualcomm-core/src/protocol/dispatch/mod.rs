@@ -111,12 +111,51 @@ pub struct RecvShape {
     pub num_recv_tokens_per_expert: Option<Vec<i64>>,
 }
 
-/// Where received tokens are written: exactly `num_recv` rows of each.
+/// Where received tokens are written: per source rank, in receive order, a block of
+/// exactly `recv_per_src[s]` rows of each. Blocks need not be adjacent: a Buffer that runs
+/// several channels hands each channel its own rows of every source, inside one output.
 pub struct RecvBuffers<'a> {
-    pub x: &'a mut [u8],
-    pub scales: &'a mut [u8],
-    pub topk_idx: &'a mut [i64],
-    pub topk_weights: &'a mut [f32],
+    pub x: Vec<&'a mut [u8]>,
+    pub scales: Vec<&'a mut [u8]>,
+    pub topk_idx: Vec<&'a mut [i64]>,
+    pub topk_weights: Vec<&'a mut [f32]>,
+}
+
+impl<'a> RecvBuffers<'a> {
+    /// Contiguous `[num_recv, row]` buffers cut into one block per source (`shape`'s
+    /// `recv_per_src`); each buffer must hold exactly `num_recv` rows.
+    pub fn contiguous(
+        shape: &RecvShape,
+        x: &'a mut [u8],
+        scales: &'a mut [u8],
+        topk_idx: &'a mut [i64],
+        topk_weights: &'a mut [f32],
+    ) -> Self {
+        let counts = &shape.recv_per_src;
+        Self {
+            x: split_rows(x, counts, shape.x_row_bytes),
+            scales: split_rows(scales, counts, shape.scale_row_bytes),
+            topk_idx: split_rows(topk_idx, counts, shape.num_topk),
+            topk_weights: split_rows(topk_weights, counts, shape.num_topk),
+        }
+    }
+}
+
+/// `buf` cut into consecutive blocks of `counts[s] * row` elements (the last block takes
+/// whatever is left, so a short or long buffer shows up in the receiver's length check).
+pub fn split_rows<'a, T>(mut buf: &'a mut [T], counts: &[u64], row: usize) -> Vec<&'a mut [T]> {
+    let mut blocks = Vec::with_capacity(counts.len());
+    for (s, &n) in counts.iter().enumerate() {
+        let len = if s + 1 == counts.len() {
+            buf.len()
+        } else {
+            (n as usize).saturating_mul(row).min(buf.len())
+        };
+        let (block, rest) = std::mem::take(&mut buf).split_at_mut(len);
+        blocks.push(block);
+        buf = rest;
+    }
+    blocks
 }
 
 /// Supplies the receive buffers once their size is known (the caller may allocate them
@@ -174,12 +213,13 @@ impl RecvSink for VecSink {
         )?;
         let k = s.num_topk.saturating_mul(n);
         refill(&mut self.topk_weights, "received top-k weights", k)?;
-        Ok(RecvBuffers {
-            x: &mut self.x,
-            scales: &mut self.scales,
-            topk_idx: &mut self.topk_idx,
-            topk_weights: &mut self.topk_weights,
-        })
+        Ok(RecvBuffers::contiguous(
+            &s,
+            &mut self.x,
+            &mut self.scales,
+            &mut self.topk_idx,
+            &mut self.topk_weights,
+        ))
     }
 }
 

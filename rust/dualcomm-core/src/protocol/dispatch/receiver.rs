@@ -21,10 +21,11 @@ pub(super) struct Receiver<'o> {
     prefix: Vec<usize>,
     got: Vec<u64>,
     order: SourceOrder,
-    x: &'o mut [u8],
-    scales: &'o mut [u8],
-    topk_idx: &'o mut [i64],
-    topk_w: &'o mut [f32],
+    /// Per source, its block of received rows (see `RecvBuffers`).
+    x: Vec<&'o mut [u8]>,
+    scales: Vec<&'o mut [u8]>,
+    topk_idx: Vec<&'o mut [i64]>,
+    topk_w: Vec<&'o mut [f32]>,
     src_rank: Vec<u32>,
     src_idx: Vec<u32>,
     xb: usize,
@@ -133,15 +134,21 @@ impl<'o> Receiver<'o> {
             }),
         };
         let bufs = sink.prepare(shape)?;
-        if bufs.x.len() != total * xb
-            || bufs.scales.len() != total * sb
-            || bufs.topk_idx.len() != total * k
-            || bufs.topk_weights.len() != total * k
+        let fits = |lens: Vec<usize>, row: usize| {
+            lens.len() == w && (0..w).all(|s| lens[s] == counts[s] as usize * row)
+        };
+        if !(fits(bufs.x.iter().map(|b| b.len()).collect(), xb)
+            && fits(bufs.scales.iter().map(|b| b.len()).collect(), sb)
+            && fits(bufs.topk_idx.iter().map(|b| b.len()).collect(), k)
+            && fits(bufs.topk_weights.iter().map(|b| b.len()).collect(), k))
         {
             // Not a bad argument: the operation is under way on every rank.
             return Err(Error::Internal {
                 rank: me,
-                detail: format!("the receive buffers supplied do not hold {total} rows"),
+                detail: format!(
+                    "the receive buffers supplied do not hold the {total} rows announced \
+                     per source"
+                ),
             });
         }
         Ok(Self {
@@ -197,23 +204,28 @@ impl<'o> Receiver<'o> {
                 ),
             ));
         }
-        let slot = self.prefix[s] + self.got[s] as usize;
+        // `g`: the row in the source's block; `slot`: the row in this receive order.
+        let g = self.got[s] as usize;
+        let slot = self.prefix[s] + g;
         self.got[s] += 1;
-        self.x[slot * self.xb..(slot + 1) * self.xb].copy_from_slice(secs[0]);
-        self.scales[slot * self.sb..(slot + 1) * self.sb].copy_from_slice(secs[1]);
+        self.x[s][g * self.xb..(g + 1) * self.xb].copy_from_slice(secs[0]);
+        self.scales[s][g * self.sb..(g + 1) * self.sb].copy_from_slice(secs[1]);
         let (lo, hi) = self.experts;
         let epr = (hi - lo) as usize;
+        let (idx_row, w_row) = (
+            &mut self.topk_idx[s][g * self.k..(g + 1) * self.k],
+            &mut self.topk_w[s][g * self.k..(g + 1) * self.k],
+        );
         for k in 0..self.k {
             let e = i64::from_le_bytes(secs[2][k * 8..k * 8 + 8].try_into().expect("8 bytes"));
             let w = f32::from_le_bytes(secs[3][k * 4..k * 4 + 4].try_into().expect("4 bytes"));
             let local = (lo..hi).contains(&e);
-            let row = &mut self.topk_idx[slot * self.k..slot * self.k + k];
             // A token counts once per expert, however often its top-k names it.
-            if local && !self.arrived_via.is_empty() && !row.contains(&(e - lo)) {
+            if local && !self.arrived_via.is_empty() && !idx_row[..k].contains(&(e - lo)) {
                 self.arrived_via[via * epr + (e - lo) as usize] += 1;
             }
-            self.topk_idx[slot * self.k + k] = if local { e - lo } else { -1 };
-            self.topk_w[slot * self.k + k] = if local { w } else { 0.0 };
+            idx_row[k] = if local { e - lo } else { -1 };
+            w_row[k] = if local { w } else { 0.0 };
         }
         self.src_rank[slot] = h.src_rank;
         self.src_idx[slot] = h.src_idx;
@@ -274,7 +286,7 @@ impl<'o> Receiver<'o> {
         if args.topk.is_some() {
             let epr = (self.experts.1 - self.experts.0) as usize;
             per_expert = vec![0; epr];
-            for row in self.topk_idx.chunks(self.k.max(1)) {
+            for row in self.topk_idx.iter().flat_map(|b| b.chunks(self.k.max(1))) {
                 for (j, &e) in row.iter().enumerate() {
                     if e >= 0 && !row[..j].contains(&e) {
                         per_expert[e as usize] += 1;
