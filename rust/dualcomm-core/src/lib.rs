@@ -2,6 +2,7 @@
 //! routed the way a multi-node cluster needs it (one network crossing per destination node,
 //! then forwarding inside the node), over pluggable RDMA-shaped transports. No Python here.
 
+pub mod channels;
 pub mod endpoint;
 pub mod engine;
 pub mod error;
@@ -13,6 +14,7 @@ pub mod routing;
 pub mod topology;
 pub mod transport;
 
+pub use channels::{ChannelDispatchOutput, ChannelHandle, ChannelRoute, Channels, channel_range};
 pub use endpoint::{Config, Endpoint, QueuedRoute, Stats};
 pub use engine::{Engine, Ticket};
 pub use error::{Error, Result};

@@ -127,6 +127,44 @@ fn check_len(arg: &str, got: usize, rows: usize, row: usize) -> Result<()> {
     Ok(())
 }
 
+/// The checks of a dispatch's tokens alone (no route): shapes, expert indices and counts,
+/// the format. A Buffer's channels run them on all its tokens before splitting them, so that
+/// errors name the caller's token indices.
+pub(crate) fn check_tokens(topo: &Topology, args: &DispatchArgs<'_>) -> Result<()> {
+    let n_tok = args.num_tokens;
+    check_len("x", args.x.len(), n_tok, args.x_row_bytes)?;
+    check_len("x scales", args.scales.len(), n_tok, args.scale_row_bytes)?;
+    if let Some(tk) = &args.topk {
+        experts_per_rank(topo, tk.num_experts)?;
+        check_len("topk_idx", tk.idx.len() * 8, n_tok, tk.num_topk * 8)?;
+        check_len("topk_weights", tk.weights.len() * 4, n_tok, tk.num_topk * 4)?;
+        check_expert_indices(tk.idx, tk.num_topk, tk.num_experts)?;
+    }
+    check_expert_counts(topo, args)?;
+    if args.expert_alignment == 0 {
+        return Err(Error::invalid("expert_alignment", "at least 1", 0));
+    }
+    if n_tok as u64 > MAX_TOKENS {
+        return Err(Error::invalid(
+            "x",
+            format!("at most {MAX_TOKENS} tokens"),
+            n_tok,
+        ));
+    }
+    let elem = args.x_row_bytes.checked_div(args.hidden).unwrap_or(0);
+    if args.hidden == 0 && args.x_row_bytes != 0 || elem * args.hidden != args.x_row_bytes {
+        return Err(Error::invalid(
+            "hidden",
+            format!(
+                "the number of elements in a {}-byte row of x",
+                args.x_row_bytes
+            ),
+            args.hidden,
+        ));
+    }
+    Ok(())
+}
+
 pub(super) fn check<'a>(
     topo: &Topology,
     me: usize,
@@ -155,41 +193,15 @@ pub(super) fn check<'a>(
             "a handle from another buffer",
         ));
     }
-    check_len("x", args.x.len(), n_tok, args.x_row_bytes)?;
-    check_len("x scales", args.scales.len(), n_tok, args.scale_row_bytes)?;
+    check_tokens(topo, args)?;
     let (k, experts) = match &args.topk {
         Some(tk) => {
             let epr = experts_per_rank(topo, tk.num_experts)?;
-            check_len("topk_idx", tk.idx.len() * 8, n_tok, tk.num_topk * 8)?;
-            check_len("topk_weights", tk.weights.len() * 4, n_tok, tk.num_topk * 4)?;
-            check_expert_indices(tk.idx, tk.num_topk, tk.num_experts)?;
             let lo = (me * epr) as i64;
             (tk.num_topk, (lo, lo + epr as i64))
         }
         None => (0, (0, 0)),
     };
-    check_expert_counts(topo, args)?;
-    if args.expert_alignment == 0 {
-        return Err(Error::invalid("expert_alignment", "at least 1", 0));
-    }
-    if n_tok as u64 > MAX_TOKENS {
-        return Err(Error::invalid(
-            "x",
-            format!("at most {MAX_TOKENS} tokens"),
-            n_tok,
-        ));
-    }
-    let elem = args.x_row_bytes.checked_div(args.hidden).unwrap_or(0);
-    if args.hidden == 0 && args.x_row_bytes != 0 || elem * args.hidden != args.x_row_bytes {
-        return Err(Error::invalid(
-            "hidden",
-            format!(
-                "the number of elements in a {}-byte row of x",
-                args.x_row_bytes
-            ),
-            args.hidden,
-        ));
-    }
     let format = RecordFormat {
         dtype: args.x_dtype,
         hidden: u32::try_from(args.hidden)

@@ -12,6 +12,7 @@
 //! the operation and drives the three until every ring is drained and acknowledged.
 
 mod checks;
+pub(crate) use checks::check_tokens;
 mod forwarder;
 mod receiver;
 mod source;

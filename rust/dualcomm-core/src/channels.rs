@@ -1,0 +1,688 @@
+//! Channels, as DeepEP's: one rank's dispatch and combine split over several endpoints,
+//! each with its own transport and its own thread, each owning a contiguous range of every
+//! rank's tokens, so that one rank's bandwidth is not capped by one core.
+//!
+//! Results are bitwise those of one channel. Receive order stays (source rank, token
+//! index): channel `c` carries tokens `channel_range(n, C, c)` of a source with `n`
+//! tokens, the ranges ascend with `c`, so a source's rows are channel 0's, then channel 1's,
+//! and so on; each channel writes its rows of every source straight into that place of one
+//! output (no merge copy). Combine sums each token on exactly one channel, in the order one
+//! channel would, so the sums are the same.
+//!
+//! Every rank must run the same number of channels (each channel is a world of its own).
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::thread;
+use std::time::Duration;
+
+use crate::endpoint::{Endpoint, Stats};
+use crate::error::{Error, Result};
+use crate::protocol::combine::{CombineArgs, CombineOut};
+use crate::protocol::dispatch::check_tokens;
+use crate::protocol::dispatch::{
+    DispatchArgs, DispatchHandle, DispatchOutput, RecvBuffers, RecvShape, RecvSink, Route,
+    TopkArgs, VecSink,
+};
+use crate::protocol::op::OpKind;
+use crate::routing::SendPlan;
+
+/// Tokens `[lo, hi)` of `num_tokens` that channel `c` of `channels` carries: contiguous,
+/// ascending with `c`, sizes differing by at most one.
+pub fn channel_range(num_tokens: usize, channels: usize, c: usize) -> Range<usize> {
+    let at = |c: usize| (num_tokens as u128 * c as u128 / channels as u128) as usize;
+    at(c)..at(c + 1)
+}
+
+/// The handle of a dispatch over channels: each channel's own handle, and where each
+/// channel's received rows sit in the merged receive order.
+#[derive(Debug)]
+pub struct ChannelHandle {
+    pub parts: Vec<Arc<DispatchHandle>>,
+    /// Per channel, row `j` of its receive order is row `rows_at[c][j]` of the output.
+    pub rows_at: Vec<Vec<usize>>,
+    pub num_recv: usize,
+    /// Per output row: the source rank and the source's token index (DeepEP's
+    /// `recv_src_idx`).
+    pub recv_src_rank: Vec<u32>,
+    pub recv_src_idx: Vec<u32>,
+    /// Rows from each source rank.
+    pub recv_per_src: Vec<u64>,
+}
+
+#[derive(Debug)]
+pub struct ChannelDispatchOutput {
+    pub num_recv: usize,
+    /// Per local expert, rounded up to `expert_alignment`; empty without top-k or counts.
+    pub num_recv_tokens_per_expert: Vec<i64>,
+    pub handle: Arc<ChannelHandle>,
+}
+
+/// Where a dispatch over channels sends its tokens.
+pub enum ChannelRoute<'a> {
+    /// `[num_tokens, world_size]` booleans, as `Endpoint::plan` takes them.
+    Fresh(&'a [bool]),
+    Cached(&'a ChannelHandle),
+}
+
+/// One rank's channels: endpoints of the same rank in as many worlds.
+pub struct Channels {
+    eps: Vec<Endpoint>,
+}
+
+impl Channels {
+    pub fn new(eps: Vec<Endpoint>) -> Result<Self> {
+        let Some(first) = eps.first() else {
+            return Err(Error::invalid("channels", "at least one endpoint", 0));
+        };
+        let (rank, topo) = (first.rank(), *first.topology());
+        if let Some(ep) = eps
+            .iter()
+            .find(|ep| ep.rank() != rank || *ep.topology() != topo)
+        {
+            return Err(Error::invalid(
+                "channels",
+                format!(
+                    "endpoints of rank {rank} in {}x{} worlds",
+                    topo.num_nodes(),
+                    topo.ranks_per_node()
+                ),
+                format!(
+                    "one of rank {} in a {}x{} world",
+                    ep.rank(),
+                    ep.topology().num_nodes(),
+                    ep.topology().ranks_per_node()
+                ),
+            ));
+        }
+        Ok(Self { eps })
+    }
+
+    pub fn len(&self) -> usize {
+        self.eps.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.eps.is_empty()
+    }
+
+    pub fn endpoint(&mut self, c: usize) -> &mut Endpoint {
+        &mut self.eps[c]
+    }
+
+    /// Every channel's traffic, summed (connections too: each channel has its own).
+    pub fn stats(&self) -> Stats {
+        self.eps
+            .iter()
+            .map(Endpoint::stats)
+            .fold(Stats::default(), |a, b| Stats {
+                nvl_payload_bytes: a.nvl_payload_bytes + b.nvl_payload_bytes,
+                rdma_payload_bytes: a.rdma_payload_bytes + b.rdma_payload_bytes,
+                nvl_wire_bytes: a.nvl_wire_bytes + b.nvl_wire_bytes,
+                rdma_wire_bytes: a.rdma_wire_bytes + b.rdma_wire_bytes,
+                operations: a.operations.max(b.operations),
+                rejected_connections: a.rejected_connections + b.rejected_connections,
+                nvl_connections: a.nvl_connections + b.nvl_connections,
+                rdma_connections: a.rdma_connections + b.rdma_connections,
+            })
+    }
+
+    /// Runs `f` on every channel at once, channel 0 on this thread.
+    fn each<T: Send>(&mut self, f: impl Fn(usize, &mut Endpoint) -> T + Sync) -> Vec<T> {
+        let f = &f;
+        let (first, rest) = self.eps.split_first_mut().expect("at least one channel");
+        thread::scope(|scope| {
+            let others: Vec<_> = rest
+                .iter_mut()
+                .enumerate()
+                .map(|(i, ep)| scope.spawn(move || f(i + 1, ep)))
+                .collect();
+            let mut out = vec![f(0, first)];
+            out.extend(others.into_iter().map(|t| match t.join() {
+                Ok(v) => v,
+                Err(p) => std::panic::resume_unwind(p),
+            }));
+            out
+        })
+    }
+
+    /// Refuses the next operation on every channel (see `Endpoint::reject`).
+    fn reject<T>(&mut self, kind: OpKind, e: Error) -> Result<T> {
+        let results = self.each(|_, ep| ep.reject::<()>(kind, e.clone()));
+        first_error(results)?;
+        Err(e)
+    }
+
+    /// Dispatches over every channel; the received rows of all channels go to the buffers
+    /// `sink` supplies, in the receive order of one channel.
+    pub fn dispatch(
+        &mut self,
+        args: &DispatchArgs<'_>,
+        route: ChannelRoute<'_>,
+        sink: &mut dyn RecvSink,
+    ) -> Result<ChannelDispatchOutput> {
+        let nc = self.len();
+        let kind = match route {
+            ChannelRoute::Fresh(_) => OpKind::Dispatch,
+            ChannelRoute::Cached(_) => OpKind::CachedDispatch,
+        };
+        let parts = match self.split(args, &route) {
+            Ok(p) => p,
+            Err(e @ Error::InvalidArgument { .. }) => return self.reject(kind, e),
+            Err(e) => return Err(e),
+        };
+        let timeout = self.eps[0].config().timeout;
+        let (mut sinks, coordinator) = channel_sinks(nc, self.eps[0].rank(), timeout);
+        let jobs: Vec<_> = parts.into_iter().zip(sinks.iter_mut()).collect();
+        let jobs = std::sync::Mutex::new(jobs.into_iter().map(Some).collect::<Vec<_>>());
+        let results = thread::scope(|scope| {
+            let runner = scope.spawn(|| {
+                self.each(|c, ep| {
+                    let (part, sink) = jobs.lock().unwrap()[c].take().expect("one job each");
+                    let a = part.args(args);
+                    let route = match &part.route {
+                        PartRoute::Fresh(plan) => Route::Fresh(Arc::clone(plan)),
+                        PartRoute::Cached(h) => Route::Cached(h),
+                    };
+                    // The sink must go (and with it its end of the shape channel) when the
+                    // job ends, so that the coordinator never waits for a finished channel.
+                    let r = ep.dispatch(&a, route, sink);
+                    sink.close();
+                    r
+                })
+            });
+            coordinator.serve(sink);
+            runner
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        });
+        let outs = first_error(results)?;
+        Ok(merge(outs, args.expert_alignment))
+    }
+
+    /// Combines over every channel: each sums its tokens into its rows of `out`.
+    pub fn combine(
+        &mut self,
+        args: &CombineArgs<'_>,
+        handle: &ChannelHandle,
+        out: CombineOut<'_>,
+    ) -> Result<()> {
+        let nc = self.len();
+        if !args.rows_at.is_empty() {
+            let e = Error::invalid("rows_at", "empty (channels place rows themselves)", "rows");
+            return self.reject(OpKind::Combine, e);
+        }
+        if handle.parts.len() != nc {
+            let e = Error::invalid(
+                "handle",
+                format!("the handle of a dispatch over {nc} channels"),
+                format!("one over {}", handle.parts.len()),
+            );
+            return self.reject(OpKind::Combine, e);
+        }
+        let k = if args.weights.is_some() {
+            args.num_topk
+        } else {
+            0
+        };
+        let tokens: Vec<usize> = handle.parts.iter().map(|h| h.plan.num_tokens()).collect();
+        let out_rb = args.hidden * args.out_dtype.size();
+        let outs = std::sync::Mutex::new(
+            split_by(out.x, &tokens, out_rb)
+                .into_iter()
+                .zip(split_by(out.weights, &tokens, k))
+                .map(Some)
+                .collect::<Vec<_>>(),
+        );
+        let results = self.each(|c, ep| {
+            let (x, weights) = outs.lock().unwrap()[c].take().expect("one output each");
+            let a = CombineArgs {
+                rows_at: &handle.rows_at[c],
+                ..*args
+            };
+            ep.combine(&a, &handle.parts[c], CombineOut { x, weights })
+        });
+        first_error(results).map(|_| ())
+    }
+
+    /// Each channel's share of a dispatch: its token range, plan or handle, and counts.
+    fn split(&self, args: &DispatchArgs<'_>, route: &ChannelRoute<'_>) -> Result<Vec<Part>> {
+        let (nc, n) = (self.len(), args.num_tokens);
+        let topo = *self.eps[0].topology();
+        let w = topo.world_size();
+        check_tokens(&topo, args)?;
+        let ranges: Vec<_> = (0..nc).map(|c| channel_range(n, nc, c)).collect();
+        let routes: Vec<PartRoute> = match route {
+            ChannelRoute::Fresh(in_rank) => {
+                if in_rank.len() != n * w {
+                    return Err(Error::invalid(
+                        "is_token_in_rank",
+                        format!("{n} x {w} values"),
+                        in_rank.len(),
+                    ));
+                }
+                ranges
+                    .iter()
+                    .map(|r| {
+                        let plan = self.eps[0].plan(&in_rank[r.start * w..r.end * w], r.len())?;
+                        Ok(PartRoute::Fresh(plan))
+                    })
+                    .collect::<Result<_>>()?
+            }
+            ChannelRoute::Cached(h) => {
+                if h.parts.len() != nc {
+                    return Err(Error::invalid(
+                        "handle",
+                        format!("the handle of a dispatch over {nc} channels"),
+                        format!("one over {}", h.parts.len()),
+                    ));
+                }
+                h.parts.iter().cloned().map(PartRoute::Cached).collect()
+            }
+        };
+        let per_expert = per_channel_expert_counts(args, &ranges)?;
+        Ok(ranges
+            .into_iter()
+            .zip(routes)
+            .zip(per_expert)
+            .map(|((tokens, route), per_expert)| Part {
+                tokens,
+                route,
+                per_expert,
+            })
+            .collect())
+    }
+}
+
+enum PartRoute {
+    Fresh(Arc<SendPlan>),
+    Cached(Arc<DispatchHandle>),
+}
+
+struct Part {
+    tokens: Range<usize>,
+    route: PartRoute,
+    per_expert: Vec<u64>,
+}
+
+impl Part {
+    /// The dispatch arguments of this channel's tokens. Per-expert receive counts are summed
+    /// over channels before they are rounded up, so each channel counts unrounded.
+    fn args<'a>(&'a self, a: &DispatchArgs<'a>) -> DispatchArgs<'a> {
+        let r = &self.tokens;
+        let rows = |buf: &'a [u8], row: usize| {
+            &buf[(r.start * row).min(buf.len())..(r.end * row).min(buf.len())]
+        };
+        DispatchArgs {
+            num_tokens: r.len(),
+            x: rows(a.x, a.x_row_bytes),
+            scales: rows(a.scales, a.scale_row_bytes),
+            topk: a.topk.as_ref().map(|t| TopkArgs {
+                idx: &t.idx[(r.start * t.num_topk).min(t.idx.len())
+                    ..(r.end * t.num_topk).min(t.idx.len())],
+                weights: &t.weights[(r.start * t.num_topk).min(t.weights.len())
+                    ..(r.end * t.num_topk).min(t.weights.len())],
+                ..*t
+            }),
+            num_tokens_per_expert: &self.per_expert,
+            expert_alignment: 1,
+            ..*a
+        }
+    }
+}
+
+/// `num_tokens_per_expert` split over channels. With top-k each channel counts its own
+/// tokens (a token once per expert), and the sums must match what the caller gave; without
+/// top-k nothing can be split, so channel 0 announces the caller's counts and the others
+/// zeros (the receivers only add them up).
+fn per_channel_expert_counts(
+    args: &DispatchArgs<'_>,
+    ranges: &[Range<usize>],
+) -> Result<Vec<Vec<u64>>> {
+    let given = args.num_tokens_per_expert;
+    if given.is_empty() {
+        return Ok(vec![Vec::new(); ranges.len()]);
+    }
+    let Some(t) = &args.topk else {
+        let mut v = vec![vec![0; given.len()]; ranges.len()];
+        v[0] = given.to_vec();
+        return Ok(v);
+    };
+    let (k, ne) = (t.num_topk, given.len());
+    if t.idx.len() != args.num_tokens * k {
+        // The channel's own checks name it.
+        return Ok(vec![given.to_vec(); ranges.len()]);
+    }
+    let counts: Vec<Vec<u64>> = ranges
+        .iter()
+        .map(|r| {
+            let mut v = vec![0u64; ne];
+            for row in t.idx[r.start * k..r.end * k].chunks(k.max(1)) {
+                for (j, &e) in row.iter().enumerate() {
+                    if e >= 0 && (e as usize) < ne && !row[..j].contains(&e) {
+                        v[e as usize] += 1;
+                    }
+                }
+            }
+            v
+        })
+        .collect();
+    if let Some(e) = (0..ne).find(|&e| counts.iter().map(|v| v[e]).sum::<u64>() != given[e]) {
+        return Err(Error::invalid(
+            "num_tokens_per_expert",
+            format!(
+                "the tokens topk_idx sends to each expert ({} for expert {e})",
+                counts.iter().map(|v| v[e]).sum::<u64>()
+            ),
+            given[e],
+        ));
+    }
+    Ok(counts)
+}
+
+/// The first error of any channel: a rejected argument or a peer's abort first (they say
+/// why), then the rest.
+fn first_error<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
+    let rank = |e: &Error| match e {
+        Error::InvalidArgument { .. } => 0,
+        Error::PeerAborted { .. } => 1,
+        _ => 2,
+    };
+    if let Some(e) = results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .min_by_key(|e| rank(e))
+    {
+        return Err(e.clone());
+    }
+    Ok(results.into_iter().map(|r| r.expect("no error")).collect())
+}
+
+/// `buf` cut into consecutive pieces of `counts[c] * row` elements (the last takes the rest,
+/// so that a wrong length reaches the channel's own check).
+fn split_by<'a, T>(buf: &'a mut [T], counts: &[usize], row: usize) -> Vec<&'a mut [T]> {
+    let counts: Vec<u64> = counts.iter().map(|&n| n as u64).collect();
+    crate::protocol::dispatch::split_rows(buf, &counts, row)
+}
+
+/// The channels' outputs as one: rows in (source, channel, index) order.
+fn merge(outs: Vec<DispatchOutput>, alignment: usize) -> ChannelDispatchOutput {
+    let nc = outs.len();
+    let w = outs[0].handle.recv_per_src.len();
+    let count = |c: usize, s: usize| outs[c].handle.recv_per_src[s] as usize;
+    let recv_per_src: Vec<u64> = (0..w)
+        .map(|s| (0..nc).map(|c| count(c, s) as u64).sum())
+        .collect();
+    let num_recv: usize = outs.iter().map(|o| o.num_recv).sum();
+    let mut rows_at: Vec<Vec<usize>> = outs
+        .iter()
+        .map(|o| Vec::with_capacity(o.num_recv))
+        .collect();
+    let mut recv_src_rank = Vec::with_capacity(num_recv);
+    let mut recv_src_idx = Vec::with_capacity(num_recv);
+    let mut local_start = vec![0usize; nc];
+    for s in 0..w {
+        let total: u64 = outs.iter().map(|o| o.handle.src_num_tokens[s]).sum();
+        for c in 0..nc {
+            let h = &outs[c].handle;
+            let first = channel_range(total as usize, nc, c).start as u32;
+            for j in local_start[c]..local_start[c] + count(c, s) {
+                rows_at[c].push(recv_src_rank.len());
+                recv_src_rank.push(s as u32);
+                recv_src_idx.push(first + h.recv_src_idx[j]);
+            }
+            local_start[c] += count(c, s);
+        }
+    }
+    let per_expert = if outs.iter().any(|o| o.num_recv_tokens_per_expert.is_empty()) {
+        Vec::new()
+    } else {
+        let a = alignment.max(1) as i64;
+        (0..outs[0].num_recv_tokens_per_expert.len())
+            .map(|e| {
+                let n: i64 = outs.iter().map(|o| o.num_recv_tokens_per_expert[e]).sum();
+                (n + a - 1) / a * a
+            })
+            .collect()
+    };
+    ChannelDispatchOutput {
+        num_recv,
+        num_recv_tokens_per_expert: per_expert,
+        handle: Arc::new(ChannelHandle {
+            parts: outs.into_iter().map(|o| o.handle).collect(),
+            rows_at,
+            num_recv,
+            recv_src_rank,
+            recv_src_idx,
+            recv_per_src,
+        }),
+    }
+}
+
+/// What the coordinator answers a channel that showed its receive shape.
+enum Answer<'a> {
+    /// Its rows inside the caller's buffers.
+    Rows(RecvBuffers<'a>),
+    /// Another channel ended without a shape: the dispatch fails, but this channel's runs on
+    /// every rank and must finish, so it receives into memory of its own.
+    Scratch,
+    Failed(Error),
+}
+
+/// A channel's sink: shows its shape to the coordinator and takes the memory it answers.
+struct ChannelSink<'a> {
+    shapes: Option<Sender<RecvShape>>,
+    answers: Receiver<Answer<'a>>,
+    scratch: VecSink,
+    timeout: Duration,
+    rank: usize,
+}
+
+impl ChannelSink<'_> {
+    fn close(&mut self) {
+        self.shapes = None;
+    }
+}
+
+impl<'a> RecvSink for ChannelSink<'a> {
+    fn prepare(&mut self, shape: RecvShape) -> Result<RecvBuffers<'_>> {
+        let gone = || Error::Internal {
+            rank: self.rank,
+            detail: "the channel coordinator stopped".into(),
+        };
+        let tx = self.shapes.take().ok_or_else(gone)?;
+        tx.send(shape.clone()).map_err(|_| gone())?;
+        match self.answers.recv_timeout(self.timeout) {
+            Ok(Answer::Rows(b)) => Ok(b),
+            Ok(Answer::Scratch) => self.scratch.prepare(shape),
+            Ok(Answer::Failed(e)) => Err(e),
+            Err(_) => Err(Error::Timeout {
+                what: "the other channels' receive counts".into(),
+                timeout: self.timeout,
+            }),
+        }
+    }
+}
+
+/// The caller's side: collects every channel's shape, asks the caller's sink for buffers
+/// of their sum, and hands each channel its rows of every source.
+struct Coordinator<'a> {
+    shapes: Vec<Receiver<RecvShape>>,
+    answers: Vec<Sender<Answer<'a>>>,
+    timeout: Duration,
+}
+
+fn channel_sinks<'a>(
+    nc: usize,
+    rank: usize,
+    timeout: Duration,
+) -> (Vec<ChannelSink<'a>>, Coordinator<'a>) {
+    let mut sinks = Vec::with_capacity(nc);
+    let mut coordinator = Coordinator {
+        shapes: Vec::with_capacity(nc),
+        answers: Vec::with_capacity(nc),
+        timeout,
+    };
+    for _ in 0..nc {
+        let (shape_tx, shape_rx) = mpsc::channel();
+        let (answer_tx, answer_rx) = mpsc::channel();
+        sinks.push(ChannelSink {
+            shapes: Some(shape_tx),
+            answers: answer_rx,
+            scratch: VecSink::default(),
+            timeout,
+            rank,
+        });
+        coordinator.shapes.push(shape_rx);
+        coordinator.answers.push(answer_tx);
+    }
+    (sinks, coordinator)
+}
+
+impl<'a> Coordinator<'a> {
+    fn serve(self, sink: &'a mut dyn RecvSink) {
+        // A channel's job ends (and drops its sender) within its deadline; the extra second
+        // only keeps this wait bounded should it not.
+        let wait = self.timeout + Duration::from_secs(1);
+        let shapes: Vec<Option<RecvShape>> = self
+            .shapes
+            .iter()
+            .map(|rx| rx.recv_timeout(wait).ok())
+            .collect();
+        if shapes.iter().any(Option::is_none) {
+            for (tx, shape) in self.answers.iter().zip(&shapes) {
+                if shape.is_some() {
+                    let _ = tx.send(Answer::Scratch);
+                }
+            }
+            return;
+        }
+        let shapes: Vec<RecvShape> = shapes.into_iter().map(Option::unwrap).collect();
+        let merged = merged_shape(&shapes);
+        match sink.prepare(merged) {
+            Ok(bufs) => {
+                for (tx, rows) in self.answers.iter().zip(split_channels(bufs, &shapes)) {
+                    let _ = tx.send(Answer::Rows(rows));
+                }
+            }
+            Err(e) => {
+                for tx in &self.answers {
+                    let _ = tx.send(Answer::Failed(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+fn merged_shape(shapes: &[RecvShape]) -> RecvShape {
+    let sum = |f: &dyn Fn(&RecvShape) -> &[u64]| -> Vec<u64> {
+        let mut v = f(&shapes[0]).to_vec();
+        for s in &shapes[1..] {
+            for (a, b) in v.iter_mut().zip(f(s)) {
+                *a += b;
+            }
+        }
+        v
+    };
+    let per_expert = if shapes
+        .iter()
+        .all(|s| s.num_recv_tokens_per_expert.is_some())
+    {
+        let mut v = shapes[0]
+            .num_recv_tokens_per_expert
+            .clone()
+            .expect("checked");
+        for s in &shapes[1..] {
+            for (a, b) in v
+                .iter_mut()
+                .zip(s.num_recv_tokens_per_expert.as_ref().expect("checked"))
+            {
+                *a += b;
+            }
+        }
+        Some(v)
+    } else {
+        None
+    };
+    RecvShape {
+        num_recv: shapes.iter().map(|s| s.num_recv).sum(),
+        recv_per_src: sum(&|s| &s.recv_per_src),
+        node_matrix: sum(&|s| &s.node_matrix),
+        num_recv_tokens_per_expert: per_expert,
+        ..shapes[0].clone()
+    }
+}
+
+/// Each source's block of `bufs` cut into the channels' rows, channel 0's first.
+fn split_channels<'a>(bufs: RecvBuffers<'a>, shapes: &[RecvShape]) -> Vec<RecvBuffers<'a>> {
+    let nc = shapes.len();
+    let mut out: Vec<RecvBuffers<'a>> = (0..nc)
+        .map(|_| RecvBuffers {
+            x: Vec::new(),
+            scales: Vec::new(),
+            topk_idx: Vec::new(),
+            topk_weights: Vec::new(),
+        })
+        .collect();
+    let counts = |s: usize| -> Vec<u64> { shapes.iter().map(|sh| sh.recv_per_src[s]).collect() };
+    let s0 = &shapes[0];
+    for (s, block) in bufs.x.into_iter().enumerate() {
+        for (c, piece) in crate::protocol::dispatch::split_rows(block, &counts(s), s0.x_row_bytes)
+            .into_iter()
+            .enumerate()
+        {
+            out[c].x.push(piece);
+        }
+    }
+    for (s, block) in bufs.scales.into_iter().enumerate() {
+        for (c, piece) in
+            crate::protocol::dispatch::split_rows(block, &counts(s), s0.scale_row_bytes)
+                .into_iter()
+                .enumerate()
+        {
+            out[c].scales.push(piece);
+        }
+    }
+    for (s, block) in bufs.topk_idx.into_iter().enumerate() {
+        for (c, piece) in crate::protocol::dispatch::split_rows(block, &counts(s), s0.num_topk)
+            .into_iter()
+            .enumerate()
+        {
+            out[c].topk_idx.push(piece);
+        }
+    }
+    for (s, block) in bufs.topk_weights.into_iter().enumerate() {
+        for (c, piece) in crate::protocol::dispatch::split_rows(block, &counts(s), s0.num_topk)
+            .into_iter()
+            .enumerate()
+        {
+            out[c].topk_weights.push(piece);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_tile_the_tokens_in_order() {
+        for n in [0usize, 1, 5, 7, 1024] {
+            for nc in 1..5 {
+                let rs: Vec<_> = (0..nc).map(|c| channel_range(n, nc, c)).collect();
+                assert_eq!(rs[0].start, 0);
+                assert_eq!(rs[nc - 1].end, n);
+                for c in 1..nc {
+                    assert_eq!(rs[c].start, rs[c - 1].end);
+                }
+                let (lo, hi) = (
+                    rs.iter().map(|r| r.len()).min().unwrap(),
+                    rs.iter().map(|r| r.len()).max().unwrap(),
+                );
+                assert!(hi - lo <= 1, "{n} over {nc}: {rs:?}");
+            }
+        }
+    }
+}
