@@ -20,11 +20,11 @@ use std::time::Duration;
 use crate::endpoint::{Endpoint, Stats};
 use crate::error::{Error, Result};
 use crate::protocol::combine::{CombineArgs, CombineOut};
-use crate::protocol::dispatch::check_tokens;
 use crate::protocol::dispatch::{
     DispatchArgs, DispatchHandle, DispatchOutput, RecvBuffers, RecvShape, RecvSink, Route,
     TopkArgs, VecSink,
 };
+use crate::protocol::dispatch::{check_tokens, split_rows};
 use crate::protocol::op::OpKind;
 use crate::routing::SendPlan;
 
@@ -403,7 +403,7 @@ fn first_error<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
 /// so that a wrong length reaches the channel's own check).
 fn split_by<'a, T>(buf: &'a mut [T], counts: &[usize], row: usize) -> Vec<&'a mut [T]> {
     let counts: Vec<u64> = counts.iter().map(|&n| n as u64).collect();
-    crate::protocol::dispatch::split_rows(buf, &counts, row)
+    split_rows(buf, &counts, row)
 }
 
 /// The channels' outputs as one: rows in (source, channel, index) order.
@@ -614,6 +614,22 @@ fn merged_shape(shapes: &[RecvShape]) -> RecvShape {
     }
 }
 
+/// Source `s`'s block of `blocks` cut into the channels' rows (`counts(s)`), each piece
+/// appended to its channel's buffers (`field` picks which).
+fn deal<'a, T>(
+    blocks: Vec<&'a mut [T]>,
+    counts: &dyn Fn(usize) -> Vec<u64>,
+    row: usize,
+    out: &mut [RecvBuffers<'a>],
+    field: impl for<'b> Fn(&'b mut RecvBuffers<'a>) -> &'b mut Vec<&'a mut [T]>,
+) {
+    for (s, block) in blocks.into_iter().enumerate() {
+        for (c, piece) in split_rows(block, &counts(s), row).into_iter().enumerate() {
+            field(&mut out[c]).push(piece);
+        }
+    }
+}
+
 /// Each source's block of `bufs` cut into the channels' rows, channel 0's first.
 fn split_channels<'a>(bufs: RecvBuffers<'a>, shapes: &[RecvShape]) -> Vec<RecvBuffers<'a>> {
     let nc = shapes.len();
@@ -627,39 +643,16 @@ fn split_channels<'a>(bufs: RecvBuffers<'a>, shapes: &[RecvShape]) -> Vec<RecvBu
         .collect();
     let counts = |s: usize| -> Vec<u64> { shapes.iter().map(|sh| sh.recv_per_src[s]).collect() };
     let s0 = &shapes[0];
-    for (s, block) in bufs.x.into_iter().enumerate() {
-        for (c, piece) in crate::protocol::dispatch::split_rows(block, &counts(s), s0.x_row_bytes)
-            .into_iter()
-            .enumerate()
-        {
-            out[c].x.push(piece);
-        }
-    }
-    for (s, block) in bufs.scales.into_iter().enumerate() {
-        for (c, piece) in
-            crate::protocol::dispatch::split_rows(block, &counts(s), s0.scale_row_bytes)
-                .into_iter()
-                .enumerate()
-        {
-            out[c].scales.push(piece);
-        }
-    }
-    for (s, block) in bufs.topk_idx.into_iter().enumerate() {
-        for (c, piece) in crate::protocol::dispatch::split_rows(block, &counts(s), s0.num_topk)
-            .into_iter()
-            .enumerate()
-        {
-            out[c].topk_idx.push(piece);
-        }
-    }
-    for (s, block) in bufs.topk_weights.into_iter().enumerate() {
-        for (c, piece) in crate::protocol::dispatch::split_rows(block, &counts(s), s0.num_topk)
-            .into_iter()
-            .enumerate()
-        {
-            out[c].topk_weights.push(piece);
-        }
-    }
+    deal(bufs.x, &counts, s0.x_row_bytes, &mut out, |b| &mut b.x);
+    deal(bufs.scales, &counts, s0.scale_row_bytes, &mut out, |b| {
+        &mut b.scales
+    });
+    deal(bufs.topk_idx, &counts, s0.num_topk, &mut out, |b| {
+        &mut b.topk_idx
+    });
+    deal(bufs.topk_weights, &counts, s0.num_topk, &mut out, |b| {
+        &mut b.topk_weights
+    });
     out
 }
 
