@@ -1,5 +1,7 @@
 //! Loopback dispatch + combine throughput (token payload bytes per second, all ranks
 //! together) against a plain memcpy of the same bytes, measured in the same run.
+//! A second table runs the same worlds over two channels per rank (each its own loopback
+//! world and thread, as `Buffer` runs them) against one, measured in the same run.
 //! `cargo bench --bench loopback`.
 
 use std::hint::black_box;
@@ -9,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use dualcomm_core::transport::loopback::LoopbackFabric;
 use dualcomm_core::{
-    CombineArgs, CombineOut, Config, DispatchArgs, Dtype, ElemType, Endpoint, Route, TopkArgs,
-    Topology, VecSink,
+    ChannelHandle, ChannelRoute, Channels, CombineArgs, CombineOut, Config, DispatchArgs,
+    DispatchHandle, Dtype, ElemType, Endpoint, Route, SendPlan, TopkArgs, Topology, VecSink,
 };
 
 const HIDDEN: usize = 7168;
@@ -20,12 +22,57 @@ const ROUNDS: usize = 5;
 /// Seconds and payload bytes of all ranks' dispatches, then of their combines.
 type Timing = [(f64, u64); 2];
 
-/// Runs `ROUNDS` dispatch+combine rounds on every rank.
-fn world(nodes: usize, rpn: usize, tokens: usize) -> Timing {
+/// One rank: a single endpoint (the plain path), or several channels.
+enum Rank {
+    One(Endpoint, Arc<SendPlan>),
+    Many(Channels, Vec<bool>),
+}
+
+enum Handle {
+    One(Arc<DispatchHandle>),
+    Many(Arc<ChannelHandle>),
+}
+
+impl Rank {
+    fn payload(&self) -> u64 {
+        let st = match self {
+            Rank::One(ep, _) => ep.stats(),
+            Rank::Many(ch, _) => ch.stats(),
+        };
+        st.nvl_payload_bytes + st.rdma_payload_bytes
+    }
+
+    fn dispatch(&mut self, args: &DispatchArgs<'_>, sink: &mut VecSink) -> Handle {
+        match self {
+            Rank::One(ep, plan) => Handle::One(
+                ep.dispatch(args, Route::Fresh(Arc::clone(plan)), sink)
+                    .unwrap()
+                    .handle,
+            ),
+            Rank::Many(ch, in_rank) => Handle::Many(
+                ch.dispatch(args, ChannelRoute::Fresh(in_rank), sink)
+                    .unwrap()
+                    .handle,
+            ),
+        }
+    }
+
+    fn combine(&mut self, args: &CombineArgs<'_>, handle: &Handle, out: CombineOut<'_>) {
+        match (self, handle) {
+            (Rank::One(ep, _), Handle::One(h)) => ep.combine(args, h, out).unwrap(),
+            (Rank::Many(ch, _), Handle::Many(h)) => ch.combine(args, h, out).unwrap(),
+            _ => unreachable!("a handle of the same kind of rank"),
+        }
+    }
+}
+
+/// Runs `ROUNDS` dispatch+combine rounds on every rank, over `channels` channels (1: one
+/// plain endpoint per rank).
+fn world(nodes: usize, rpn: usize, tokens: usize, channels: usize) -> Timing {
     let topo = Topology::new(nodes, rpn).unwrap();
     let w = topo.world_size();
     let experts = 8 * w;
-    let fabric = LoopbackFabric::new(w);
+    let fabrics: Vec<_> = (0..channels).map(|_| LoopbackFabric::new(w)).collect();
     let config = Config {
         num_nvl_bytes: 64 << 20,
         num_rdma_bytes: 64 << 20,
@@ -34,10 +81,13 @@ fn world(nodes: usize, rpn: usize, tokens: usize) -> Timing {
     let barrier = Arc::new(Barrier::new(w));
     let threads: Vec<_> = (0..w)
         .map(|r| {
-            let (fabric, config, barrier) =
-                (Arc::clone(&fabric), config.clone(), Arc::clone(&barrier));
+            let (fabrics, config, barrier) =
+                (fabrics.clone(), config.clone(), Arc::clone(&barrier));
             thread::spawn(move || {
-                let mut ep = Endpoint::loopback(&fabric, topo, r, config).unwrap();
+                let mut eps: Vec<_> = fabrics
+                    .iter()
+                    .map(|f| Endpoint::loopback(f, topo, r, config.clone()).unwrap())
+                    .collect();
                 let mut s = r as u64 + 1;
                 let mut next = || {
                     s = s
@@ -50,50 +100,48 @@ fn world(nodes: usize, rpn: usize, tokens: usize) -> Timing {
                     .map(|_| (next() % experts as u64) as i64)
                     .collect();
                 let wts = vec![0.125f32; tokens * TOPK];
-                let layout = ep.layout(&idx, tokens, TOPK, experts).unwrap();
-                let plan = ep.plan(&layout.is_token_in_rank, tokens).unwrap();
+                let layout = eps[0].layout(&idx, tokens, TOPK, experts).unwrap();
+                let mut rank = if channels == 1 {
+                    let plan = eps[0].plan(&layout.is_token_in_rank, tokens).unwrap();
+                    Rank::One(eps.pop().unwrap(), plan)
+                } else {
+                    Rank::Many(Channels::new(eps).unwrap(), layout.is_token_in_rank)
+                };
                 let mut timing: Timing = [(0.0, 0); 2];
                 // Outputs are reused from round to round, as the Python binding's receive
                 // pool does, so that page faults of fresh allocations are not timed.
                 let mut recv = VecSink::default();
                 let mut combined = vec![0u8; tokens * HIDDEN * 2];
-                let payload = |ep: &Endpoint| {
-                    let st = ep.stats();
-                    st.nvl_payload_bytes + st.rdma_payload_bytes
-                };
                 // Round 0 warms up (first touches of the rings and outputs) and is not timed.
                 for round in 0..=ROUNDS {
                     let timed = u64::from(round > 0);
                     barrier.wait();
-                    let (start, before) = (Instant::now(), payload(&ep));
-                    let out = ep
-                        .dispatch(
-                            &DispatchArgs {
-                                num_tokens: tokens,
-                                x: &x,
-                                x_row_bytes: HIDDEN * 2,
-                                x_dtype: ElemType::Bf16,
-                                hidden: HIDDEN,
-                                scales: &[],
-                                scale_row_bytes: 0,
-                                topk: Some(TopkArgs {
-                                    idx: &idx,
-                                    weights: &wts,
-                                    num_topk: TOPK,
-                                    num_experts: experts,
-                                }),
-                                num_tokens_per_expert: &[],
-                                expert_alignment: 1,
-                            },
-                            Route::Fresh(Arc::clone(&plan)),
-                            &mut recv,
-                        )
-                        .unwrap();
+                    let (start, before) = (Instant::now(), rank.payload());
+                    let handle = rank.dispatch(
+                        &DispatchArgs {
+                            num_tokens: tokens,
+                            x: &x,
+                            x_row_bytes: HIDDEN * 2,
+                            x_dtype: ElemType::Bf16,
+                            hidden: HIDDEN,
+                            scales: &[],
+                            scale_row_bytes: 0,
+                            topk: Some(TopkArgs {
+                                idx: &idx,
+                                weights: &wts,
+                                num_topk: TOPK,
+                                num_experts: experts,
+                            }),
+                            num_tokens_per_expert: &[],
+                            expert_alignment: 1,
+                        },
+                        &mut recv,
+                    );
                     timing[0].0 += timed as f64 * start.elapsed().as_secs_f64();
-                    timing[0].1 += timed * (payload(&ep) - before);
+                    timing[0].1 += timed * (rank.payload() - before);
                     barrier.wait();
-                    let (start, before) = (Instant::now(), payload(&ep));
-                    ep.combine(
+                    let (start, before) = (Instant::now(), rank.payload());
+                    rank.combine(
                         &CombineArgs {
                             rows_at: &[],
                             x: &recv.x,
@@ -103,16 +151,15 @@ fn world(nodes: usize, rpn: usize, tokens: usize) -> Timing {
                             num_topk: 0,
                             out_dtype: Dtype::Bf16,
                         },
-                        &out.handle,
+                        &handle,
                         CombineOut {
                             x: &mut combined,
                             weights: &mut [],
                         },
-                    )
-                    .unwrap();
+                    );
                     black_box(&combined);
                     timing[1].0 += timed as f64 * start.elapsed().as_secs_f64();
-                    timing[1].1 += timed * (payload(&ep) - before);
+                    timing[1].1 += timed * (rank.payload() - before);
                 }
                 timing
             })
@@ -144,6 +191,22 @@ fn memcpy_rate(bytes: u64) -> f64 {
 }
 
 fn main() {
+    // `DUALCOMM_BENCH_CHANNELS=1x2:1024:2` runs only that world (nodes x ranks, tokens,
+    // channels), for profiling one case.
+    if let Ok(spec) = std::env::var("DUALCOMM_BENCH_CHANNELS") {
+        let v: Vec<usize> = spec
+            .split([':', 'x'])
+            .map(|p| {
+                p.parse()
+                    .expect("DUALCOMM_BENCH_CHANNELS: NODESxRANKS:TOKENS:CHANNELS")
+            })
+            .collect();
+        let t = world(v[0], v[1], v[2], v[3]);
+        for (name, (secs, bytes)) in ["dispatch", "combine"].into_iter().zip(t) {
+            println!("{spec} {name}: {:.2} GB/s", bytes as f64 / secs / 1e9);
+        }
+        return;
+    }
     println!(
         "loopback dispatch+combine, hidden {HIDDEN} bf16, top-{TOPK}, {ROUNDS} rounds after one warm-up"
     );
@@ -155,7 +218,7 @@ fn main() {
         "world", "tokens", "op", "payload MB", "GB/s", "memcpy GB/s", "ratio"
     );
     for (nodes, rpn, tokens) in [(1, 2, 1024), (2, 2, 512), (2, 1, 1024)] {
-        let timing = world(nodes, rpn, tokens);
+        let timing = world(nodes, rpn, tokens, 1);
         for (name, (secs, bytes)) in ["dispatch", "combine"].into_iter().zip(timing) {
             let ours = bytes as f64 / secs;
             let base = memcpy_rate(bytes);
@@ -168,6 +231,28 @@ fn main() {
                 ours / 1e9,
                 base / 1e9,
                 100.0 * ours / base
+            );
+        }
+    }
+    println!();
+    println!("two channels per rank against one, same worlds (GB/s; ratio > 1: faster)");
+    println!(
+        "{:<6} {:>7} {:<9} {:>12} {:>12} {:>8}",
+        "world", "tokens", "op", "1 ch GB/s", "2 ch GB/s", "ratio"
+    );
+    for (nodes, rpn, tokens) in [(1, 2, 1024), (2, 2, 512), (2, 1, 1024)] {
+        let one = world(nodes, rpn, tokens, 1);
+        let two = world(nodes, rpn, tokens, 2);
+        for (i, name) in ["dispatch", "combine"].into_iter().enumerate() {
+            let rate = |t: &Timing| t[i].1 as f64 / t[i].0 / 1e9;
+            println!(
+                "{:<6} {:>7} {:<9} {:>12.2} {:>12.2} {:>7.2}x",
+                format!("{nodes}x{rpn}"),
+                tokens,
+                name,
+                rate(&one),
+                rate(&two),
+                rate(&two) / rate(&one)
             );
         }
     }
