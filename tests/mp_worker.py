@@ -29,6 +29,7 @@ def _buffer(p: dict[str, Any]) -> Buffer:
         timeout=p.get("timeout", 60.0),
         transport=p.get("transport", "auto"),
         explicitly_destroy=True,
+        num_channels=p.get("channels"),
     )
 
 
@@ -65,6 +66,7 @@ def scenario_match(rank: int, p: dict[str, Any]) -> dict[str, Any]:
     out["stats"] = buf.stats()
     out["address"] = buf.address
     out["transport"] = buf.transport
+    out["channels"] = buf.num_channels
     buf.destroy()
     return out
 

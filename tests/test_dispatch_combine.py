@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import dualcomm
 import reference as ref
 from dualcomm import Buffer
 from dualcomm.testing import run_loopback
@@ -32,7 +33,7 @@ def _rows_for_combine(recv_x: torch.Tensor, rank: int) -> torch.Tensor:
     return recv_x.float().mul(rank % 3 + 1).to(torch.float32 if recv_x.dtype == torch.float32 else torch.bfloat16)
 
 
-def _run_case(num_nodes, rpn, tokens, hidden, num_topk, num_experts, dtype, use_topk, alignment, seed):
+def _run_case(num_nodes, rpn, tokens, hidden, num_topk, num_experts, dtype, use_topk, alignment, seed, channels=1):
     world = num_nodes * rpn
     inputs = ref.random_inputs(world, tokens, hidden, num_topk, num_experts, dtype, seed)
 
@@ -51,9 +52,14 @@ def _run_case(num_nodes, rpn, tokens, hidden, num_topk, num_experts, dtype, use_
         rows = _rows_for_combine(data, buf.rank)
         combined, combined_w, _ = buf.combine(rows, handle, topk_weights=recv_w)
         after = buf.stats()
+        assert buf.num_channels == channels
+        # A cached dispatch over the same handle delivers the same rows.
+        again, *_ = buf.dispatch(_x_of(inp), handle=handle)
+        first, second = (r[0] if isinstance(r, tuple) else r for r in (recv_x, again))
+        assert torch.equal(first.view(torch.uint8), second.view(torch.uint8)), f"cached dispatch of rank {buf.rank}"
         return recv_x, recv_idx, recv_w, counts, rows, combined, combined_w, before, mid, after
 
-    out = run_loopback(num_nodes, rpn, body)
+    out = run_loopback(num_nodes, rpn, body, num_channels=channels)
     origins = []
     for d in range(world):
         want_x, want_scales, want_idx, want_w, want_counts, origin = ref.dispatch(
@@ -180,6 +186,58 @@ def test_cached_dispatch_repeats_layout():
     for first, again, idx, w, counts, same in run_loopback(2, 2, body):
         assert torch.equal(again, first * 2)
         assert idx is None and w is None and counts is None and same
+
+
+@pytest.mark.parametrize("topology", [(2, 2), (1, 3)], ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("channels", [2, 3])
+def test_channels_match_reference(topology, channels):
+    """Each channel carries a contiguous range of every rank's tokens (fewer tokens than
+    channels, and none, included); receive order, counts, combine and bytes are unchanged."""
+    num_nodes, rpn = topology
+    world = num_nodes * rpn
+    tokens = [(11 * r + 2) % 19 for r in range(world)]
+    tokens[1], tokens[-1] = 0, 1
+    _run_case(num_nodes, rpn, tokens, 24, 4, 4 * world, torch.bfloat16, True, 4, seed=9, channels=channels)
+    _run_case(num_nodes, rpn, tokens, 256, 4, 4 * world, torch.float8_e4m3fn, True, 1, seed=8, channels=channels)
+    _run_case(num_nodes, rpn, tokens, 16, 3, 2 * world, torch.float32, False, 1, seed=7, channels=channels)
+
+
+def test_channels_are_bitwise_one_channel():
+    """Combine sums of values whose fp32 sum depends on its order: two and three channels
+    give the bits one channel gives, on every run."""
+    world = 4
+    g = torch.Generator().manual_seed(1)
+    inputs = ref.random_inputs(world, [37, 0, 5, 64], 48, 4, 12, torch.bfloat16, seed=4)
+    noise = [torch.randn(400, 48, generator=g).bfloat16() for _ in range(world)]
+
+    def body(buf: Buffer):
+        inp = inputs[buf.rank]
+        args = _layout_args(buf, inp, 12)
+        runs = []
+        for _ in range(3):
+            recv_x, recv_idx, recv_w, _, handle, _ = buf.dispatch(
+                inp.x, topk_idx=inp.topk_idx, topk_weights=inp.topk_weights, **args
+            )
+            rows = noise[buf.rank][: recv_x.shape[0]] * recv_x
+            combined, combined_w, _ = buf.combine(rows, handle, topk_weights=recv_w)
+            src = handle.native.recv_src_idx()
+            runs.append((recv_x.view(torch.int16), recv_idx, combined.view(torch.int16), combined_w, src))
+        return runs
+
+    one = run_loopback(2, 2, body, num_channels=1)
+    for channels in (2, 3):
+        many = run_loopback(2, 2, body, num_channels=channels)
+        for r in range(world):
+            for run in many[r]:
+                for got, want in zip(run, one[r][0]):
+                    assert torch.equal(torch.as_tensor(got), torch.as_tensor(want)), f"rank {r}, {channels} channels"
+
+
+def test_num_channels_is_checked():
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(dualcomm.InvalidArgumentError, match="num_channels"):
+            run_loopback(1, 2, lambda buf: None, num_channels=bad)
+    assert run_loopback(1, 2, lambda buf: buf.num_channels, num_channels=3) == [3, 3]
 
 
 def test_streams_through_buffers_20x_smaller_than_payload():

@@ -126,6 +126,39 @@ def test_processes_match_reference_and_loopback(topology, transport, tmp_path):
     assert rdma == 2 * pairs * p["hidden"] * 2
 
 
+@pytest.mark.parametrize("transport", ["tcp", "shm", "shm+tcp"])
+def test_processes_over_two_channels_are_bitwise_one_channel(transport, tmp_path):
+    """Each channel is a world of its own (its own sockets or segments, its own thread);
+    the results are those of one channel in a loopback world, bit for bit."""
+    nodes, rpn = 2, 2
+    world = nodes * rpn
+    p = _params(nodes, rpn, transport=transport, channels=2, tokens=[17, 1, 2, 30])
+    before = _shm_names()
+    got = launch(world, "match", p, tmp_path)
+    for g in got:
+        assert "error" not in g, g
+    inputs = mp_worker._inputs(p)
+    one = run_loopback(
+        nodes,
+        rpn,
+        lambda buf: mp_worker._round(buf, inputs[buf.rank], p["experts"]),
+        num_nvl_bytes=p["nvl"],
+        num_rdma_bytes=p["rdma"],
+        num_channels=1,
+    )
+    for d in range(world):
+        assert got[d]["channels"] == 2
+        want_x, _, want_idx, _, want_counts, _ = ref.dispatch(inputs, p["experts"], world, d)
+        assert torch.equal(got[d]["recv_x"], want_x) and torch.equal(got[d]["recv_idx"], want_idx)
+        assert got[d]["counts"] == want_counts
+        for key in ("recv_x", "recv_idx", "recv_w", "combined", "combined_w"):
+            assert torch.equal(got[d][key], one[d][key]), f"{key} of rank {d} differs from one channel"
+        stats = got[d]["stats"]
+        # Every channel links the same peers as one would.
+        assert (stats["nvl_connections"], stats["rdma_connections"]) == (2 * (rpn - 1), 2 * (nodes - 1))
+    assert _shm_names() == before, "no segment names stay in /dev/shm"
+
+
 def test_auto_takes_shared_memory_inside_nodes_and_tcp_between_them(tmp_path):
     """4 emulated nodes of 2 ranks on one host: "auto" composes one transport per tier, and
     each rank holds exactly 1 nvl and 3 rdma connections (no full mesh: not 7 sockets)."""

@@ -24,7 +24,7 @@ from dualcomm._native import (
     find_verbs_device,
     unlink_segment,
 )
-from dualcomm.config import resolve_ring_bytes
+from dualcomm.config import auto_channels, resolve_ring_bytes, usable_cores
 
 log = logging.getLogger("dualcomm")
 T = TypeVar("T")
@@ -122,6 +122,24 @@ def _ranks_per_node(infos: list[dict[str, Any]], override: int | None) -> int:
             f"hosts {hosts}",
         )
     return rpn
+
+
+def agree_channels(group: Any, requested: int | None, num_sms: int) -> int:
+    """The channels every rank runs (each channel is a world of its own, so all must agree):
+    `requested` where a rank gave one, else its `auto_channels` for the ranks on its host;
+    the smallest over the ranks."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    mine = {"host": socket.gethostname(), "requested": requested, "cores": usable_cores()}
+    infos: list[Any] = [None] * world
+    dist.all_gather_object(infos, mine, group=group)
+    hosts = [i["host"] for i in infos]
+    wanted = [
+        i["requested"] if i["requested"] is not None else auto_channels(num_sms, hosts.count(i["host"]), i["cores"])
+        for i in infos
+    ]
+    return min(wanted)
 
 
 def make_endpoint(

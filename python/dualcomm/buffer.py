@@ -21,7 +21,7 @@ from dualcomm._native import (
     LoopbackWorld,
     TransportUnavailableError,
 )
-from dualcomm.config import Config, env_ranks_per_node, resolve_ring_bytes
+from dualcomm.config import Config, auto_channels, env_num_channels, env_ranks_per_node, resolve_ring_bytes
 from dualcomm.event import EventHandle, EventOverlap
 from dualcomm.handle import DispatchHandle, native_of
 from dualcomm.low_latency import LowLatency, LowLatencyHandle, rdma_size_hint
@@ -48,6 +48,8 @@ class LoopbackGroup:
     ranks_per_node: int
     #: A second world of the same ranks for low-latency buffers (every rank linked to every other).
     ll_world: LoopbackWorld | None = None
+    #: Worlds of the same ranks for channels 1, 2, ... (`Buffer(num_channels=...)`).
+    channel_worlds: tuple[LoopbackWorld, ...] = ()
 
     def size(self) -> int:
         return self.num_nodes * self.ranks_per_node
@@ -121,6 +123,7 @@ class Buffer:
         ranks_per_node: int | None = None,
         timeout: float = 300.0,
         transport: str = "auto",
+        num_channels: int | None = None,
     ) -> None:
         for name, v in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -135,6 +138,10 @@ class Buffer:
             raise _checks.fail("comm", "None (pass a torch.distributed ProcessGroup as group)", _checks.describe(comm))
         if ranks_per_node is None:
             ranks_per_node = env_ranks_per_node()
+        if num_channels is None:
+            num_channels = env_num_channels()
+        elif isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
+            raise _checks.fail("num_channels", "a positive int (or None: from Buffer.num_sms)", repr(num_channels))
         self.low_latency_mode = bool(low_latency_mode)
         self.num_qps_per_rank = num_qps_per_rank
         self.group = group
@@ -153,29 +160,52 @@ class Buffer:
                 )
             self.transport = "loopback"
             nodes, rpn = group.num_nodes, group.ranks_per_node
-            self._ep = Endpoint.loopback(
-                group.world,
-                nodes,
-                rpn,
-                group.rank,
-                resolve_ring_bytes(num_nvl_bytes, rpn, rpn > 1),
-                resolve_ring_bytes(num_rdma_bytes, nodes, nodes > 1),
-                float(timeout),
+            worlds = (group.world, *group.channel_worlds)
+            # Left to dualcomm, a group gets no more channels than it has worlds for.
+            channels = (
+                min(auto_channels(Buffer.num_sms, group.size()), len(worlds)) if num_channels is None else num_channels
             )
+            if channels > len(worlds):
+                raise _checks.fail(
+                    "num_channels",
+                    f"at most {len(worlds)} (the loopback group has that many channel worlds)",
+                    channels,
+                )
+            eps = [
+                Endpoint.loopback(
+                    w,
+                    nodes,
+                    rpn,
+                    group.rank,
+                    resolve_ring_bytes(num_nvl_bytes, rpn, rpn > 1),
+                    resolve_ring_bytes(num_rdma_bytes, nodes, nodes > 1),
+                    float(timeout),
+                )
+                for w in worlds[:channels]
+            ]
+            self._ep = eps[0] if channels == 1 else Endpoint.join_channels(eps)
         elif _is_process_group(group):
             if transport == "loopback":
                 raise TransportUnavailableError(
                     "transport='loopback': a process group's ranks are separate processes; use 'tcp' or 'auto'"
                 )
-            from dualcomm._bootstrap import make_endpoint
+            from dualcomm._bootstrap import agree_channels, make_endpoint
 
-            self._ep, self.transport = make_endpoint(
-                group, transport, num_nvl_bytes, num_rdma_bytes, ranks_per_node, float(timeout)
-            )
+            channels = agree_channels(group, num_channels, Buffer.num_sms)
+            eps = []
+            for _ in range(channels):
+                ep, self.transport = make_endpoint(
+                    group, transport, num_nvl_bytes, num_rdma_bytes, ranks_per_node, float(timeout)
+                )
+                eps.append(ep)
+            self._ep = eps[0] if channels == 1 else Endpoint.join_channels(eps)
         else:
             raise _checks.fail(
                 "group", "a torch.distributed ProcessGroup or a dualcomm LoopbackGroup", _checks.describe(group)
             )
+        #: Channels each dispatch and combine run over (DeepEP's: one progress thread and
+        #: transport each, owning a contiguous range of every rank's tokens).
+        self.num_channels: int = self._ep.channels
         self.rank: int = self._ep.rank
         self.num_nodes: int = self._ep.num_nodes
         self.ranks_per_node: int = self._ep.ranks_per_node

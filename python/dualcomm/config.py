@@ -49,6 +49,27 @@ def env_ranks_per_node() -> int | None:
     return _env_int("DUALCOMM_RANKS_PER_NODE", None)
 
 
+def env_num_channels() -> int | None:
+    """`DUALCOMM_NUM_CHANNELS`: the channels per buffer for callers that cannot pass
+    `num_channels` (an unmodified DeepEP client); unset: from `Buffer.num_sms`."""
+    return _env_int("DUALCOMM_NUM_CHANNELS", None)
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def auto_channels(num_sms: int, ranks_on_host: int, cores: int | None = None) -> int:
+    """DeepEP runs one channel per two SMs; a CPU channel needs a core of its own, so the
+    count is also capped by this host's cores shared among the ranks on it (more threads
+    than cores only make the channels wait for each other)."""
+    cores = usable_cores() if cores is None else cores
+    return max(1, min(num_sms // 2, cores // max(1, ranks_on_host)))
+
+
 def max_buffer_bytes() -> int:
     value = _env_int("DUALCOMM_MAX_BUFFER_BYTES", DEFAULT_MAX_BUFFER_BYTES)
     assert value is not None

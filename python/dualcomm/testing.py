@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from dualcomm._native import CommTimeoutError, LoopbackWorld, PeerLostError
 from dualcomm.buffer import Buffer, LoopbackGroup
+from dualcomm.config import auto_channels, env_num_channels
 
 T = TypeVar("T")
 
@@ -47,6 +48,12 @@ def run_loopback(
     timeout = float(buffer_kwargs.get("timeout", 300.0))
     world = LoopbackWorld(world_size)
     ll_world = LoopbackWorld(world_size) if buffer_kwargs.get("low_latency_mode") else None
+    channels = buffer_kwargs.get("num_channels")
+    if channels is None:
+        channels = env_num_channels() or auto_channels(Buffer.num_sms, world_size)
+    # A bad count is the Buffer's to refuse, naming the argument.
+    extra = channels - 1 if isinstance(channels, int) and not isinstance(channels, bool) and channels > 1 else 0
+    channel_worlds = tuple(LoopbackWorld(world_size) for _ in range(extra))
     results: list[Any] = [None] * world_size
     failures: list[tuple[float, int, BaseException]] = []
     lock = threading.Lock()
@@ -54,7 +61,7 @@ def run_loopback(
     def rank_main(rank: int) -> None:
         buffer: Buffer | None = None
         try:
-            group = LoopbackGroup(world, rank, num_nodes, ranks_per_node, ll_world)
+            group = LoopbackGroup(world, rank, num_nodes, ranks_per_node, ll_world, channel_worlds)
             buffer = Buffer(group, **buffer_kwargs)
             results[rank] = fn(buffer)
         except BaseException as e:  # noqa: BLE001 - re-raised by the caller's thread

@@ -111,6 +111,22 @@ impl Channels {
         &mut self.eps[c]
     }
 
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.eps
+    }
+
+    pub fn endpoints_mut(&mut self) -> &mut [Endpoint] {
+        &mut self.eps
+    }
+
+    pub fn into_endpoints(self) -> Vec<Endpoint> {
+        self.eps
+    }
+
+    pub fn rank(&self) -> usize {
+        self.eps[0].rank()
+    }
+
     /// Every channel's traffic, summed (connections too: each channel has its own).
     pub fn stats(&self) -> Stats {
         self.eps
@@ -147,8 +163,9 @@ impl Channels {
         })
     }
 
-    /// Refuses the next operation on every channel (see `Endpoint::reject`).
-    fn reject<T>(&mut self, kind: OpKind, e: Error) -> Result<T> {
+    /// Refuses the next operation on every channel (see `Endpoint::reject`): peers hear
+    /// of `e` instead of waiting for this rank.
+    pub fn reject<T>(&mut self, kind: OpKind, e: Error) -> Result<T> {
         let results = self.each(|_, ep| ep.reject::<()>(kind, e.clone()));
         first_error(results)?;
         Err(e)
@@ -192,7 +209,7 @@ impl Channels {
                     r
                 })
             });
-            coordinator.serve(sink);
+            coordinator.serve(sink, args.expert_alignment);
             runner
                 .join()
                 .unwrap_or_else(|p| std::panic::resume_unwind(p))
@@ -237,9 +254,17 @@ impl Channels {
         );
         let results = self.each(|c, ep| {
             let (x, weights) = outs.lock().unwrap()[c].take().expect("one output each");
-            let a = CombineArgs {
-                rows_at: &handle.rows_at[c],
-                ..*args
+            let rows_at = &handle.rows_at[c];
+            // Empty `rows_at` means "x in receive order": a channel that received nothing
+            // gets no rows instead.
+            let a = if rows_at.is_empty() {
+                CombineArgs {
+                    x: &[],
+                    weights: args.weights.map(|_| &[][..]),
+                    ..*args
+                }
+            } else {
+                CombineArgs { rows_at, ..*args }
             };
             ep.combine(&a, &handle.parts[c], CombineOut { x, weights })
         });
@@ -334,8 +359,7 @@ impl Part {
 
 /// `num_tokens_per_expert` split over channels. With top-k each channel counts its own
 /// tokens (a token once per expert), and the sums must match what the caller gave; without
-/// top-k nothing can be split, so channel 0 announces the caller's counts and the others
-/// zeros (the receivers only add them up).
+/// top-k the caller's counts are dealt out within each channel's token count.
 fn per_channel_expert_counts(
     args: &DispatchArgs<'_>,
     ranges: &[Range<usize>],
@@ -345,8 +369,22 @@ fn per_channel_expert_counts(
         return Ok(vec![Vec::new(); ranges.len()]);
     }
     let Some(t) = &args.topk else {
+        // Each count is dealt over the channels, none given more than its tokens (what
+        // every channel checks); the receivers only add them up.
         let mut v = vec![vec![0; given.len()]; ranges.len()];
-        v[0] = given.to_vec();
+        for (e, &g) in given.iter().enumerate() {
+            let mut left = g;
+            for (c, r) in ranges.iter().enumerate() {
+                let here = left.min(r.len() as u64);
+                v[c][e] = here;
+                left -= here;
+            }
+            // More than the tokens: the last channel keeps the rest and its checks name it.
+            *v.last_mut()
+                .expect("one channel at least")
+                .get_mut(e)
+                .expect("sized") += left;
+        }
         return Ok(v);
     };
     let (k, ne) = (t.num_topk, given.len());
@@ -406,6 +444,11 @@ fn split_by<'a, T>(buf: &'a mut [T], counts: &[usize], row: usize) -> Vec<&'a mu
     split_rows(buf, &counts, row)
 }
 
+fn align_up(n: i64, alignment: usize) -> i64 {
+    let a = alignment.max(1) as i64;
+    (n + a - 1) / a * a
+}
+
 /// The channels' outputs as one: rows in (source, channel, index) order.
 fn merge(outs: Vec<DispatchOutput>, alignment: usize) -> ChannelDispatchOutput {
     let nc = outs.len();
@@ -438,11 +481,10 @@ fn merge(outs: Vec<DispatchOutput>, alignment: usize) -> ChannelDispatchOutput {
     let per_expert = if outs.iter().any(|o| o.num_recv_tokens_per_expert.is_empty()) {
         Vec::new()
     } else {
-        let a = alignment.max(1) as i64;
         (0..outs[0].num_recv_tokens_per_expert.len())
             .map(|e| {
                 let n: i64 = outs.iter().map(|o| o.num_recv_tokens_per_expert[e]).sum();
-                (n + a - 1) / a * a
+                align_up(n, alignment)
             })
             .collect()
     };
@@ -541,7 +583,7 @@ fn channel_sinks<'a>(
 }
 
 impl<'a> Coordinator<'a> {
-    fn serve(self, sink: &'a mut dyn RecvSink) {
+    fn serve(self, sink: &'a mut dyn RecvSink, alignment: usize) {
         // A channel's job ends (and drops its sender) within its deadline; the extra second
         // only keeps this wait bounded should it not.
         let wait = self.timeout + Duration::from_secs(1);
@@ -559,7 +601,7 @@ impl<'a> Coordinator<'a> {
             return;
         }
         let shapes: Vec<RecvShape> = shapes.into_iter().map(Option::unwrap).collect();
-        let merged = merged_shape(&shapes);
+        let merged = merged_shape(&shapes, alignment);
         match sink.prepare(merged) {
             Ok(bufs) => {
                 for (tx, rows) in self.answers.iter().zip(split_channels(bufs, &shapes)) {
@@ -575,7 +617,9 @@ impl<'a> Coordinator<'a> {
     }
 }
 
-fn merged_shape(shapes: &[RecvShape]) -> RecvShape {
+/// The channels' shapes as one; per-expert counts are summed, then aligned (as one channel
+/// would count them).
+fn merged_shape(shapes: &[RecvShape], alignment: usize) -> RecvShape {
     let sum = |f: &dyn Fn(&RecvShape) -> &[u64]| -> Vec<u64> {
         let mut v = f(&shapes[0]).to_vec();
         for s in &shapes[1..] {
@@ -601,7 +645,7 @@ fn merged_shape(shapes: &[RecvShape]) -> RecvShape {
                 *a += b;
             }
         }
-        Some(v)
+        Some(v.into_iter().map(|n| align_up(n, alignment)).collect())
     } else {
         None
     };

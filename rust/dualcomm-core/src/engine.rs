@@ -13,11 +13,66 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 
+use crate::channels::Channels;
 use crate::endpoint::Endpoint;
 use crate::error::{Error, Result};
 use crate::transport::Transport;
 
-type Job = Box<dyn FnOnce(&mut Endpoint) + Send>;
+/// What a progress thread drives: one endpoint, or one rank's channels.
+pub trait Driven: Send + 'static {
+    fn rank(&self) -> usize;
+    /// Every transport it runs on, with the count of operations completed on it, so that
+    /// `Engine::stop` can leave the world from another thread while an operation waits.
+    fn departures(&self) -> Vec<(Arc<dyn Transport>, Arc<AtomicU64>)>;
+    /// A job panicked: refuse further work and leave the world (`Endpoint::fail`).
+    fn fail(&mut self, e: &Error);
+    fn destroy(&mut self);
+}
+
+impl Driven for Endpoint {
+    fn rank(&self) -> usize {
+        Endpoint::rank(self)
+    }
+
+    fn departures(&self) -> Vec<(Arc<dyn Transport>, Arc<AtomicU64>)> {
+        vec![(self.transport_handle(), self.completed_ops_handle())]
+    }
+
+    fn fail(&mut self, e: &Error) {
+        Endpoint::fail(self, e);
+    }
+
+    fn destroy(&mut self) {
+        Endpoint::destroy(self);
+    }
+}
+
+impl Driven for Channels {
+    fn rank(&self) -> usize {
+        Channels::rank(self)
+    }
+
+    fn departures(&self) -> Vec<(Arc<dyn Transport>, Arc<AtomicU64>)> {
+        self.endpoints()
+            .iter()
+            .flat_map(Driven::departures)
+            .collect()
+    }
+
+    fn fail(&mut self, e: &Error) {
+        for ep in self.endpoints_mut() {
+            ep.fail(e);
+        }
+    }
+
+    fn destroy(&mut self) {
+        for ep in self.endpoints_mut() {
+            ep.destroy();
+        }
+    }
+}
+
+type Job<S> = Box<dyn FnOnce(&mut S) + Send>;
 
 enum State<T> {
     Pending,
@@ -103,19 +158,17 @@ impl<T> Drop for Completer<T> {
     }
 }
 
-pub struct Engine {
-    jobs: Mutex<Option<Sender<Job>>>,
-    worker: Mutex<Option<JoinHandle<()>>>,
-    transport: Arc<dyn Transport>,
-    completed_ops: Arc<AtomicU64>,
+pub struct Engine<S: Driven = Endpoint> {
+    jobs: Mutex<Option<Sender<Job<S>>>>,
+    worker: Mutex<Option<JoinHandle<S>>>,
+    departures: Vec<(Arc<dyn Transport>, Arc<AtomicU64>)>,
 }
 
-impl Engine {
+impl<S: Driven> Engine<S> {
     /// Moves `ep` onto its own progress thread.
-    pub fn start(ep: Endpoint) -> Result<Self> {
-        let (tx, rx) = mpsc::channel::<Job>();
-        let transport = ep.transport_handle();
-        let completed_ops = ep.completed_ops_handle();
+    pub fn start(ep: S) -> Result<Self> {
+        let (tx, rx) = mpsc::channel::<Job<S>>();
+        let departures = ep.departures();
         let worker = thread::Builder::new()
             .name(format!("dualcomm-progress-{}", ep.rank()))
             .spawn(move || {
@@ -123,20 +176,32 @@ impl Engine {
                 for job in rx {
                     job(&mut ep);
                 }
+                ep
             })
             .map_err(|e| Error::os_from("starting the progress thread", e))?;
         Ok(Self {
             jobs: Mutex::new(Some(tx)),
             worker: Mutex::new(Some(worker)),
-            transport,
-            completed_ops,
+            departures,
+        })
+    }
+
+    /// Runs the operations already queued, ends the thread and hands back what it drove,
+    /// still in its world (so that several can be joined into channels). Later submissions
+    /// fail with `Destroyed`.
+    pub fn detach(&self) -> Result<S> {
+        drop(self.jobs.lock().unwrap().take().ok_or(Error::Destroyed)?);
+        let worker = self.worker.lock().unwrap().take().ok_or(Error::Destroyed)?;
+        worker.join().map_err(|p| Error::Internal {
+            rank: usize::MAX,
+            detail: format!("the progress thread panicked: {}", panic_text(&*p)),
         })
     }
 
     /// Queues `f` behind the operations already submitted.
     pub fn submit<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Endpoint) -> T + Send + 'static,
+        f: impl FnOnce(&mut S) -> T + Send + 'static,
     ) -> Result<Ticket<T>> {
         let slot = Arc::new(Slot {
             state: Mutex::new(State::Pending),
@@ -145,7 +210,7 @@ impl Engine {
         let completer = Completer {
             slot: Some(Arc::clone(&slot)),
         };
-        let job: Job = Box::new(move |ep| {
+        let job: Job<S> = Box::new(move |ep: &mut S| {
             // A panic is a bug, never the caller's: it must not cross into the caller (or
             // Python). The ticket reports it, the endpoint refuses further work and leaves
             // the world, so peers fail fast with a peer-loss error instead of timing out.
@@ -171,7 +236,7 @@ impl Engine {
     /// Runs `f` on the engine and waits for it.
     pub fn call<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Endpoint) -> T + Send + 'static,
+        f: impl FnOnce(&mut S) -> T + Send + 'static,
     ) -> Result<T> {
         self.submit(f)?.wait()
     }
@@ -179,19 +244,23 @@ impl Engine {
     /// Leaves the world at once: operations in flight fail now instead of at their deadline,
     /// peers see this rank gone; then the thread drains its queue and exits.
     pub fn stop(&self) {
-        self.transport
-            .shutdown(self.completed_ops.load(Ordering::Relaxed));
+        let mut worker = self.worker.lock().unwrap();
+        let Some(thread) = worker.take() else {
+            // Stopped already, or detached: what it drove is no longer this engine's.
+            return;
+        };
+        for (transport, completed) in &self.departures {
+            transport.shutdown(completed.load(Ordering::Relaxed));
+        }
         let tx = self.jobs.lock().unwrap().take();
         if let Some(tx) = tx {
-            let _ = tx.send(Box::new(|ep: &mut Endpoint| ep.destroy()));
+            let _ = tx.send(Box::new(|ep: &mut S| ep.destroy()));
         }
-        if let Some(worker) = self.worker.lock().unwrap().take() {
-            let _ = worker.join();
-        }
+        let _ = thread.join();
     }
 }
 
-impl Drop for Engine {
+impl<S: Driven> Drop for Engine<S> {
     fn drop(&mut self) {
         self.stop();
     }

@@ -16,7 +16,7 @@ pub mod transport;
 
 pub use channels::{ChannelDispatchOutput, ChannelHandle, ChannelRoute, Channels, channel_range};
 pub use endpoint::{Config, Endpoint, QueuedRoute, Stats};
-pub use engine::{Engine, Ticket};
+pub use engine::{Driven, Engine, Ticket};
 pub use error::{Error, Result};
 pub use handoff::{PendingHandle, RawBuffer, RecvHandoff, RecvMemory, RecvRequest, recv_handoff};
 pub use low_latency::LowLatencyCombineArgs;

@@ -8,7 +8,7 @@ mod pool;
 mod verbs;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use dualcomm_core::routing::{SendPlan, dispatch_layout};
@@ -16,9 +16,9 @@ use dualcomm_core::transport::loopback::LoopbackFabric;
 use dualcomm_core::transport::tcp::{SECRET_BYTES, TcpBinding};
 use dualcomm_core::transport::{RegionId, Tier, Transport};
 use dualcomm_core::{
-    CombineArgs, CombineOut, Config, DispatchArgs, DispatchHandle, Dtype, ElemType,
-    Endpoint as CoreEndpoint, Engine, Error, LowLatencyCombineArgs, OpKind, PendingHandle,
-    QueuedRoute, RecvMemory, Ticket, TopkArgs, Topology, recv_handoff,
+    ChannelHandle, ChannelRoute, Channels, CombineArgs, CombineOut, Config, DispatchArgs, Dtype,
+    ElemType, Endpoint as CoreEndpoint, Engine, Error, LowLatencyCombineArgs, OpKind,
+    PendingHandle, QueuedRoute, RecvMemory, Ticket, TopkArgs, Topology, recv_handoff,
 };
 use numpy::{PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -308,7 +308,7 @@ fn unlink_segment(job: &str, rank: usize) {
 /// once its dispatch has finished; operations queued behind that dispatch can use it at once.
 #[pyclass(module = "dualcomm._native", frozen)]
 struct Handle {
-    cell: PendingHandle,
+    cell: HandleCell,
     num_recv: usize,
     num_tokens: usize,
     buffer_id: u64,
@@ -318,15 +318,73 @@ struct Handle {
     node_matrix: Vec<i64>,
 }
 
+/// Where a dispatch leaves its handle for the operations queued behind it: one channel's,
+/// or the merged handle of a dispatch over several.
+#[derive(Clone)]
+enum HandleCell {
+    One(PendingHandle),
+    Many(Arc<OnceLock<Arc<ChannelHandle>>>),
+}
+
+impl HandleCell {
+    fn is_set(&self) -> bool {
+        match self {
+            HandleCell::One(c) => c.get().is_some(),
+            HandleCell::Many(c) => c.get().is_some(),
+        }
+    }
+
+    /// One channel's cell: what the single-channel operations take.
+    fn one(&self) -> Result<&PendingHandle, Error> {
+        match self {
+            HandleCell::One(c) => Ok(c),
+            HandleCell::Many(_) => Err(Error::invalid(
+                "handle",
+                "the handle of a dispatch over one channel",
+                "one over several",
+            )),
+        }
+    }
+
+    /// The merged handle of a finished dispatch over channels.
+    fn many(&self) -> Result<&Arc<ChannelHandle>, Error> {
+        let HandleCell::Many(c) = self else {
+            return Err(Error::invalid(
+                "handle",
+                "the handle of a dispatch over several channels",
+                "one over a single channel",
+            ));
+        };
+        c.get().ok_or_else(|| {
+            Error::invalid(
+                "handle",
+                "the handle of a dispatch that succeeded",
+                "one whose dispatch failed",
+            )
+        })
+    }
+}
+
 impl Handle {
-    fn done(&self) -> PyResult<&Arc<DispatchHandle>> {
-        self.cell.get().ok_or_else(|| {
+    /// Per received row, its source rank and its index there.
+    fn sources(&self) -> PyResult<(&[u32], &[u32])> {
+        let unfinished = || {
             to_py(Error::invalid(
                 "handle",
                 "the handle of a finished dispatch (wait for its event first)",
                 "one whose dispatch is still running or failed",
             ))
-        })
+        };
+        match &self.cell {
+            HandleCell::One(c) => {
+                let h = c.get().ok_or_else(unfinished)?;
+                Ok((&h.recv_src_rank, &h.recv_src_idx))
+            }
+            HandleCell::Many(c) => {
+                let h = c.get().ok_or_else(unfinished)?;
+                Ok((&h.recv_src_rank, &h.recv_src_idx))
+            }
+        }
     }
 }
 
@@ -360,12 +418,12 @@ impl Handle {
 
     /// Source rank of every received row, in receive order.
     fn recv_src_rank<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<u32>>> {
-        Ok(PyArray1::from_slice(py, &self.done()?.recv_src_rank))
+        Ok(PyArray1::from_slice(py, self.sources()?.0))
     }
 
     /// Index in its source rank's `x` of every received row.
     fn recv_src_idx<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<u32>>> {
-        Ok(PyArray1::from_slice(py, &self.done()?.recv_src_idx))
+        Ok(PyArray1::from_slice(py, self.sources()?.1))
     }
 
     fn __repr__(&self) -> String {
@@ -373,7 +431,7 @@ impl Handle {
             "Handle(num_tokens={}, num_recv_tokens={}, complete={})",
             self.num_tokens,
             self.num_recv,
-            self.cell.get().is_some()
+            self.cell.is_set()
         )
     }
 }
@@ -454,10 +512,12 @@ struct RegionOwner {
     _transport: Arc<dyn Transport>,
 }
 
-/// One rank of a world; its operations run on a progress thread of their own.
+/// One rank of a world; its operations run on a progress thread of their own, over one
+/// channel or several (`Endpoint.channels`).
 #[pyclass(module = "dualcomm._native", frozen)]
 struct Endpoint {
-    engine: Engine,
+    engine: Engine<Channels>,
+    num_channels: usize,
     transport: Arc<dyn Transport>,
     topo: Topology,
     rank: usize,
@@ -471,8 +531,15 @@ struct Endpoint {
 
 impl Endpoint {
     fn start(ep: CoreEndpoint) -> PyResult<Self> {
+        Self::start_channels(vec![ep])
+    }
+
+    fn start_channels(eps: Vec<CoreEndpoint>) -> PyResult<Self> {
+        let ch = Channels::new(eps).map_err(to_py)?;
+        let ep = &ch.endpoints()[0];
         Ok(Self {
             _pool_share: pool::RankShare::new(),
+            num_channels: ch.len(),
             topo: *ep.topology(),
             rank: ep.rank(),
             id: ep.id(),
@@ -480,7 +547,7 @@ impl Endpoint {
             timeout: ep.config().timeout,
             destroyed: AtomicBool::new(false),
             transport: ep.transport_handle(),
-            engine: Engine::start(ep).map_err(to_py)?,
+            engine: Engine::start(ch).map_err(to_py)?,
         })
     }
 
@@ -524,11 +591,54 @@ impl Endpoint {
     /// calls fail at once, naming this rank, instead of waiting for the timeout.
     fn reject_next(&self, kind: OpKind, why: String) {
         if !self.destroyed.load(Ordering::Relaxed) {
-            let _ = self
-                .engine
-                .submit(move |ep: &mut CoreEndpoint| ep.abort(kind, &why));
+            let _ = self.engine.submit(move |ch: &mut Channels| {
+                for ep in ch.endpoints_mut() {
+                    let _ = ep.abort(kind, &why);
+                }
+            });
         }
     }
+}
+
+/// Where a dispatch over channels sends its tokens, held until its job runs.
+enum ChannelsRoute {
+    /// `is_token_in_rank`, flattened.
+    Fresh(Vec<bool>),
+    /// The cell of an earlier dispatch, resolved when the job runs (after that dispatch).
+    Cached(Arc<OnceLock<Arc<ChannelHandle>>>),
+}
+
+enum JobRoute {
+    One(QueuedRoute),
+    Many(ChannelsRoute),
+}
+
+/// Runs a dispatch over every channel and leaves its handle in `cell`; the per-expert counts.
+fn dispatch_channels(
+    ch: &mut Channels,
+    args: &DispatchArgs<'_>,
+    route: &ChannelsRoute,
+    sink: &mut dyn dualcomm_core::RecvSink,
+    cell: &OnceLock<Arc<ChannelHandle>>,
+) -> Result<Vec<i64>, Error> {
+    let out = match route {
+        ChannelsRoute::Fresh(in_rank) => ch.dispatch(args, ChannelRoute::Fresh(in_rank), sink)?,
+        ChannelsRoute::Cached(earlier) => match earlier.get() {
+            Some(h) => ch.dispatch(args, ChannelRoute::Cached(h), sink)?,
+            // This rank will not run it: its peers hear so.
+            None => ch.reject(
+                OpKind::CachedDispatch,
+                Error::invalid(
+                    "handle",
+                    "the handle of a dispatch that succeeded",
+                    "one whose dispatch failed",
+                ),
+            )?,
+        },
+    };
+    // A cached dispatch's cell holds the same handle already.
+    let _ = cell.set(out.handle);
+    Ok(out.num_recv_tokens_per_expert)
 }
 
 type DispatchResult<'py> = (
@@ -717,6 +827,37 @@ impl Endpoint {
         Self::start(ep)
     }
 
+    /// One rank's channels (DeepEP's): `endpoints[c]` is this rank in the world of channel
+    /// c, every rank joining the same number in the same order. The endpoints are used up
+    /// (later calls on them raise); the result runs each dispatch and combine over all of
+    /// them, each on its own thread with a contiguous range of every rank's tokens, with
+    /// results bitwise those of one channel.
+    #[staticmethod]
+    fn join_channels(py: Python<'_>, endpoints: Vec<PyRef<'_, Endpoint>>) -> PyResult<Self> {
+        if let Some(ep) = endpoints.iter().find(|ep| ep.num_channels != 1) {
+            return Err(to_py(Error::invalid(
+                "endpoints",
+                "endpoints of one channel each",
+                format!("one of {} channels", ep.num_channels),
+            )));
+        }
+        let mut eps = Vec::with_capacity(endpoints.len());
+        for ep in &endpoints {
+            ep.usable()?;
+            ep.destroyed.store(true, Ordering::Relaxed);
+            let engine: &Engine<Channels> = &ep.engine;
+            let ch = py.detach(|| engine.detach()).map_err(to_py)?;
+            eps.extend(ch.into_endpoints());
+        }
+        Self::start_channels(eps)
+    }
+
+    /// How many channels this endpoint runs its operations over.
+    #[getter]
+    fn channels(&self) -> usize {
+        self.num_channels
+    }
+
     #[getter]
     fn rank(&self) -> usize {
         self.rank
@@ -829,7 +970,10 @@ impl Endpoint {
                             "a handle from another buffer",
                         )));
                     }
-                    QueuedRoute::Cached(h.cell.clone())
+                    match &h.cell {
+                        HandleCell::One(c) => JobRoute::One(QueuedRoute::Cached(c.clone())),
+                        HandleCell::Many(c) => JobRoute::Many(ChannelsRoute::Cached(c.clone())),
+                    }
                 }
                 (None, Some(itr)) => {
                     let itr = itr.as_slice().map_err(|_| {
@@ -839,9 +983,14 @@ impl Endpoint {
                             "a strided view",
                         ))
                     })?;
-                    QueuedRoute::Fresh(Arc::new(
-                        SendPlan::from_is_token_in_rank(&self.topo, itr, t).map_err(to_py)?,
-                    ))
+                    if self.num_channels > 1 {
+                        // Each channel plans its own token range when the job runs.
+                        JobRoute::Many(ChannelsRoute::Fresh(itr.to_vec()))
+                    } else {
+                        JobRoute::One(QueuedRoute::Fresh(Arc::new(
+                            SendPlan::from_is_token_in_rank(&self.topo, itr, t).map_err(to_py)?,
+                        )))
+                    }
                 }
                 (None, None) => {
                     return Err(to_py(Error::invalid(
@@ -882,15 +1031,17 @@ impl Endpoint {
             staged.inspect_err(|e| self.reject_next(kind, e.to_string()))?;
         let has_topk = topk.is_some();
         let cell = match &route {
-            QueuedRoute::Cached(c) => c.clone(),
-            QueuedRoute::Fresh(_) => PendingHandle::new(),
+            JobRoute::One(QueuedRoute::Cached(c)) => HandleCell::One(c.clone()),
+            JobRoute::One(QueuedRoute::Fresh(_)) => HandleCell::One(PendingHandle::new()),
+            JobRoute::Many(ChannelsRoute::Cached(c)) => HandleCell::Many(c.clone()),
+            JobRoute::Many(ChannelsRoute::Fresh(_)) => HandleCell::Many(Arc::default()),
         };
         let job_cell = cell.clone();
         let (mut sink, request) = recv_handoff::<Vec<Py<PyAny>>>(self.rank, self.timeout);
         sink.hold(keep);
         let ticket = self
             .engine
-            .submit(move |ep: &mut CoreEndpoint| {
+            .submit(move |ch: &mut Channels| {
                 let started = now();
                 // SAFETY: `sink` holds the input arrays until this job ends.
                 let args = unsafe {
@@ -912,9 +1063,16 @@ impl Endpoint {
                         expert_alignment,
                     }
                 };
-                let result = ep
-                    .dispatch_queued(&args, &route, &mut sink, &job_cell)
-                    .map(|out| Some(out.num_recv_tokens_per_expert));
+                let result = match (&route, &job_cell) {
+                    (JobRoute::One(r), HandleCell::One(c)) => ch
+                        .endpoint(0)
+                        .dispatch_queued(&args, r, &mut sink, c)
+                        .map(|out| Some(out.num_recv_tokens_per_expert)),
+                    (JobRoute::Many(r), HandleCell::Many(c)) => {
+                        dispatch_channels(ch, &args, r, &mut sink, c).map(Some)
+                    }
+                    _ => unreachable!("the cell is made from the route above"),
+                };
                 Finished {
                     result,
                     started,
@@ -1044,10 +1202,11 @@ impl Endpoint {
         })();
         let (dtype, out_dtype, hidden, k, keep, x_raw, s_raw, w_raw, out_x, ox) =
             staged.inspect_err(|e| self.reject_next(OpKind::CachedDispatch, e.to_string()))?;
-        let cell = handle.cell.clone();
+        let cell = handle.cell.one().map_err(to_py)?.clone();
         let ticket = self
             .engine
-            .submit(move |ep: &mut CoreEndpoint| {
+            .submit(move |ch: &mut Channels| {
+                let ep = ch.endpoint(0);
                 let _held = keep;
                 let started = now();
                 // SAFETY: `_held` keeps every array alive until this job ends; the output was
@@ -1129,14 +1288,14 @@ impl Endpoint {
         let cell = handle.cell.clone();
         let ticket = self
             .engine
-            .submit(move |ep: &mut CoreEndpoint| {
+            .submit(move |ch: &mut Channels| {
                 let _held = keep;
                 let started = now();
                 // SAFETY: `_held` keeps every array alive until this job ends; the outputs
                 // were made for this job alone.
-                let result = unsafe {
-                    ep.combine_queued(
-                        &CombineArgs {
+                let (args, out) = unsafe {
+                    (
+                        CombineArgs {
                             rows_at: &[],
                             x: x_raw.slice(),
                             hidden,
@@ -1145,12 +1304,19 @@ impl Endpoint {
                             num_topk: k,
                             out_dtype,
                         },
-                        &cell,
                         CombineOut {
                             x: ox.slice_mut(),
                             weights: ow.slice_mut(),
                         },
                     )
+                };
+                let result = match &cell {
+                    HandleCell::One(c) => ch.endpoint(0).combine_queued(&args, c, out),
+                    HandleCell::Many(_) => match cell.many() {
+                        Ok(h) => ch.combine(&args, h, out),
+                        // This rank will not run it: its peers hear so.
+                        Err(e) => ch.reject(OpKind::Combine, e),
+                    },
                 };
                 Finished {
                     result: result.map(|()| None),
@@ -1170,7 +1336,7 @@ impl Endpoint {
     /// Waits for the operations in flight.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = py
-            .detach(|| self.engine.call(|ep: &mut CoreEndpoint| ep.stats()))
+            .detach(|| self.engine.call(|ch: &mut Channels| ch.stats()))
             .map_err(to_py)?;
         let d = PyDict::new(py);
         d.set_item("nvl_payload_bytes", s.nvl_payload_bytes)?;
