@@ -17,6 +17,7 @@ from dualcomm import (
     ConfigMismatchError,
     DualcommError,
     InvalidArgumentError,
+    PeerAbortedError,
     PeerLostError,
     ProtocolError,
     TransportUnavailableError,
@@ -350,3 +351,45 @@ def test_bad_group_and_transport_choices():
     group = dualcomm.LoopbackGroup(LoopbackWorld(1), 0, 1, 1)
     with pytest.raises(TransportUnavailableError, match="loopback world runs as threads of one process"):
         Buffer(group, transport="tcp")
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3])
+def test_one_rank_bad_token_fails_every_rank_and_every_channel_recovers(channels):
+    """A bad index in the last channel's token range on rank 1: rank 1 is told, naming the
+    index as the caller gave it; its peers hear that rank 1 aborted; then all go on."""
+
+    def body(buf: Buffer):
+        assert buf.num_channels == channels
+        x, idx, w = _inputs(buf.rank)
+        pr, pn, pe, itr, _ = _layout(buf)
+        if buf.rank == 1:
+            idx = idx.clone()
+            idx[T - 1, 1] = 99
+        want = (InvalidArgumentError, rf"topk_idx\[{T - 1}, 1\]") if buf.rank == 1 else (PeerAbortedError, "rank 1")
+        with pytest.raises(want[0], match=want[1]):
+            buf.dispatch(x, is_token_in_rank=itr, num_tokens_per_expert=pe, topk_idx=idx, topk_weights=w)
+        # A combine whose rows do not match its handle, on rank 3 alone.
+        recv_x, _, _, _, handle, _ = buf.dispatch(x, is_token_in_rank=itr)
+        rows = recv_x[:-1] if buf.rank == 3 and recv_x.shape[0] else recv_x
+        if rows is recv_x:
+            with pytest.raises(PeerAbortedError, match="rank 3"):
+                buf.combine(rows, handle)
+        else:
+            with pytest.raises(InvalidArgumentError, match="x"):
+                buf.combine(rows, handle)
+        return _good_round(buf)
+
+    run_loopback(2, 2, body, num_channels=channels, timeout=30)
+
+
+@pytest.mark.parametrize("channels", [2])
+def test_rank_failing_over_channels_fails_the_world_fast(channels):
+    def body(buf: Buffer):
+        if buf.rank == 2:
+            raise RuntimeError("model code broke on rank 2")
+        _good_round(buf)
+
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="model code broke on rank 2"):
+        run_loopback(2, 2, body, timeout=60, num_channels=channels)
+    assert time.monotonic() - start < 30, "peers must see the loss on every channel, not wait for the timeout"
