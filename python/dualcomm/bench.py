@@ -53,7 +53,9 @@ def _gloo_dispatch_combine(x: torch.Tensor, in_rank: torch.Tensor) -> torch.Tens
     return out.to(x.dtype)
 
 
-def _rank_main(rank: int, world: int, port: int, nodes: int, tokens: int, rounds: int, queue: Any) -> None:
+def _rank_main(
+    rank: int, world: int, port: int, nodes: int, tokens: int, rounds: int, channels: int | None, queue: Any
+) -> None:
     import torch.distributed as dist
 
     from dualcomm import Buffer
@@ -71,6 +73,7 @@ def _rank_main(rank: int, world: int, port: int, nodes: int, tokens: int, rounds
         num_rdma_bytes=64 << 20,
         ranks_per_node=world // nodes,
         explicitly_destroy=True,
+        num_channels=channels,
     )
     _, _, _, in_rank, _ = buf.get_dispatch_layout(topk_idx, EXPERTS)
     row = HIDDEN * 2
@@ -96,18 +99,19 @@ def _rank_main(rank: int, world: int, port: int, nodes: int, tokens: int, rounds
         results[name + "_ok"] = bool(torch.allclose(out.float(), want.float(), rtol=2e-2, atol=2e-2))
     results["moved"] = moved
     results["transport"] = buf.transport
+    results["channels"] = buf.num_channels
     results["stats"] = buf.stats()
     queue.put((rank, results))
     buf.destroy()
     dist.destroy_process_group()
 
 
-def run_world(procs: int, nodes: int, tokens: int, rounds: int) -> dict[str, Any]:
+def run_world(procs: int, nodes: int, tokens: int, rounds: int, channels: int | None = None) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
     ps = [
-        ctx.Process(target=_rank_main, args=(r, procs, port, nodes, tokens, rounds, queue), daemon=True)
+        ctx.Process(target=_rank_main, args=(r, procs, port, nodes, tokens, rounds, channels, queue), daemon=True)
         for r in range(procs)
     ]
     for p in ps:
@@ -129,6 +133,7 @@ def run_world(procs: int, nodes: int, tokens: int, rounds: int) -> dict[str, Any
         correct=all(g["dualcomm_ok"] and g["gloo_ok"] for g in got.values()),
         rdma_payload_bytes=sum(g["stats"]["rdma_payload_bytes"] for g in got.values()),
         transport=got[0]["transport"],
+        channels=got[0]["channels"],
     )
 
 
@@ -166,20 +171,23 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=1024, help="tokens per rank")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path("bench-results"))
+    p.add_argument(
+        "--channels", type=int, default=None, help="channels per buffer (default: from Buffer.num_sms and the cores)"
+    )
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     worlds = [(2, 1), (2, 2), (4, 1), (4, 2)]
     print(f"dispatch + combine, hidden {HIDDEN} bf16, top-{TOPK} of {EXPERTS}, {a.tokens} tokens/rank")
     print(
-        f"{'procs':>5} {'nodes':>5} {'transport':>9} {'payload MB':>11} {'dualcomm GB/s':>14} {'gloo GB/s':>10}"
-        f" {'ratio':>7}  ok"
+        f"{'procs':>5} {'nodes':>5} {'transport':>9} {'ch':>3} {'payload MB':>11}"
+        f" {'dualcomm GB/s':>14} {'gloo GB/s':>10} {'ratio':>7}  ok"
     )
     rows = []
     for i, (procs, nodes) in enumerate(worlds, 1):
-        r = run_world(procs, nodes, a.tokens, a.rounds)
+        r = run_world(procs, nodes, a.tokens, a.rounds, a.channels)
         rows.append(r)
         print(
-            f"{procs:>5} {nodes:>5} {r['transport']:>9} {r['payload_mb']:>11.1f}"
+            f"{procs:>5} {nodes:>5} {r['transport']:>9} {r['channels']:>3} {r['payload_mb']:>11.1f}"
             f" {r['dualcomm_gbps']:>14.2f} {r['gloo_gbps']:>10.2f}"
             f" {r['ratio']:>6.2f}x  {'yes' if r['correct'] else 'NO'}   [{i}/{len(worlds)}]",
             flush=True,
