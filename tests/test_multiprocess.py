@@ -132,7 +132,7 @@ def test_processes_over_two_channels_are_bitwise_one_channel(transport, tmp_path
     the results are those of one channel in a loopback world, bit for bit."""
     nodes, rpn = 2, 2
     world = nodes * rpn
-    p = _params(nodes, rpn, transport=transport, channels=2, tokens=[17, 1, 2, 30])
+    p = _params(nodes, rpn, transport=transport, channels=2, tokens=[17, 0, 1, 30])
     before = _shm_names()
     got = launch(world, "match", p, tmp_path)
     for g in got:

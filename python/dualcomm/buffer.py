@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from dualcomm import _checks
+from dualcomm._arrays import tensor_of
 from dualcomm._native import (
     Endpoint,
     Handle,
@@ -69,7 +70,7 @@ def _bytes2d(t: torch.Tensor, row_bytes: int) -> np.ndarray:
 
 
 def _from_bytes(buf: np.ndarray, dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
-    return torch.from_numpy(buf).view(dtype).reshape(rows, cols)
+    return tensor_of(buf).view(dtype).reshape(rows, cols)
 
 
 class Buffer:
@@ -333,10 +334,10 @@ class Buffer:
         per_rank, per_node, per_expert, in_rank = self._ep.layout(topk.numpy(), num_experts)
         t = topk.shape[0]
         return (
-            torch.from_numpy(per_rank),
-            torch.from_numpy(per_node) if self.num_nodes > 1 else None,
-            torch.from_numpy(per_expert),
-            torch.from_numpy(in_rank).reshape(t, self.group_size),
+            tensor_of(per_rank),
+            tensor_of(per_node) if self.num_nodes > 1 else None,
+            tensor_of(per_expert),
+            tensor_of(in_rank).reshape(t, self.group_size),
             EventOverlap(),
         )
 
@@ -462,8 +463,8 @@ class Buffer:
         if scales is not None and recv_scales is not None:
             recv_x = (recv_data, _from_bytes(recv_scales, torch.float32, n, scales.shape[1]))
         k = 0 if topk_np is None else topk_np[0].shape[1]
-        recv_topk_idx = None if recv_idx is None else torch.from_numpy(recv_idx).reshape(n, k)
-        recv_topk_w = None if recv_w is None else torch.from_numpy(recv_w).reshape(n, k)
+        recv_topk_idx = None if recv_idx is None else tensor_of(recv_idx).reshape(n, k)
+        recv_topk_w = None if recv_w is None else tensor_of(recv_w).reshape(n, k)
         per_expert: list[int] | None = None
         on_done = None
         if num_worst_tokens:
@@ -597,7 +598,7 @@ class Buffer:
 
         combined_w = None
         if out_w is not None and w_np is not None:
-            combined_w = torch.from_numpy(out_w).reshape(t, w_np.shape[1])
+            combined_w = tensor_of(out_w).reshape(t, w_np.shape[1])
         event = EventOverlap(native_event, extra_tensors=(combined,), on_done=on_done)
         if not async_finish:
             event.current_stream_wait()

@@ -16,6 +16,7 @@ import time
 import torch
 
 from dualcomm import Buffer
+from dualcomm._arrays import tensor_of
 from dualcomm.testing import run_loopback
 
 
@@ -60,7 +61,7 @@ def main() -> None:
         # Partial sums are rounded to bf16 per node before crossing the network, as in DeepEP.
         want = x.float() * in_rank.sum(1, keepdim=True)
         ok = torch.allclose(combined.float(), want, rtol=2e-2, atol=2e-2)
-        src = torch.from_numpy(handle.recv_src_rank().astype("int64"))
+        src = tensor_of(handle.recv_src_rank().astype("int64"))
         from_rank = torch.bincount(src, minlength=world).tolist()
         return dict(
             per_rank=per_rank.tolist(),

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from dualcomm._arrays import tensor_of
 from dualcomm._native import Handle
 
 #: DeepEP's handle lengths: intranode and internode.
@@ -50,10 +51,10 @@ class DispatchHandle(OpaqueTuple):
         rank: int,
         is_token_in_rank: torch.Tensor | None,
     ) -> DispatchHandle:
-        per_src = torch.from_numpy(native.recv_per_src()).to(torch.int32)
+        per_src = tensor_of(native.recv_per_src()).to(torch.int32)
         items: list[Any]
         if num_nodes == 1:
-            matrix = torch.from_numpy(native.node_matrix()).reshape(ranks_per_node, ranks_per_node)
+            matrix = tensor_of(native.node_matrix()).reshape(ranks_per_node, ranks_per_node)
             rank_prefix_matrix = matrix.cumsum(0).to(torch.int32)
             items = [rank_prefix_matrix, None, None, None, is_token_in_rank, None]
             assert len(items) == _ONE_NODE_LEN

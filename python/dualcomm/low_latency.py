@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from dualcomm import _checks
+from dualcomm._arrays import tensor_of
 from dualcomm._native import Endpoint, Handle, InternalError
 from dualcomm.config import AUTO_RING_BYTES, RECORD_HEADER_BYTES, _record_bytes_bound
 from dualcomm.event import EventOverlap
@@ -178,10 +179,11 @@ class LowLatency:
             """Once the tokens are in: each local expert's rows, by source rank then index
             (the receive order), all experts in one pass."""
             n = native.num_recv_tokens
-            rx = torch.from_numpy(recv).view(data.dtype).reshape(n, hidden)
-            ridx = torch.from_numpy(recv_idx).reshape(n, k)
-            src_rank = torch.from_numpy(native.recv_src_rank().astype(np.int64))
-            src_idx = torch.from_numpy(native.recv_src_idx().astype(np.int64))
+            rx = tensor_of(recv).view(data.dtype).reshape(n, hidden)
+            assert recv_idx is not None  # a low-latency dispatch always carries top-k
+            ridx = tensor_of(recv_idx).reshape(n, k)
+            src_rank = tensor_of(native.recv_src_rank().astype(np.int64))
+            src_idx = tensor_of(native.recv_src_idx().astype(np.int64))
             # Every (received token, choice) of a local expert, sorted by (expert, token).
             rows = torch.arange(n).repeat_interleave(k)
             experts = ridx.flatten()
@@ -211,7 +213,7 @@ class LowLatency:
             dst = packed_x.view(local * cap, hidden).view(torch.uint8)
             dst.index_copy_(0, flat_slot, rx.view(torch.uint8).index_select(0, r_sorted))
             if packed_scales is not None and recv_scales is not None:
-                rs = torch.from_numpy(recv_scales).view(torch.float32).reshape(n, hidden // 128)[r_sorted]
+                rs = tensor_of(recv_scales).view(torch.float32).reshape(n, hidden // 128)[r_sorted]
                 packed = pack_ue8m0(rs) if use_ue8m0 else rs
                 packed_scales[e_sorted, position] = packed
             src_info.view(-1)[flat_slot] = src_idx[r_sorted].to(torch.int32)
@@ -284,7 +286,7 @@ class LowLatency:
             flat.numpy(), "bfloat16", h.native, h.slots.numpy(), w.numpy(), "bfloat16"
         )
         self._next_combine ^= 1
-        result = torch.from_numpy(raw).view(torch.bfloat16).reshape(h.num_tokens, hidden)
+        result = tensor_of(raw).view(torch.bfloat16).reshape(h.num_tokens, hidden)
         combined = result
         on_done = None
         if out is not None:
