@@ -138,7 +138,10 @@ def scenario_soak(rank: int, p: dict[str, Any]) -> dict[str, Any]:
 
 
 def scenario_mismatch(rank: int, p: dict[str, Any]) -> dict[str, Any]:
-    p = dict(p, nvl=p["nvl"] * (2 if rank == 1 else 1))
+    if p.get("mismatch") == "channels":
+        p = dict(p, channels=2 if rank == 1 else 1)
+    else:
+        p = dict(p, nvl=p["nvl"] * (2 if rank == 1 else 1))
     try:
         _buffer(p)
     except DualcommError as e:

@@ -238,6 +238,10 @@ def test_mismatched_configurations_fail_on_every_rank(tmp_path):
     for g in got:
         assert g["error"] == "ConfigMismatchError", g
         assert "num_nvl_bytes=4096" in g["message"] and "num_nvl_bytes=8192" in g["message"]
+    got = launch(3, "mismatch", _params(1, 3, mismatch="channels"), tmp_path)
+    for g in got:
+        assert g["error"] == "ConfigMismatchError", g
+        assert "num_channels per rank {0: 1, 1: 2, 2: 1}" in g["message"]
 
 
 def _what_verbs_lacks_here() -> str:

@@ -134,6 +134,9 @@ def agree_channels(group: Any, requested: int | None, num_sms: int) -> int:
     mine = {"host": socket.gethostname(), "requested": requested, "cores": usable_cores()}
     infos: list[Any] = [None] * world
     dist.all_gather_object(infos, mine, group=group)
+    asked = {r: i["requested"] for r, i in enumerate(infos) if i["requested"] is not None}
+    if len(set(asked.values())) > 1:
+        raise ConfigMismatchError(f"configuration mismatch between ranks: num_channels per rank {asked}")
     hosts = [i["host"] for i in infos]
     wanted = [
         i["requested"] if i["requested"] is not None else auto_channels(num_sms, hosts.count(i["host"]), i["cores"])

@@ -239,7 +239,10 @@ class Buffer:
 
     @staticmethod
     def set_num_sms(new_num_sms: int) -> None:
-        """The SMs DeepEP's kernels may use (even, as DeepEP requires); recorded for the GPU path."""
+        """The SMs DeepEP's kernels may use (even, as DeepEP requires). Buffers made after
+        this run `new_num_sms // 2` channels (capped by the cores per rank), as DeepEP's
+        kernels do; a buffer keeps the channels it was made with (each is a world of its
+        own), so a `Config`'s `num_sms` in a call does not change them."""
         if isinstance(new_num_sms, bool) or not isinstance(new_num_sms, int) or new_num_sms <= 0 or new_num_sms % 2:
             raise _checks.fail("new_num_sms", "a positive even int", repr(new_num_sms))
         Buffer.num_sms = new_num_sms
