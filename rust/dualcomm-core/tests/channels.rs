@@ -8,8 +8,23 @@ use std::time::Duration;
 use dualcomm_core::transport::loopback::LoopbackFabric;
 use dualcomm_core::{
     ChannelRoute, Channels, CombineArgs, CombineOut, Config, DispatchArgs, Dtype, ElemType,
-    Endpoint, Error, TopkArgs, Topology, VecSink,
+    Endpoint, Error, RecvBuffers, RecvShape, RecvSink, TopkArgs, Topology, VecSink,
 };
+
+/// A `VecSink` that keeps the shape it was asked for: what the caller (the Python binding)
+/// sizes its outputs and reports its counts from.
+#[derive(Default)]
+struct ShapeSink {
+    inner: VecSink,
+    shape: Option<RecvShape>,
+}
+
+impl RecvSink for ShapeSink {
+    fn prepare(&mut self, shape: RecvShape) -> dualcomm_core::Result<RecvBuffers<'_>> {
+        self.shape = Some(shape.clone());
+        self.inner.prepare(shape)
+    }
+}
 
 const HIDDEN: usize = 16;
 const TOPK: usize = 3;
@@ -141,10 +156,20 @@ fn run(
                     .map(|&c| c as u64)
                     .collect();
                 let a = args(inp, &x, t, experts, &per_expert);
-                let mut recv = VecSink::default();
+                let mut sink = ShapeSink::default();
                 let out = ch
-                    .dispatch(&a, ChannelRoute::Fresh(&layout.is_token_in_rank), &mut recv)
+                    .dispatch(&a, ChannelRoute::Fresh(&layout.is_token_in_rank), &mut sink)
                     .unwrap();
+                // The shape the caller sized its outputs by says what the dispatch returns.
+                let shape = sink.shape.expect("the sink was asked for buffers");
+                assert_eq!(shape.num_recv, out.num_recv, "rank {r}");
+                assert_eq!(
+                    shape.num_recv_tokens_per_expert.as_ref(),
+                    Some(&out.num_recv_tokens_per_expert),
+                    "aligned per-expert counts of rank {r}"
+                );
+                assert_eq!(shape.recv_per_src, out.handle.recv_per_src, "rank {r}");
+                let recv = sink.inner;
                 let mut again = VecSink::default();
                 let cached = ch
                     .dispatch(&a, ChannelRoute::Cached(&out.handle), &mut again)
