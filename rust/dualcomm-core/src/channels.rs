@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use crate::endpoint::{Endpoint, Stats};
 use crate::error::{Error, Result};
+use crate::handoff::PendingHandle;
 use crate::protocol::combine::{CombineArgs, CombineOut};
 use crate::protocol::dispatch::{
     DispatchArgs, DispatchHandle, DispatchOutput, RecvBuffers, RecvShape, RecvSink, Route,
@@ -64,6 +65,15 @@ pub enum ChannelRoute<'a> {
     /// `[num_tokens, world_size]` booleans, as `Endpoint::plan` takes them.
     Fresh(&'a [bool]),
     Cached(&'a ChannelHandle),
+}
+
+/// Where a dispatch over channels queued behind others sends its tokens (as `QueuedRoute`
+/// for one endpoint).
+pub enum QueuedChannelRoute {
+    /// `is_token_in_rank`, flattened.
+    Fresh(Vec<bool>),
+    /// The handle of an earlier dispatch, resolved when this one runs.
+    Cached(PendingHandle<ChannelHandle>),
 }
 
 /// One rank's channels: endpoints of the same rank in as many worlds.
@@ -165,7 +175,7 @@ impl Channels {
 
     /// Refuses the next operation on every channel (see `Endpoint::reject`): peers hear
     /// of `e` instead of waiting for this rank.
-    pub fn reject<T>(&mut self, kind: OpKind, e: Error) -> Result<T> {
+    fn reject<T>(&mut self, kind: OpKind, e: Error) -> Result<T> {
         let results = self.each(|_, ep| ep.reject::<()>(kind, e.clone()));
         first_error(results)?;
         Err(e)
@@ -216,6 +226,42 @@ impl Channels {
         });
         let outs = first_error(results)?;
         Ok(merge(outs, args.expert_alignment))
+    }
+
+    /// A dispatch queued behind others (see `Endpoint::dispatch_queued`): a cached one's
+    /// handle resolves only now. On success `result` resolves to this dispatch's handle.
+    pub fn dispatch_queued(
+        &mut self,
+        args: &DispatchArgs<'_>,
+        route: &QueuedChannelRoute,
+        sink: &mut dyn RecvSink,
+        result: &PendingHandle<ChannelHandle>,
+    ) -> Result<ChannelDispatchOutput> {
+        let out = match route {
+            QueuedChannelRoute::Fresh(in_rank) => {
+                self.dispatch(args, ChannelRoute::Fresh(in_rank), sink)
+            }
+            QueuedChannelRoute::Cached(h) => match h.resolve() {
+                Ok(h) => self.dispatch(args, ChannelRoute::Cached(h), sink),
+                // This rank will not run it: its peers hear so.
+                Err(e) => self.reject(OpKind::CachedDispatch, e),
+            },
+        }?;
+        result.fill(&out.handle);
+        Ok(out)
+    }
+
+    /// A combine queued behind others, of a dispatch whose handle resolves only now.
+    pub fn combine_queued(
+        &mut self,
+        args: &CombineArgs<'_>,
+        handle: &PendingHandle<ChannelHandle>,
+        out: CombineOut<'_>,
+    ) -> Result<()> {
+        match handle.resolve() {
+            Ok(h) => self.combine(args, h, out),
+            Err(e) => self.reject(OpKind::Combine, e),
+        }
     }
 
     /// Combines over every channel: each sums its tokens into its rows of `out`.

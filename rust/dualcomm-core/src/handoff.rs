@@ -10,22 +10,35 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::protocol::dispatch::{DispatchHandle, RecvBuffers, RecvShape, RecvSink};
 
-/// The handle of a dispatch that may not have run yet. Operations queued behind that
-/// dispatch may name it; it resolves when they run.
-#[derive(Debug, Clone, Default)]
-pub struct PendingHandle(Arc<OnceLock<Arc<DispatchHandle>>>);
+/// The handle of a dispatch that may not have run yet (one endpoint's, or a `ChannelHandle`
+/// over channels). Operations queued behind that dispatch may name it; it resolves when
+/// they run.
+#[derive(Debug)]
+pub struct PendingHandle<H = DispatchHandle>(Arc<OnceLock<Arc<H>>>);
 
-impl PendingHandle {
+impl<H> Clone for PendingHandle<H> {
+    fn clone(&self) -> Self {
+        Self(Arc::clone(&self.0))
+    }
+}
+
+impl<H> Default for PendingHandle<H> {
+    fn default() -> Self {
+        Self(Arc::default())
+    }
+}
+
+impl<H> PendingHandle<H> {
     pub fn new() -> Self {
         Self::default()
     }
 
     /// The handle, once its dispatch has succeeded.
-    pub fn get(&self) -> Option<&Arc<DispatchHandle>> {
+    pub fn get(&self) -> Option<&Arc<H>> {
         self.0.get()
     }
 
-    pub(crate) fn resolve(&self) -> Result<&DispatchHandle> {
+    pub(crate) fn resolve(&self) -> Result<&H> {
         self.0.get().map(|h| &**h).ok_or_else(|| {
             Error::invalid(
                 "handle",
@@ -35,7 +48,7 @@ impl PendingHandle {
         })
     }
 
-    pub(crate) fn fill(&self, h: &Arc<DispatchHandle>) {
+    pub(crate) fn fill(&self, h: &Arc<H>) {
         let _ = self.0.set(Arc::clone(h));
     }
 }
@@ -270,7 +283,7 @@ mod tests {
 
     #[test]
     fn a_pending_handle_resolves_once_filled() {
-        let p = PendingHandle::new();
+        let p: PendingHandle = PendingHandle::new();
         assert!(matches!(p.resolve(), Err(Error::InvalidArgument { .. })));
         assert!(p.get().is_none());
     }

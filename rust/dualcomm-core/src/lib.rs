@@ -14,7 +14,9 @@ pub mod routing;
 pub mod topology;
 pub mod transport;
 
-pub use channels::{ChannelDispatchOutput, ChannelHandle, ChannelRoute, Channels, channel_range};
+pub use channels::{
+    ChannelDispatchOutput, ChannelHandle, ChannelRoute, Channels, QueuedChannelRoute, channel_range,
+};
 pub use endpoint::{Config, Endpoint, QueuedRoute, Stats};
 pub use engine::{Driven, Engine, Ticket};
 pub use error::{Error, Result};

@@ -82,6 +82,15 @@ struct Got {
     payload: u64,
 }
 
+/// Rank `r`'s channels: its endpoint in each channel's world.
+fn rank_channels(fabrics: &[Arc<LoopbackFabric>], topo: Topology, r: usize) -> Channels {
+    let eps = fabrics
+        .iter()
+        .map(|f| Endpoint::loopback(f, topo, r, config()).unwrap())
+        .collect();
+    Channels::new(eps).unwrap()
+}
+
 fn config() -> Config {
     Config {
         // Small rings, so that every channel streams through many refills.
@@ -141,11 +150,7 @@ fn run(
             let fabrics = fabrics.clone();
             let ins = Arc::clone(ins);
             thread::spawn(move || {
-                let eps = fabrics
-                    .iter()
-                    .map(|f| Endpoint::loopback(f, topo, r, config()).unwrap())
-                    .collect();
-                let mut ch = Channels::new(eps).unwrap();
+                let mut ch = rank_channels(&fabrics, topo, r);
                 let inp = &ins[r];
                 let t = inp.x.len() / HIDDEN;
                 let x: Vec<u8> = bytemuck::cast_slice(&inp.x).to_vec();
@@ -346,11 +351,7 @@ fn a_bad_token_in_one_channel_fails_every_rank_and_leaves_the_channels_usable() 
         .map(|r| {
             let (fabrics, ins) = (fabrics.clone(), Arc::clone(&ins));
             thread::spawn(move || {
-                let eps = fabrics
-                    .iter()
-                    .map(|f| Endpoint::loopback(f, topo, r, config()).unwrap())
-                    .collect();
-                let mut ch = Channels::new(eps).unwrap();
+                let mut ch = rank_channels(&fabrics, topo, r);
                 let inp = &ins[r];
                 let x: Vec<u8> = bytemuck::cast_slice(&inp.x).to_vec();
                 let layout = ch.endpoint(0).layout(&inp.idx, 20, TOPK, experts).unwrap();

@@ -8,7 +8,7 @@ mod pool;
 mod verbs;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dualcomm_core::routing::{SendPlan, dispatch_layout};
@@ -16,9 +16,9 @@ use dualcomm_core::transport::loopback::LoopbackFabric;
 use dualcomm_core::transport::tcp::{SECRET_BYTES, TcpBinding};
 use dualcomm_core::transport::{RegionId, Tier, Transport};
 use dualcomm_core::{
-    ChannelHandle, ChannelRoute, Channels, CombineArgs, CombineOut, Config, DispatchArgs, Dtype,
-    ElemType, Endpoint as CoreEndpoint, Engine, Error, LowLatencyCombineArgs, OpKind,
-    PendingHandle, QueuedRoute, RecvMemory, Ticket, TopkArgs, Topology, recv_handoff,
+    ChannelHandle, Channels, CombineArgs, CombineOut, Config, DispatchArgs, Dtype, ElemType,
+    Endpoint as CoreEndpoint, Engine, Error, LowLatencyCombineArgs, OpKind, PendingHandle,
+    QueuedChannelRoute, QueuedRoute, RecvMemory, Ticket, TopkArgs, Topology, recv_handoff,
 };
 use numpy::{PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -323,7 +323,7 @@ struct Handle {
 #[derive(Clone)]
 enum HandleCell {
     One(PendingHandle),
-    Many(Arc<OnceLock<Arc<ChannelHandle>>>),
+    Many(PendingHandle<ChannelHandle>),
 }
 
 impl HandleCell {
@@ -344,24 +344,6 @@ impl HandleCell {
                 "one over several",
             )),
         }
-    }
-
-    /// The merged handle of a finished dispatch over channels.
-    fn many(&self) -> Result<&Arc<ChannelHandle>, Error> {
-        let HandleCell::Many(c) = self else {
-            return Err(Error::invalid(
-                "handle",
-                "the handle of a dispatch over several channels",
-                "one over a single channel",
-            ));
-        };
-        c.get().ok_or_else(|| {
-            Error::invalid(
-                "handle",
-                "the handle of a dispatch that succeeded",
-                "one whose dispatch failed",
-            )
-        })
     }
 }
 
@@ -600,45 +582,9 @@ impl Endpoint {
     }
 }
 
-/// Where a dispatch over channels sends its tokens, held until its job runs.
-enum ChannelsRoute {
-    /// `is_token_in_rank`, flattened.
-    Fresh(Vec<bool>),
-    /// The cell of an earlier dispatch, resolved when the job runs (after that dispatch).
-    Cached(Arc<OnceLock<Arc<ChannelHandle>>>),
-}
-
 enum JobRoute {
     One(QueuedRoute),
-    Many(ChannelsRoute),
-}
-
-/// Runs a dispatch over every channel and leaves its handle in `cell`; the per-expert counts.
-fn dispatch_channels(
-    ch: &mut Channels,
-    args: &DispatchArgs<'_>,
-    route: &ChannelsRoute,
-    sink: &mut dyn dualcomm_core::RecvSink,
-    cell: &OnceLock<Arc<ChannelHandle>>,
-) -> Result<Vec<i64>, Error> {
-    let out = match route {
-        ChannelsRoute::Fresh(in_rank) => ch.dispatch(args, ChannelRoute::Fresh(in_rank), sink)?,
-        ChannelsRoute::Cached(earlier) => match earlier.get() {
-            Some(h) => ch.dispatch(args, ChannelRoute::Cached(h), sink)?,
-            // This rank will not run it: its peers hear so.
-            None => ch.reject(
-                OpKind::CachedDispatch,
-                Error::invalid(
-                    "handle",
-                    "the handle of a dispatch that succeeded",
-                    "one whose dispatch failed",
-                ),
-            )?,
-        },
-    };
-    // A cached dispatch's cell holds the same handle already.
-    let _ = cell.set(out.handle);
-    Ok(out.num_recv_tokens_per_expert)
+    Many(QueuedChannelRoute),
 }
 
 type DispatchResult<'py> = (
@@ -972,7 +918,9 @@ impl Endpoint {
                     }
                     match &h.cell {
                         HandleCell::One(c) => JobRoute::One(QueuedRoute::Cached(c.clone())),
-                        HandleCell::Many(c) => JobRoute::Many(ChannelsRoute::Cached(c.clone())),
+                        HandleCell::Many(c) => {
+                            JobRoute::Many(QueuedChannelRoute::Cached(c.clone()))
+                        }
                     }
                 }
                 (None, Some(itr)) => {
@@ -985,7 +933,7 @@ impl Endpoint {
                     })?;
                     if self.num_channels > 1 {
                         // Each channel plans its own token range when the job runs.
-                        JobRoute::Many(ChannelsRoute::Fresh(itr.to_vec()))
+                        JobRoute::Many(QueuedChannelRoute::Fresh(itr.to_vec()))
                     } else {
                         JobRoute::One(QueuedRoute::Fresh(Arc::new(
                             SendPlan::from_is_token_in_rank(&self.topo, itr, t).map_err(to_py)?,
@@ -1033,8 +981,8 @@ impl Endpoint {
         let cell = match &route {
             JobRoute::One(QueuedRoute::Cached(c)) => HandleCell::One(c.clone()),
             JobRoute::One(QueuedRoute::Fresh(_)) => HandleCell::One(PendingHandle::new()),
-            JobRoute::Many(ChannelsRoute::Cached(c)) => HandleCell::Many(c.clone()),
-            JobRoute::Many(ChannelsRoute::Fresh(_)) => HandleCell::Many(Arc::default()),
+            JobRoute::Many(QueuedChannelRoute::Cached(c)) => HandleCell::Many(c.clone()),
+            JobRoute::Many(QueuedChannelRoute::Fresh(_)) => HandleCell::Many(PendingHandle::new()),
         };
         let job_cell = cell.clone();
         let (mut sink, request) = recv_handoff::<Vec<Py<PyAny>>>(self.rank, self.timeout);
@@ -1068,9 +1016,9 @@ impl Endpoint {
                         .endpoint(0)
                         .dispatch_queued(&args, r, &mut sink, c)
                         .map(|out| Some(out.num_recv_tokens_per_expert)),
-                    (JobRoute::Many(r), HandleCell::Many(c)) => {
-                        dispatch_channels(ch, &args, r, &mut sink, c).map(Some)
-                    }
+                    (JobRoute::Many(r), HandleCell::Many(c)) => ch
+                        .dispatch_queued(&args, r, &mut sink, c)
+                        .map(|out| Some(out.num_recv_tokens_per_expert)),
                     _ => unreachable!("the cell is made from the route above"),
                 };
                 Finished {
@@ -1312,11 +1260,7 @@ impl Endpoint {
                 };
                 let result = match &cell {
                     HandleCell::One(c) => ch.endpoint(0).combine_queued(&args, c, out),
-                    HandleCell::Many(_) => match cell.many() {
-                        Ok(h) => ch.combine(&args, h, out),
-                        // This rank will not run it: its peers hear so.
-                        Err(e) => ch.reject(OpKind::Combine, e),
-                    },
+                    HandleCell::Many(c) => ch.combine_queued(&args, c, out),
                 };
                 Finished {
                     result: result.map(|()| None),
