@@ -167,7 +167,9 @@ pub trait RecvSink {
 }
 
 /// A sink that owns its buffers, and reuses their memory from one dispatch to the next (a
-/// fresh allocation of receive rows on every call spends its time faulting in pages).
+/// fresh allocation of receive rows on every call spends its time faulting in pages). What
+/// the last dispatch left is not zeroed again: every element is overwritten (a pass over
+/// the rows that dispatch does not need; only memory a buffer grows by is zeroed).
 #[derive(Debug, Default)]
 pub struct VecSink {
     pub x: Vec<u8>,
@@ -179,14 +181,17 @@ pub struct VecSink {
 /// A zeroed vector of `n` elements, or an error (never an abort) when memory is short.
 pub fn try_zeroed<T: Clone + Default>(what: &str, n: usize) -> Result<Vec<T>> {
     let mut v = Vec::new();
-    refill(&mut v, what, n)?;
+    resize_reusing(&mut v, what, n)?;
     Ok(v)
 }
 
-/// `v` resized to `n` zeroed elements, keeping its memory where it is large enough.
-fn refill<T: Clone + Default>(v: &mut Vec<T>, what: &str, n: usize) -> Result<()> {
-    v.clear();
-    v.try_reserve_exact(n).map_err(|e| Error::Os {
+/// `v` resized to `n` elements: the first ones keep what they held, only new ones are zeroed.
+fn resize_reusing<T: Clone + Default>(v: &mut Vec<T>, what: &str, n: usize) -> Result<()> {
+    if v.len() >= n {
+        v.truncate(n);
+        return Ok(());
+    }
+    v.try_reserve_exact(n - v.len()).map_err(|e| Error::Os {
         what: format!("allocating {what} ({n} elements)"),
         detail: e.to_string(),
     })?;
@@ -197,23 +202,23 @@ fn refill<T: Clone + Default>(v: &mut Vec<T>, what: &str, n: usize) -> Result<()
 impl RecvSink for VecSink {
     fn prepare(&mut self, s: RecvShape) -> Result<RecvBuffers<'_>> {
         let n = s.num_recv;
-        refill(
+        resize_reusing(
             &mut self.x,
             "received rows",
             s.x_row_bytes.saturating_mul(n),
         )?;
-        refill(
+        resize_reusing(
             &mut self.scales,
             "received scales",
             s.scale_row_bytes.saturating_mul(n),
         )?;
-        refill(
+        resize_reusing(
             &mut self.topk_idx,
             "received top-k indices",
             s.num_topk.saturating_mul(n),
         )?;
         let k = s.num_topk.saturating_mul(n);
-        refill(&mut self.topk_weights, "received top-k weights", k)?;
+        resize_reusing(&mut self.topk_weights, "received top-k weights", k)?;
         Ok(RecvBuffers::contiguous(
             &s,
             &mut self.x,
