@@ -51,18 +51,36 @@ pub fn add_into(acc: &mut [f32], row: &[u8], dtype: Dtype) {
     with_best_simd!(add_into_body(acc, row, dtype))
 }
 
+/// `acc[i] = 0 + row[i]`: the first term of a sum, in one pass over `acc` where zeroing it
+/// and adding would take two, with the same bits (adding to zero turns -0 into +0).
+pub fn start_sum(acc: &mut [f32], row: &[u8], dtype: Dtype) {
+    with_best_simd!(start_sum_body(acc, row, dtype))
+}
+
 #[inline(always)]
 fn add_into_body(acc: &mut [f32], row: &[u8], dtype: Dtype) {
+    accumulate::<false>(acc, row, dtype)
+}
+
+#[inline(always)]
+fn start_sum_body(acc: &mut [f32], row: &[u8], dtype: Dtype) {
+    accumulate::<true>(acc, row, dtype)
+}
+
+/// `acc[i] = (0 if FIRST else acc[i]) + row[i]`.
+#[inline(always)]
+fn accumulate<const FIRST: bool>(acc: &mut [f32], row: &[u8], dtype: Dtype) {
+    let base = |a: f32| if FIRST { 0.0 } else { a };
     match dtype {
         Dtype::Bf16 => {
             // bf16 is the top half of an f32: widening is a shift (and vectorizes).
             for (a, b) in acc.iter_mut().zip(row.chunks_exact(2)) {
-                *a += f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+                *a = base(*a) + f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
             }
         }
         Dtype::F32 => {
             for (a, b) in acc.iter_mut().zip(row.chunks_exact(4)) {
-                *a += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                *a = base(*a) + f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             }
         }
     }
@@ -145,6 +163,26 @@ mod tests {
             .collect();
         assert_eq!(acc, expect);
         assert!(Dtype::parse("float16").is_err());
+    }
+
+    #[test]
+    fn starting_a_sum_has_the_bits_of_adding_to_zero() {
+        let vals = [-0.0f32, 0.0, -1.5, f32::NAN, f32::INFINITY, 1.0e-40];
+        for dtype in [Dtype::Bf16, Dtype::F32] {
+            let mut row = vec![0u8; vals.len() * dtype.size()];
+            match dtype {
+                Dtype::Bf16 => store(&vals, &mut row, dtype),
+                Dtype::F32 => row.copy_from_slice(bytemuck::cast_slice(&vals)),
+            }
+            let mut zero_then_add = vec![0.0f32; vals.len()];
+            add_into(&mut zero_then_add, &row, dtype);
+            let mut started = vec![7.0f32; vals.len()];
+            start_sum(&mut started, &row, dtype);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&started), bits(&zero_then_add), "{dtype:?}");
+            // -0 really is turned into +0, so a plain copy would not do.
+            assert_eq!(started[0].to_bits(), 0);
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use super::Shape;
 use crate::error::{Error, Result};
 use crate::protocol::op::Op;
 use crate::protocol::record::{HEADER_BYTES, Header};
-use crate::protocol::reduce::{Dtype, add_into, read_f32s, store};
+use crate::protocol::reduce::{Dtype, add_into, read_f32s, start_sum, store};
 use crate::routing::SendPlan;
 use crate::topology::Topology;
 
@@ -101,25 +101,29 @@ impl<'o> Finisher<'o> {
             if dtype == self.out_dtype {
                 out.copy_from_slice(&body[..rb]);
             } else {
-                self.acc.fill(0.0);
-                add_into(&mut self.acc[..hidden], &body[..rb], dtype);
+                start_sum(&mut self.acc[..hidden], &body[..rb], dtype);
                 store(&self.acc[..hidden], out, self.out_dtype);
             }
             read_f32s(out_w, &body[rb..rb + k * 4]);
             return Ok(());
         }
-        self.acc.fill(0.0);
-        for n in nodes {
+        // From zero, in ascending node order: the first partial starts the sum.
+        for (i, n) in nodes.enumerate() {
             if n == my_node {
                 let sum = own.ok_or_else(|| {
                     Error::internal(self.me, format!("no partial of this node for token {tok}"))
                 })?;
-                self.acc.iter_mut().zip(sum).for_each(|(a, b)| *a += b);
+                let base = |a: f32| if i == 0 { 0.0 } else { a };
+                self.acc
+                    .iter_mut()
+                    .zip(sum)
+                    .for_each(|(a, b)| *a = base(*a) + b);
                 continue;
             }
             let body = Self::take_partial(op, plan, self.topo, self.me, n, tok)?;
-            add_into(&mut self.acc[..hidden], &body[..rb], dtype);
-            add_into(&mut self.acc[hidden..], &body[rb..rb + k * 4], Dtype::F32);
+            let term = if i == 0 { start_sum } else { add_into };
+            term(&mut self.acc[..hidden], &body[..rb], dtype);
+            term(&mut self.acc[hidden..], &body[rb..rb + k * 4], Dtype::F32);
         }
         store(&self.acc[..hidden], out, self.out_dtype);
         out_w.copy_from_slice(&self.acc[hidden..]);

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::protocol::dispatch::DispatchHandle;
 use crate::protocol::op::Op;
 use crate::protocol::record::{HEADER_BYTES, Header};
-use crate::protocol::reduce::{Dtype, add_into, store};
+use crate::protocol::reduce::{Dtype, add_into, start_sum, store};
 use crate::protocol::sources::Source;
 use crate::routing::SendPlan;
 use crate::topology::{LocalMask, Topology};
@@ -210,21 +210,27 @@ impl Reducer {
         true
     }
 
-    /// Sums `e`'s rows into `acc` in ascending local rank, consuming their records.
+    /// Sums `e`'s rows into `acc` in ascending local rank (from zero: the first row
+    /// starts the sum), consuming their records. `acc` is left as it was without rows.
     fn sum(&mut self, op: &mut Op<'_>, e: &Entry, rows: &Rows<'_>) -> Result<()> {
         let (topo, me, t) = (self.topo, self.me, op.t);
         let Shape { hidden, k, dtype } = self.shape;
         let rb = self.shape.row_bytes();
-        self.acc.fill(0.0);
         let mut m = e.mask;
+        let mut first = true;
+        let mut add = |acc: &mut [f32], row: &[u8], w: &[u8]| {
+            let term = if first { start_sum } else { add_into };
+            term(&mut acc[..hidden], row, dtype);
+            term(&mut acc[hidden..], w, Dtype::F32);
+            first = false;
+        };
         while m != 0 {
             let l = m.trailing_zeros() as usize;
             m &= m - 1;
             let d = topo.rank_at(topo.node_of(me), l);
             if d == me {
                 let [row, w] = rows.row(e.own_row);
-                add_into(&mut self.acc[..hidden], row, dtype);
-                add_into(&mut self.acc[hidden..], w, Dtype::F32);
+                add(&mut self.acc, row, w);
                 continue;
             }
             let ring = op.recv_ring(d);
@@ -234,8 +240,7 @@ impl Reducer {
                 return Err(self.misplaced(d, l, &h, e));
             }
             let body = &rec[HEADER_BYTES..];
-            add_into(&mut self.acc[..hidden], &body[..rb], dtype);
-            add_into(&mut self.acc[hidden..], &body[rb..rb + k * 4], Dtype::F32);
+            add(&mut self.acc, &body[..rb], &body[rb..rb + k * 4]);
             ring.consume(1);
         }
         Ok(())
