@@ -51,20 +51,9 @@ pub fn add_into(acc: &mut [f32], row: &[u8], dtype: Dtype) {
     with_best_simd!(add_into_body(acc, row, dtype))
 }
 
-/// `acc[i] = 0 + row[i]`: the first term of a sum, in one pass over `acc` where zeroing it
-/// and adding would take two, with the same bits (adding to zero turns -0 into +0).
-pub fn start_sum(acc: &mut [f32], row: &[u8], dtype: Dtype) {
-    with_best_simd!(start_sum_body(acc, row, dtype))
-}
-
 #[inline(always)]
 fn add_into_body(acc: &mut [f32], row: &[u8], dtype: Dtype) {
     accumulate::<false>(acc, row, dtype)
-}
-
-#[inline(always)]
-fn start_sum_body(acc: &mut [f32], row: &[u8], dtype: Dtype) {
-    accumulate::<true>(acc, row, dtype)
 }
 
 /// `acc[i] = (0 if FIRST else acc[i]) + row[i]`.
@@ -83,6 +72,72 @@ fn accumulate<const FIRST: bool>(acc: &mut [f32], row: &[u8], dtype: Dtype) {
                 *a = base(*a) + f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             }
         }
+    }
+}
+
+/// One term of a fixed-order sum: a row in the sum's dtype, or the fp32 sum (from zero, in
+/// order) of several rows (the partial of this rank's own node, which is never rounded).
+#[derive(Clone, Copy)]
+pub enum Term<'a> {
+    Row(&'a [u8]),
+    Sum(&'a [&'a [u8]]),
+}
+
+impl<'a> Term<'a> {
+    /// Each of `rows` as a term of its own.
+    pub fn rows(rows: &[&'a [u8]]) -> Vec<Self> {
+        rows.iter().map(|&r| Term::Row(r)).collect()
+    }
+}
+
+/// Elements summed per block of [`sum_terms`]: its accumulators stay in L1.
+const BLOCK: usize = 1024;
+
+/// `out = (((0 + t0) + t1) + ...)` element by element, stored as `out_dtype`, every term in
+/// `dtype`; a `Term::Sum` is `((0 + r0) + r1) + ...` in fp32 first. The same bits as
+/// summing whole rows term by term into an fp32 row, but taken in blocks, so each byte of
+/// the terms and of `out` passes through memory once. No terms: zeros.
+pub fn sum_terms(out: &mut [u8], out_dtype: Dtype, terms: &[Term<'_>], dtype: Dtype) {
+    with_best_simd!(sum_terms_body(out, out_dtype, terms, dtype))
+}
+
+#[inline(always)]
+fn sum_terms_body(out: &mut [u8], out_dtype: Dtype, terms: &[Term<'_>], dtype: Dtype) {
+    let (es, os) = (dtype.size(), out_dtype.size());
+    let n = out.len() / os;
+    let mut acc = [0f32; BLOCK];
+    let mut inner = [0f32; BLOCK];
+    for start in (0..n).step_by(BLOCK) {
+        let len = BLOCK.min(n - start);
+        let at = start * es..(start + len) * es;
+        let acc = &mut acc[..len];
+        if terms.is_empty() {
+            acc.fill(0.0);
+        }
+        for (i, term) in terms.iter().enumerate() {
+            match *term {
+                Term::Row(r) if i == 0 => accumulate::<true>(acc, &r[at.clone()], dtype),
+                Term::Row(r) => accumulate::<false>(acc, &r[at.clone()], dtype),
+                Term::Sum(rows) => {
+                    let inner = &mut inner[..len];
+                    if rows.is_empty() {
+                        inner.fill(0.0);
+                    }
+                    for (j, &r) in rows.iter().enumerate() {
+                        match j {
+                            0 => accumulate::<true>(inner, &r[at.clone()], dtype),
+                            _ => accumulate::<false>(inner, &r[at.clone()], dtype),
+                        }
+                    }
+                    let inner: &[u8] = bytemuck::cast_slice(inner);
+                    match i {
+                        0 => accumulate::<true>(acc, inner, Dtype::F32),
+                        _ => accumulate::<false>(acc, inner, Dtype::F32),
+                    }
+                }
+            }
+        }
+        store_body(acc, &mut out[start * os..(start + len) * os], out_dtype);
     }
 }
 
@@ -165,23 +220,67 @@ mod tests {
         assert!(Dtype::parse("float16").is_err());
     }
 
+    /// Rows of `n` values in `dtype` from a seed, with -0, NaN and infinities among them.
+    fn rows(n: usize, count: usize, dtype: Dtype, seed: u64) -> Vec<Vec<u8>> {
+        let mut s = seed;
+        (0..count)
+            .map(|_| {
+                let vals: Vec<f32> = (0..n)
+                    .map(|i| {
+                        s = s
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        match (s >> 60, i % 97) {
+                            (_, 5) => -0.0,
+                            (_, 17) => f32::NAN,
+                            (_, 41) => f32::NEG_INFINITY,
+                            (k, _) => ((s >> 33) as i32 as f32) * 1.0e-9 * (1 << k) as f32,
+                        }
+                    })
+                    .collect();
+                let mut row = vec![0u8; n * dtype.size()];
+                store(&vals, &mut row, dtype);
+                row
+            })
+            .collect()
+    }
+
     #[test]
-    fn starting_a_sum_has_the_bits_of_adding_to_zero() {
-        let vals = [-0.0f32, 0.0, -1.5, f32::NAN, f32::INFINITY, 1.0e-40];
-        for dtype in [Dtype::Bf16, Dtype::F32] {
-            let mut row = vec![0u8; vals.len() * dtype.size()];
-            match dtype {
-                Dtype::Bf16 => store(&vals, &mut row, dtype),
-                Dtype::F32 => row.copy_from_slice(bytemuck::cast_slice(&vals)),
+    fn sum_terms_has_the_bits_of_summing_row_by_row() {
+        // Past one block, and not a multiple of it.
+        let n = 2 * BLOCK + 333;
+        for (dtype, out_dtype) in [
+            (Dtype::Bf16, Dtype::Bf16),
+            (Dtype::Bf16, Dtype::F32),
+            (Dtype::F32, Dtype::F32),
+            (Dtype::F32, Dtype::Bf16),
+        ] {
+            let r = rows(n, 5, dtype, 7);
+            // Row, nested sum of three rows, row: the shape of a token's final sum.
+            let own: Vec<&[u8]> = vec![&r[1], &r[2], &r[3]];
+            let terms = [Term::Row(&r[0]), Term::Sum(&own), Term::Row(&r[4])];
+            let mut own_sum = vec![0.0f32; n];
+            for row in &own {
+                add_into(&mut own_sum, row, dtype);
             }
-            let mut zero_then_add = vec![0.0f32; vals.len()];
-            add_into(&mut zero_then_add, &row, dtype);
-            let mut started = vec![7.0f32; vals.len()];
-            start_sum(&mut started, &row, dtype);
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&started), bits(&zero_then_add), "{dtype:?}");
-            // -0 really is turned into +0, so a plain copy would not do.
-            assert_eq!(started[0].to_bits(), 0);
+            let mut want = vec![0.0f32; n];
+            add_into(&mut want, &r[0], dtype);
+            add_into(&mut want, bytemuck::cast_slice(&own_sum), Dtype::F32);
+            add_into(&mut want, &r[4], dtype);
+            let mut want_bytes = vec![0u8; n * out_dtype.size()];
+            store(&want, &mut want_bytes, out_dtype);
+            let mut got = vec![0xAAu8; n * out_dtype.size()];
+            sum_terms(&mut got, out_dtype, &terms, dtype);
+            assert_eq!(got, want_bytes, "{dtype:?} -> {out_dtype:?}");
+            // The nested sum first, then rows; and no terms at all.
+            let terms = [Term::Sum(&own), Term::Row(&r[0])];
+            let mut want = own_sum.iter().map(|v| 0.0 + v).collect::<Vec<_>>();
+            add_into(&mut want, &r[0], dtype);
+            store(&want, &mut want_bytes, out_dtype);
+            sum_terms(&mut got, out_dtype, &terms, dtype);
+            assert_eq!(got, want_bytes, "{dtype:?} -> {out_dtype:?}, sum first");
+            sum_terms(&mut got, out_dtype, &[], dtype);
+            assert!(got.iter().all(|&b| b == 0));
         }
     }
 

@@ -4,10 +4,11 @@
 //! are finished in index order, which is the order the twins send their partials in.
 
 use super::Shape;
+use super::reducer::LocalRows;
 use crate::error::{Error, Result};
 use crate::protocol::op::Op;
 use crate::protocol::record::{HEADER_BYTES, Header};
-use crate::protocol::reduce::{Dtype, add_into, read_f32s, start_sum, store};
+use crate::protocol::reduce::{Dtype, Term, read_f32s, sum_terms};
 use crate::routing::SendPlan;
 use crate::topology::Topology;
 
@@ -18,7 +19,6 @@ pub(super) struct Finisher<'o> {
     out_dtype: Dtype,
     out_x: &'o mut [u8],
     out_w: &'o mut [f32],
-    acc: Vec<f32>,
 }
 
 impl<'o> Finisher<'o> {
@@ -46,7 +46,6 @@ impl<'o> Finisher<'o> {
             out_dtype,
             out_x,
             out_w,
-            acc: vec![0.0; shape.width()],
         }
     }
 
@@ -73,14 +72,14 @@ impl<'o> Finisher<'o> {
     }
 
     /// Sums `tok`'s partials in ascending node order into the output, consuming the other
-    /// nodes' records; `own` is this node's partial in fp32 (none when no rank of this
-    /// node got the token).
-    pub fn finish(
+    /// nodes' records; this node's partial is the fp32 sum of `own`, this node's rows of the
+    /// token (none when no rank of this node got it), summed in the same pass.
+    pub fn finish<'t>(
         &mut self,
-        op: &mut Op<'_>,
+        op: &mut Op<'t>,
         plan: &SendPlan,
         tok: usize,
-        own: Option<&[f32]>,
+        own: &LocalRows<'_>,
     ) -> Result<()> {
         let Shape { hidden, k, dtype } = self.shape;
         let my_node = self.topo.node_of(self.me);
@@ -88,45 +87,41 @@ impl<'o> Finisher<'o> {
         let orb = hidden * self.out_dtype.size();
         let out = &mut self.out_x[tok * orb..(tok + 1) * orb];
         let out_w = &mut self.out_w[tok * k..(tok + 1) * k];
-        let nodes = (0..plan.num_nodes()).filter(|&n| plan.mask(tok, n) != 0);
-        if nodes.clone().count() == 1 {
-            // One partial: it is the sum (the reducer already started it from zero).
-            if let Some(sum) = own {
-                store(&sum[..hidden], out, self.out_dtype);
-                out_w.copy_from_slice(&sum[hidden..]);
-                return Ok(());
-            }
-            let n = nodes.clone().next().expect("one node");
-            let body = Self::take_partial(op, plan, self.topo, self.me, n, tok)?;
-            if dtype == self.out_dtype {
-                out.copy_from_slice(&body[..rb]);
-            } else {
-                start_sum(&mut self.acc[..hidden], &body[..rb], dtype);
-                store(&self.acc[..hidden], out, self.out_dtype);
-            }
-            read_f32s(out_w, &body[rb..rb + k * 4]);
-            return Ok(());
-        }
-        // From zero, in ascending node order: the first partial starts the sum.
-        for (i, n) in nodes.enumerate() {
+        let mut rows: Vec<Term<'_>> = Vec::with_capacity(plan.num_nodes());
+        let mut weights: Vec<Term<'_>> = Vec::with_capacity(plan.num_nodes());
+        for n in (0..plan.num_nodes()).filter(|&n| plan.mask(tok, n) != 0) {
             if n == my_node {
-                let sum = own.ok_or_else(|| {
-                    Error::internal(self.me, format!("no partial of this node for token {tok}"))
-                })?;
-                let base = |a: f32| if i == 0 { 0.0 } else { a };
-                self.acc
-                    .iter_mut()
-                    .zip(sum)
-                    .for_each(|(a, b)| *a = base(*a) + b);
+                if own.x.is_empty() {
+                    return Err(Error::internal(
+                        self.me,
+                        format!("no partial of this node for token {tok}"),
+                    ));
+                }
+                rows.push(Term::Sum(&own.x));
+                weights.push(Term::Sum(&own.weights));
                 continue;
             }
             let body = Self::take_partial(op, plan, self.topo, self.me, n, tok)?;
-            let term = if i == 0 { start_sum } else { add_into };
-            term(&mut self.acc[..hidden], &body[..rb], dtype);
-            term(&mut self.acc[hidden..], &body[rb..rb + k * 4], Dtype::F32);
+            rows.push(Term::Row(&body[..rb]));
+            weights.push(Term::Row(&body[rb..rb + k * 4]));
         }
-        store(&self.acc[..hidden], out, self.out_dtype);
-        out_w.copy_from_slice(&self.acc[hidden..]);
+        if let [Term::Row(partial)] = rows[..]
+            && dtype == self.out_dtype
+        {
+            // One partial from another node: it is the sum (its reducer started from zero).
+            out.copy_from_slice(partial);
+            if let [Term::Row(w)] = weights[..] {
+                read_f32s(out_w, w);
+            }
+            return Ok(());
+        }
+        sum_terms(out, self.out_dtype, &rows, dtype);
+        sum_terms(
+            bytemuck::cast_slice_mut(out_w),
+            Dtype::F32,
+            &weights,
+            Dtype::F32,
+        );
         Ok(())
     }
 

@@ -101,10 +101,6 @@ impl Shape {
     fn row_bytes(&self) -> usize {
         self.hidden * self.dtype.size()
     }
-
-    fn width(&self) -> usize {
-        self.hidden + self.k
-    }
 }
 
 pub(crate) fn run(

@@ -13,11 +13,25 @@ use crate::error::{Error, Result};
 use crate::protocol::dispatch::DispatchHandle;
 use crate::protocol::op::Op;
 use crate::protocol::record::{HEADER_BYTES, Header};
-use crate::protocol::reduce::{Dtype, add_into, start_sum, store};
+use crate::protocol::reduce::{Dtype, Term, sum_terms};
 use crate::protocol::sources::Source;
 use crate::routing::SendPlan;
 use crate::topology::{LocalMask, Topology};
 use crate::transport::{Sge, Tier, TierCounters};
+
+/// A token's rows on this node, in ascending local rank: row bytes and top-k weights.
+#[derive(Default)]
+pub(super) struct LocalRows<'t> {
+    pub x: Vec<&'t [u8]>,
+    pub weights: Vec<&'t [u8]>,
+}
+
+impl<'t> LocalRows<'t> {
+    fn push(&mut self, row: &'t [u8], weights: &'t [u8]) {
+        self.x.push(row);
+        self.weights.push(weights);
+    }
+}
 
 /// Tokens summed per call of [`Reducer::advance`], so that partials leave and ring space
 /// goes back while a long run of ready tokens is summed.
@@ -31,8 +45,6 @@ pub(super) struct Reducer {
     topo: Topology,
     me: usize,
     shape: Shape,
-    /// The sum of the entry being summed (rows, then weights).
-    acc: Vec<f32>,
     /// Partials for sources on other nodes, waiting for ring credit: per source rank a queue
     /// of entries; the partial itself sits in `bodies` at its entry's slot.
     queues: Vec<VecDeque<usize>>,
@@ -91,7 +103,6 @@ impl Reducer {
             topo: *topo,
             me,
             shape,
-            acc: vec![0.0; shape.width()],
             queues: vec![VecDeque::new(); topo.world_size()],
             body_bytes,
             pending,
@@ -167,10 +178,10 @@ impl Reducer {
     }
 
     /// Sums the next tokens whose records are all in, as far as they go (at most a batch).
-    pub fn advance(
+    pub fn advance<'t>(
         &mut self,
-        op: &mut Op<'_>,
-        rows: &Rows<'_>,
+        op: &mut Op<'t>,
+        rows: &Rows<'t>,
         fin: &mut Finisher<'_>,
         plan: &SendPlan,
     ) -> Result<bool> {
@@ -183,12 +194,11 @@ impl Reducer {
             {
                 break;
             }
-            self.sum(op, &e, rows)?;
+            let local = self.take_rows(op, &e, rows)?;
             if own {
-                let sum = (e.mask != 0).then_some(&self.acc[..]);
-                fin.finish(op, plan, e.idx as usize, sum)?;
+                fin.finish(op, plan, e.idx as usize, &local)?;
             } else {
-                self.write_partial(&e, self.next);
+                self.write_partial(&e, self.next, &local);
             }
             self.next += 1;
         }
@@ -210,27 +220,21 @@ impl Reducer {
         true
     }
 
-    /// Sums `e`'s rows into `acc` in ascending local rank (from zero: the first row
-    /// starts the sum), consuming their records. `acc` is left as it was without rows.
-    fn sum(&mut self, op: &mut Op<'_>, e: &Entry, rows: &Rows<'_>) -> Result<()> {
+    /// `e`'s rows in ascending local rank, the order they are summed in: this rank's own
+    /// from its rows, the others' from the heads of their rings (consumed; their space goes
+    /// back only in `return_credits`, after the sum).
+    fn take_rows<'t>(&self, op: &mut Op<'t>, e: &Entry, rows: &Rows<'t>) -> Result<LocalRows<'t>> {
         let (topo, me, t) = (self.topo, self.me, op.t);
-        let Shape { hidden, k, dtype } = self.shape;
-        let rb = self.shape.row_bytes();
+        let (rb, k) = (self.shape.row_bytes(), self.shape.k);
+        let mut local = LocalRows::default();
         let mut m = e.mask;
-        let mut first = true;
-        let mut add = |acc: &mut [f32], row: &[u8], w: &[u8]| {
-            let term = if first { start_sum } else { add_into };
-            term(&mut acc[..hidden], row, dtype);
-            term(&mut acc[hidden..], w, Dtype::F32);
-            first = false;
-        };
         while m != 0 {
             let l = m.trailing_zeros() as usize;
             m &= m - 1;
             let d = topo.rank_at(topo.node_of(me), l);
             if d == me {
                 let [row, w] = rows.row(e.own_row);
-                add(&mut self.acc, row, w);
+                local.push(row, w);
                 continue;
             }
             let ring = op.recv_ring(d);
@@ -240,10 +244,10 @@ impl Reducer {
                 return Err(self.misplaced(d, l, &h, e));
             }
             let body = &rec[HEADER_BYTES..];
-            add(&mut self.acc, &body[..rb], &body[rb..rb + k * 4]);
+            local.push(&body[..rb], &body[rb..rb + k * 4]);
             ring.consume(1);
         }
-        Ok(())
+        Ok(local)
     }
 
     /// The error for a row from local rank `l` (rank `via`) that is not `due`'s.
@@ -266,8 +270,8 @@ impl Reducer {
         Error::protocol(via, format!("{what}, {why}"))
     }
 
-    /// Writes `acc` as the partial of entry `slot` where it is sent from, and queues it.
-    fn write_partial(&mut self, e: &Entry, slot: usize) {
+    /// Sums `local` as the partial of entry `slot`, where it is sent from, and queues it.
+    fn write_partial(&mut self, e: &Entry, slot: usize, local: &LocalRows<'_>) {
         let shape = self.shape;
         let rb = shape.row_bytes();
         let bb = self.body_bytes;
@@ -278,9 +282,9 @@ impl Reducer {
             mask: 0,
         };
         record[..HEADER_BYTES].copy_from_slice(&header.encode());
-        let body = &mut record[HEADER_BYTES..];
-        store(&self.acc[..shape.hidden], &mut body[..rb], shape.dtype);
-        body[rb..].copy_from_slice(bytemuck::cast_slice(&self.acc[shape.hidden..]));
+        let (row, weights) = record[HEADER_BYTES..].split_at_mut(rb);
+        sum_terms(row, shape.dtype, &Term::rows(&local.x), shape.dtype);
+        sum_terms(weights, Dtype::F32, &Term::rows(&local.weights), Dtype::F32);
         self.queues[e.src as usize].push_back(slot);
     }
 
