@@ -17,10 +17,25 @@ use dualcomm_core::{
 
 const HIDDEN: usize = 7168;
 const TOPK: usize = 8;
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 9;
 
-/// Seconds and payload bytes of all ranks' dispatches, then of their combines.
-type Timing = [(f64, u64); 2];
+/// Seconds and payload bytes of all ranks' dispatches, then of their combines, and the
+/// CPU seconds the process spent on each (all threads: ranks and channels).
+type Timing = [(f64, u64, f64); 2];
+
+/// One rank's timed rounds, each as a `Timing` (CPU seconds only on rank 0).
+type Rounds = Vec<Timing>;
+
+/// CPU seconds this process has used, over all its threads.
+fn process_cpu() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill in.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
 
 /// One rank: a single endpoint (the plain path), or several channels.
 enum Rank {
@@ -107,16 +122,16 @@ fn world(nodes: usize, rpn: usize, tokens: usize, channels: usize) -> Timing {
                 } else {
                     Rank::Many(Channels::new(eps).unwrap(), layout.is_token_in_rank)
                 };
-                let mut timing: Timing = [(0.0, 0); 2];
+                let mut rounds: Rounds = Vec::with_capacity(ROUNDS);
                 // Outputs are reused from round to round, as the Python binding's receive
                 // pool does, so that page faults of fresh allocations are not timed.
                 let mut recv = VecSink::default();
                 let mut combined = vec![0u8; tokens * HIDDEN * 2];
                 // Round 0 warms up (first touches of the rings and outputs) and is not timed.
-                for round in 0..=ROUNDS {
-                    let timed = u64::from(round > 0);
+                for _ in 0..=ROUNDS {
+                    let mut timing: Timing = [(0.0, 0, 0.0); 2];
                     barrier.wait();
-                    let (start, before) = (Instant::now(), rank.payload());
+                    let (start, before, cpu) = (Instant::now(), rank.payload(), process_cpu());
                     let handle = rank.dispatch(
                         &DispatchArgs {
                             num_tokens: tokens,
@@ -137,10 +152,15 @@ fn world(nodes: usize, rpn: usize, tokens: usize, channels: usize) -> Timing {
                         },
                         &mut recv,
                     );
-                    timing[0].0 += timed as f64 * start.elapsed().as_secs_f64();
-                    timing[0].1 += timed * (rank.payload() - before);
+                    timing[0].0 = start.elapsed().as_secs_f64();
+                    timing[0].1 = rank.payload() - before;
+                    // Every rank is done once all are past this barrier (rank 0 counts the
+                    // process's CPU time, which the ranks spend in their barrier waits too).
                     barrier.wait();
-                    let (start, before) = (Instant::now(), rank.payload());
+                    if r == 0 {
+                        timing[0].2 = process_cpu() - cpu;
+                    }
+                    let (start, before, cpu) = (Instant::now(), rank.payload(), process_cpu());
                     rank.combine(
                         &CombineArgs {
                             rows_at: &[],
@@ -158,18 +178,35 @@ fn world(nodes: usize, rpn: usize, tokens: usize, channels: usize) -> Timing {
                         },
                     );
                     black_box(&combined);
-                    timing[1].0 += timed as f64 * start.elapsed().as_secs_f64();
-                    timing[1].1 += timed * (rank.payload() - before);
+                    timing[1].0 = start.elapsed().as_secs_f64();
+                    timing[1].1 = rank.payload() - before;
+                    barrier.wait();
+                    if r == 0 {
+                        timing[1].2 = process_cpu() - cpu;
+                    }
+                    rounds.push(timing);
                 }
-                timing
+                // The first round warms up (first touches of the rings and outputs).
+                rounds.split_off(1)
             })
         })
         .collect();
-    let results: Vec<Timing> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-    // The slowest rank's time (the operation is collective); every rank's bytes.
+    let results: Vec<Rounds> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    // Per round: the slowest rank's time (the operation is collective), every rank's bytes;
+    // then the median round of each operation, which a noisy neighbour moves least.
     [0, 1].map(|i| {
-        let secs = results.iter().map(|r| r[i].0).fold(0.0, f64::max);
-        (secs, results.iter().map(|r| r[i].1).sum())
+        let mut rounds: Vec<(f64, u64, f64)> = (0..ROUNDS)
+            .map(|round| {
+                let per_rank = results.iter().map(|r| r[round][i]);
+                (
+                    per_rank.clone().map(|t| t.0).fold(0.0, f64::max),
+                    per_rank.clone().map(|t| t.1).sum(),
+                    per_rank.map(|t| t.2).sum(),
+                )
+            })
+            .collect();
+        rounds.sort_by(|a, b| (a.1 as f64 / a.0).total_cmp(&(b.1 as f64 / b.0)));
+        rounds[ROUNDS / 2]
     })
 }
 
@@ -202,35 +239,43 @@ fn main() {
             })
             .collect();
         let t = world(v[0], v[1], v[2], v[3]);
-        for (name, (secs, bytes)) in ["dispatch", "combine"].into_iter().zip(t) {
-            println!("{spec} {name}: {:.2} GB/s", bytes as f64 / secs / 1e9);
+        for (name, (secs, bytes, cpu)) in ["dispatch", "combine"].into_iter().zip(t) {
+            println!(
+                "{spec} {name}: {:.2} GB/s, {:.2} cores busy",
+                bytes as f64 / secs / 1e9,
+                cpu / secs
+            );
         }
         return;
     }
     println!(
-        "loopback dispatch+combine, hidden {HIDDEN} bf16, top-{TOPK}, {ROUNDS} rounds after one warm-up"
+        "loopback dispatch+combine, hidden {HIDDEN} bf16, top-{TOPK}: the median of {ROUNDS} rounds after one warm-up"
     );
     println!(
-        "(payload GB/s of all ranks together; memcpy: the same bytes copied once, one thread, best of 3)"
+        "(payload GB/s of all ranks together; memcpy: the same bytes copied once, one thread, best of 3;"
     );
     println!(
-        "{:<6} {:>7} {:<9} {:>11} {:>10} {:>12} {:>8}",
-        "world", "tokens", "op", "payload MB", "GB/s", "memcpy GB/s", "ratio"
+        " busy: CPU seconds of the process per second of the operation, ranks' waits included)"
+    );
+    println!(
+        "{:<6} {:>7} {:<9} {:>11} {:>10} {:>12} {:>8} {:>6}",
+        "world", "tokens", "op", "payload MB", "GB/s", "memcpy GB/s", "ratio", "busy"
     );
     for (nodes, rpn, tokens) in [(1, 2, 1024), (2, 2, 512), (2, 1, 1024)] {
         let timing = world(nodes, rpn, tokens, 1);
-        for (name, (secs, bytes)) in ["dispatch", "combine"].into_iter().zip(timing) {
+        for (name, (secs, bytes, cpu)) in ["dispatch", "combine"].into_iter().zip(timing) {
             let ours = bytes as f64 / secs;
             let base = memcpy_rate(bytes);
             println!(
-                "{:<6} {:>7} {:<9} {:>11.1} {:>10.2} {:>12.2} {:>7.1}%",
+                "{:<6} {:>7} {:<9} {:>11.1} {:>10.2} {:>12.2} {:>7.1}% {:>6.2}",
                 format!("{nodes}x{rpn}"),
                 tokens,
                 name,
                 bytes as f64 / 1e6,
                 ours / 1e9,
                 base / 1e9,
-                100.0 * ours / base
+                100.0 * ours / base,
+                cpu / secs
             );
         }
     }
