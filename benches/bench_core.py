@@ -108,6 +108,7 @@ def bench_loopback(worlds, tokens: int, rounds: int):
             # One untimed round first touches the rings and the pooled outputs: the steady
             # state of a training step is what is measured.
             recv_x, _, _, _, handle, _ = buf.dispatch(x, is_token_in_rank=itr)
+            assert isinstance(recv_x, torch.Tensor)
             buf.combine(recv_x, handle)
             before = buf.stats()
             start = time.perf_counter()
