@@ -10,11 +10,14 @@
 //! channel would, so the sums are the same.
 //!
 //! Every rank must run the same number of channels (each channel is a world of its own).
+//!
+//! Each channel's share of an operation runs on a worker thread of the rank's channels,
+//! kept for their life: a thread started per operation costs tens of microseconds per
+//! channel, as much as a small operation's data.
 
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::thread;
 use std::time::Duration;
 
 use crate::endpoint::{Endpoint, Stats};
@@ -76,9 +79,11 @@ pub enum QueuedChannelRoute {
     Cached(PendingHandle<ChannelHandle>),
 }
 
-/// One rank's channels: endpoints of the same rank in as many worlds.
+/// One rank's channels: endpoints of the same rank in as many worlds, and a worker thread
+/// for each.
 pub struct Channels {
     eps: Vec<Endpoint>,
+    workers: rayon::ThreadPool,
 }
 
 impl Channels {
@@ -106,7 +111,15 @@ impl Channels {
                 ),
             ));
         }
-        Ok(Self { eps })
+        let workers = rayon::ThreadPoolBuilder::new()
+            .num_threads(eps.len())
+            .thread_name(move |c| format!("dualcomm-r{rank}-channel{c}"))
+            .build()
+            .map_err(|e| Error::Os {
+                what: format!("starting {} channel threads", eps.len()),
+                detail: e.to_string(),
+            })?;
+        Ok(Self { eps, workers })
     }
 
     pub fn len(&self) -> usize {
@@ -156,21 +169,33 @@ impl Channels {
 
     /// Runs `f` on every channel at once, channel 0 on this thread.
     fn each<T: Send>(&mut self, f: impl Fn(usize, &mut Endpoint) -> T + Sync) -> Vec<T> {
-        let f = &f;
-        let (first, rest) = self.eps.split_first_mut().expect("at least one channel");
-        thread::scope(|scope| {
-            let others: Vec<_> = rest
-                .iter_mut()
-                .enumerate()
-                .map(|(i, ep)| scope.spawn(move || f(i + 1, ep)))
-                .collect();
-            let mut out = vec![f(0, first)];
-            out.extend(others.into_iter().map(|t| match t.join() {
-                Ok(v) => v,
-                Err(p) => std::panic::resume_unwind(p),
-            }));
-            out
-        })
+        self.run_channels(&f, true, || ())
+    }
+
+    /// Runs `f` on every channel at once, on the workers (channel 0 on this thread when
+    /// `first_here`), and `here` on this thread meanwhile; returns once all are done (a
+    /// panic in any of them is raised here then).
+    fn run_channels<T: Send>(
+        &mut self,
+        f: &(impl Fn(usize, &mut Endpoint) -> T + Sync),
+        first_here: bool,
+        here: impl FnOnce(),
+    ) -> Vec<T> {
+        let mut out: Vec<Option<T>> = self.eps.iter().map(|_| None).collect();
+        let mut jobs = self.eps.iter_mut().zip(out.iter_mut()).enumerate();
+        self.workers.in_place_scope(|s| {
+            let first = if first_here { jobs.next() } else { None };
+            for (c, (ep, slot)) in jobs {
+                s.spawn(move |_| *slot = Some(f(c, ep)));
+            }
+            if let Some((c, (ep, slot))) = first {
+                *slot = Some(f(c, ep));
+            }
+            here();
+        });
+        out.into_iter()
+            .map(|v| v.expect("every channel's job ran"))
+            .collect()
     }
 
     /// Refuses the next operation on every channel (see `Endpoint::reject`): peers hear
@@ -203,26 +228,23 @@ impl Channels {
         let (mut sinks, coordinator) = channel_sinks(nc, self.eps[0].rank(), timeout);
         let jobs: Vec<_> = parts.into_iter().zip(sinks.iter_mut()).collect();
         let jobs = std::sync::Mutex::new(jobs.into_iter().map(Some).collect::<Vec<_>>());
-        let results = thread::scope(|scope| {
-            let runner = scope.spawn(|| {
-                self.each(|c, ep| {
-                    let (part, sink) = jobs.lock().unwrap()[c].take().expect("one job each");
-                    let a = part.args(args);
-                    let route = match &part.route {
-                        PartRoute::Fresh(plan) => Route::Fresh(Arc::clone(plan)),
-                        PartRoute::Cached(h) => Route::Cached(h),
-                    };
-                    // The sink must go (and with it its end of the shape channel) when the
-                    // job ends, so that the coordinator never waits for a finished channel.
-                    let r = ep.dispatch(&a, route, sink);
-                    sink.close();
-                    r
-                })
-            });
-            coordinator.serve(sink, args.expert_alignment);
-            runner
-                .join()
-                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        let job = |c: usize, ep: &mut Endpoint| {
+            let (part, sink) = jobs.lock().unwrap()[c].take().expect("one job each");
+            let a = part.args(args);
+            let route = match &part.route {
+                PartRoute::Fresh(plan) => Route::Fresh(Arc::clone(plan)),
+                PartRoute::Cached(h) => Route::Cached(h),
+            };
+            // The sink must go (and with it its end of the shape channel) when the job
+            // ends, so that the coordinator never waits for a finished channel.
+            let r = ep.dispatch(&a, route, sink);
+            sink.close();
+            r
+        };
+        // Every channel on a worker: this thread hands them their rows once all have shown
+        // their receive counts.
+        let results = self.run_channels(&job, false, || {
+            coordinator.serve(sink, args.expert_alignment)
         });
         let outs = first_error(results)?;
         Ok(merge(outs, args.expert_alignment))
