@@ -34,10 +34,10 @@ def _route(buf: Buffer, tokens: int = 6, hidden: int = 16):
 
 
 def test_config_takes_deep_ep_positional_forms_and_checks_them():
-    assert Config() == Config(20, 6, 256, 6, 128)
+    assert Config() == Config(20, 6, 256, 6, 256)
     c = Config(24, 8, 256)  # DeepEP's intranode tests pass three
-    # DeepEP rounds the rdma receive chunk up to a multiple of the send chunk: 128 -> 132.
-    assert (c.num_max_rdma_chunked_send_tokens, c.num_max_rdma_chunked_recv_tokens) == (6, 132)
+    # DeepEP's default rdma receive chunk is 256, rounded up to a multiple of the send chunk: 258.
+    assert (c.num_max_rdma_chunked_send_tokens, c.num_max_rdma_chunked_recv_tokens) == (6, 258)
     assert Config(24, 8, 512, 16, 120).num_max_rdma_chunked_recv_tokens == 128  # rounded up as DeepEP does
     with pytest.raises(InvalidArgumentError, match="^num_max_nvl_chunked_send_tokens: expected less than"):
         Config(20, 256, 256)

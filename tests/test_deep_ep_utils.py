@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import multiprocessing as mp
 
+import pytest
 import torch
 
 from dualcomm.deep_ep.utils import math as dmath
-from dualcomm.deep_ep.utils.testing import bench
+from dualcomm.deep_ep.utils.testing import bench, bench_kineto
 from dualcomm.launch import free_port
+from dualcomm.testing import run_loopback
 
 
 def test_fp8_cast_round_trips_and_pads_the_last_block():
@@ -67,9 +69,23 @@ def _deep_ep_style_rank(local_rank: int, port: int, out) -> None:
 
     dualcomm.deep_ep.install()
     import deep_ep
-    from deep_ep.utils.envs import init_dist
+
+    # Every name DeepEP's own tests (tests/legacy) import from its utils.
+    from deep_ep.utils.envs import dist_print, init_dist
+    from deep_ep.utils.math import (  # noqa: F401
+        calc_diff,
+        create_grouped_scores,
+        hash_tensor,
+        inplace_unique,
+        per_token_cast_back,
+        per_token_cast_to_fp8,
+    )
+    from deep_ep.utils.testing import bench, bench_kineto  # noqa: F401
 
     rank, num_ranks, group = init_dist(local_rank, 2)
+    # Seeded with the seed plus the rank, as DeepEP's: each rank draws its own data.
+    draw = torch.rand(1).item()
+    dist_print(f"rank {rank} up", once_in_node=True)
     buffer = deep_ep.Buffer(group, int(1e8), 0, explicitly_destroy=True)
     x = torch.ones(4, 128, dtype=torch.bfloat16) * rank
     topk_idx = torch.tensor([[0, 3], [1, 2], [2, -1], [3, 0]])
@@ -78,8 +94,15 @@ def _deep_ep_style_rank(local_rank: int, port: int, out) -> None:
         x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert
     )
     combined, _, _ = buffer.combine(recv, handle)
+    torch.manual_seed(rank)
     out.put(
-        (rank, num_ranks, buffer.group_size, torch.equal(combined.float(), x.float() * in_rank.sum(1, keepdim=True)))
+        (
+            rank,
+            num_ranks,
+            buffer.group_size,
+            torch.equal(combined.float(), x.float() * in_rank.sum(1, keepdim=True)),
+            draw == torch.rand(1).item(),
+        )
     )
     buffer.destroy()
 
@@ -94,4 +117,77 @@ def test_deep_ep_test_boilerplate_runs():
     got = sorted(out.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(timeout=30)
-    assert got == [(0, 2, 2, True), (1, 2, 2, True)]
+    assert got == [(0, 2, 2, True, True), (1, 2, 2, True, True)]
+
+
+def test_grouped_scores_keep_only_each_tokens_groups():
+    g = torch.Generator().manual_seed(2)
+    scores = torch.rand(7, 12, generator=g) + 1
+    group_idx = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(7)])
+    got = dmath.create_grouped_scores(scores, group_idx, 4)
+    want = torch.zeros_like(scores)
+    for t in range(7):
+        for grp in group_idx[t].tolist():
+            want[t, grp * 3 : (grp + 1) * 3] = scores[t, grp * 3 : (grp + 1) * 3]
+    assert torch.equal(got, want)
+
+
+def test_safe_div_and_hashes_of_any_dtype():
+    assert dmath.safe_div(6, 3) == 2 and dmath.safe_div(0, 0) == 0
+    with pytest.raises(ZeroDivisionError):
+        dmath.safe_div(1, 0)
+    # Two-byte elements and strided views hash by their bytes.
+    x = torch.arange(12, dtype=torch.int16).reshape(3, 4)
+    assert dmath.hash_tensor(x.t()) == sum(x.t().contiguous().numpy().tobytes())
+    assert dmath.hash_tensor(torch.ones(3, dtype=torch.bfloat16)) == 3 * (0x80 + 0x3F)
+
+
+def _kineto_run(buf):
+    """bench_kineto over one rank's operations: two dispatch+combine rounds per call (and a
+    layout, whose span must not count as a dispatch), then a low-latency dispatch whose
+    receive hook is a span of its own."""
+    x = torch.randn(16, 256).bfloat16()
+    idx = torch.randint(0, 8, (16, 2))
+
+    def two_rounds():
+        in_rank = buf.get_dispatch_layout(idx, 8)[3]
+        for _ in range(2):
+            recv, _, _, _, handle, _ = buf.dispatch(x, is_token_in_rank=in_rank)
+            buf.combine(recv, handle)
+
+    times = bench_kineto(two_rounds, ("dispatch", "combine", "notify"), num_tests=3, num_kernels_per_period=2)
+    single = bench_kineto(two_rounds, "combine", num_tests=2, suppress_kineto_output=True)
+
+    def with_hook():
+        _, _, _, _, hook = buf.low_latency_dispatch(x, idx, 16, 8, use_fp8=False, return_recv_hook=True)
+        hook()
+
+    ll = bench_kineto(with_hook, ("dispatch",), num_tests=3, num_kernels_per_period=2)
+    return times, single, ll
+
+
+def test_bench_kineto_times_dualcomms_named_spans(tmp_path):
+    (times, single, ll) = run_loopback(1, 1, _kineto_run, low_latency_mode=True)[0]
+    (d_first, d_second), (c_first, c_second), notify = times
+    assert min(d_first, d_second, c_first, c_second) > 0 and notify == [0.0, 0.0]
+    assert isinstance(single, float) and single > 0
+    issue, receive = ll[0]
+    assert issue > 0 and receive > 0
+
+
+def test_bench_kineto_refuses_spans_that_do_not_fill_periods():
+    def one_round(buf):
+        x = torch.randn(4, 128).bfloat16()
+        in_rank = torch.ones(4, 1, dtype=torch.bool)
+        recv, _, _, _, handle, _ = buf.dispatch(x, is_token_in_rank=in_rank)
+        return bench_kineto(lambda: buf.dispatch(x, is_token_in_rank=in_rank), "dispatch", 3, num_kernels_per_period=2)
+
+    with pytest.raises(RuntimeError, match="3 'dispatch' spans are not periods of 2"):
+        run_loopback(1, 1, one_round)
+
+
+def test_dist_print_needs_init_dist():
+    from dualcomm.deep_ep.utils import envs
+
+    with pytest.raises(RuntimeError, match="call init_dist first"):
+        envs.dist_print("hello")

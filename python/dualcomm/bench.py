@@ -82,7 +82,7 @@ def _rank_main(
 
     def ours() -> torch.Tensor:
         recv_x, _, _, _, handle, _ = buf.dispatch(x, is_token_in_rank=in_rank)
-        assert isinstance(recv_x, torch.Tensor)
+        assert isinstance(recv_x, torch.Tensor) and handle is not None
         return buf.combine(recv_x, handle)[0]
 
     results: dict[str, Any] = {}

@@ -26,6 +26,7 @@ from dualcomm.config import Config, auto_channels, env_num_channels, env_ranks_p
 from dualcomm.event import EventHandle, EventOverlap
 from dualcomm.handle import DispatchHandle, native_of
 from dualcomm.low_latency import LowLatency, LowLatencyHandle, rdma_size_hint
+from dualcomm.profiling import traced
 from dualcomm.staging import staged
 
 #: A dispatch's handle, as `dispatch` returns it and `combine` takes it.
@@ -318,6 +319,7 @@ class Buffer:
 
     # ---- layout -----------------------------------------------------------------------------
 
+    @traced("get_dispatch_layout")
     @staged
     def get_dispatch_layout(
         self,
@@ -359,6 +361,7 @@ class Buffer:
             return data, scales
         return _checks.tensor("x", x, _ROW_DTYPES, 2), None
 
+    @traced("dispatch")
     @staged
     def dispatch(
         self,
@@ -381,7 +384,7 @@ class Buffer:
         torch.Tensor | None,
         torch.Tensor | None,
         list[int] | None,
-        AnyHandle,
+        DispatchHandle | None,
         EventOverlap,
     ]:
         """Sends each token to every rank that owns one of its experts (once per rank), over
@@ -481,12 +484,11 @@ class Buffer:
         event = EventOverlap(native_event, extra_tensors=(recv_data,), on_done=on_done)
         if not async_finish:
             event.current_stream_wait()
-        out_handle: AnyHandle
+        # A cached dispatch hands back no handle, as DeepEP's: the caller keeps the one it passed.
+        out_handle: DispatchHandle | None = None
         if handle is None:
             out_handle = DispatchHandle(new_handle, self.num_nodes, self.ranks_per_node, self.rank, in_rank)
             out_handle.padded_rows = num_worst_tokens
-        else:
-            out_handle = handle
         return (recv_x, recv_topk_idx, recv_topk_w, per_expert, out_handle, event)
 
     def _rejecting(self, op: str) -> contextlib.AbstractContextManager[None]:
@@ -543,6 +545,7 @@ class Buffer:
 
     # ---- combine ----------------------------------------------------------------------------
 
+    @traced("combine")
     @staged
     def combine(
         self,
@@ -630,6 +633,7 @@ class Buffer:
             raise _checks.fail("low_latency_mode", f"True at construction to call {call}", False)
         return self._ll
 
+    @traced("low_latency::dispatch")
     @staged
     def low_latency_dispatch(
         self,
@@ -669,6 +673,7 @@ class Buffer:
             return_recv_hook,
         )
 
+    @traced("low_latency::combine")
     @staged
     def low_latency_combine(
         self,

@@ -109,7 +109,7 @@ class Config:
     num_max_nvl_chunked_send_tokens: int = 6
     num_max_nvl_chunked_recv_tokens: int = 256
     num_max_rdma_chunked_send_tokens: int = 6
-    num_max_rdma_chunked_recv_tokens: int = 128
+    num_max_rdma_chunked_recv_tokens: int = 256
 
     def __post_init__(self) -> None:
         for name in (

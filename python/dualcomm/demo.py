@@ -55,7 +55,7 @@ def main() -> None:
             topk_weights=topk_w,
         )
         after_dispatch = buf.stats()
-        assert isinstance(recv_x, torch.Tensor)  # bf16 in, bf16 out (no FP8 pair)
+        assert isinstance(recv_x, torch.Tensor) and handle is not None  # bf16 in, bf16 out; a fresh handle
         combined, _, _ = buf.combine(recv_x, handle)
         elapsed = time.perf_counter() - start
         # Partial sums are rounded to bf16 per node before crossing the network, as in DeepEP.

@@ -27,6 +27,7 @@ from dualcomm.config import AUTO_RING_BYTES, RECORD_HEADER_BYTES, _record_bytes_
 from dualcomm.event import EventOverlap
 from dualcomm.fp8 import pack_ue8m0, per_token_cast_to_fp8
 from dualcomm.handle import OpaqueTuple
+from dualcomm.profiling import traced_hook
 
 _INT_MASK = (1 << 32) - 1
 
@@ -232,7 +233,7 @@ class LowLatency:
         handle.complete = event.current_stream_wait
         hook: Callable[[], None] | None = None
         if return_recv_hook:
-            hook = event.current_stream_wait
+            hook = traced_hook("low_latency::dispatch", event.current_stream_wait)
         elif not async_finish:
             event.current_stream_wait()
         recv_x: Any = (packed_x, packed_scales) if use_fp8 else packed_x
@@ -299,7 +300,7 @@ class LowLatency:
         event = EventOverlap(native_event, extra_tensors=(src, idx, w, combined), on_done=on_done)
         hook: Callable[[], None] | None = None
         if return_recv_hook:
-            hook = event.current_stream_wait
+            hook = traced_hook("low_latency::combine", event.current_stream_wait)
         elif not async_finish:
             event.current_stream_wait()
         return combined, event, hook

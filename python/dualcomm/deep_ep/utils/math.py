@@ -7,6 +7,16 @@ import torch
 from dualcomm.fp8 import E4M3_MAX, unpack_ue8m0
 
 
+def safe_div(a: float, b: float) -> float:
+    """`a / b`, with 0 for `0 / 0` (a rate over nothing moved); other divisions by zero raise."""
+    try:
+        return a / b
+    except ZeroDivisionError:
+        if a == 0:
+            return 0
+        raise
+
+
 def ceil_div(x: int, y: int) -> int:
     return -(-x // y)
 
@@ -54,8 +64,20 @@ def inplace_unique(x: torch.Tensor, num_slots: int) -> None:
     x[:, :n] = ordered[:, :n]
 
 
+def create_grouped_scores(scores: torch.Tensor, group_idx: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """`scores [T, E]` with the experts outside each token's chosen groups zeroed: the E experts
+    fall into `num_groups` equal groups (nodes, for a node-limited gate) and `group_idx [T, g]`
+    names the groups a token keeps."""
+    t, e = scores.shape
+    keep = torch.zeros(t, num_groups, dtype=torch.bool, device=scores.device)
+    keep.scatter_(1, group_idx, True)
+    return (scores.view(t, num_groups, -1) * keep.unsqueeze(-1)).view(t, e)
+
+
 def hash_tensor(t: torch.Tensor) -> int:
-    return int(t.view(torch.int32).sum().item())
+    """The sum of the tensor's 4-byte words (of its bytes, for other element sizes)."""
+    t = t.contiguous()
+    return int(t.view(torch.int32 if t.element_size() == 4 else torch.uint8).sum().item())
 
 
 def hash_tensors(*tensors: object) -> int:
