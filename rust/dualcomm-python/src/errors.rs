@@ -2,14 +2,16 @@
 
 use dualcomm_core::Error;
 use pyo3::create_exception;
-use pyo3::exceptions::PyException;
+use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 
+// A RuntimeError, as DeepEP's checks (EP_HOST_ASSERT) raise: callers written for DeepEP
+// that catch RuntimeError catch dualcomm's errors too.
 create_exception!(
     _native,
     DualcommError,
-    PyException,
-    "Base class of every dualcomm error."
+    PyRuntimeError,
+    "Base class of every dualcomm error (a RuntimeError, as DeepEP's errors are)."
 );
 create_exception!(
     _native,
