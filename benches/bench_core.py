@@ -108,13 +108,13 @@ def bench_loopback(worlds, tokens: int, rounds: int):
             # One untimed round first touches the rings and the pooled outputs: the steady
             # state of a training step is what is measured.
             recv_x, _, _, _, handle, _ = buf.dispatch(x, is_token_in_rank=itr)
-            assert isinstance(recv_x, torch.Tensor)
+            assert isinstance(recv_x, torch.Tensor) and handle is not None
             buf.combine(recv_x, handle)
             before = buf.stats()
             start = time.perf_counter()
             for _ in range(rounds):
                 recv_x, _, _, _, handle, _ = buf.dispatch(x, is_token_in_rank=itr)
-                assert isinstance(recv_x, torch.Tensor)
+                assert isinstance(recv_x, torch.Tensor) and handle is not None
                 buf.combine(recv_x, handle)
             elapsed = time.perf_counter() - start
             after = buf.stats()
@@ -166,7 +166,7 @@ def bench_tokens_curve(token_counts: list[int], rounds: int) -> list[tuple[int, 
                 t = time.perf_counter()
                 recv_x, _, _, _, handle, _ = buf.dispatch(xs[buf.rank], is_token_in_rank=itr)
                 best[0] = min(best[0], time.perf_counter() - t)
-                assert isinstance(recv_x, torch.Tensor)
+                assert isinstance(recv_x, torch.Tensor) and handle is not None
                 t = time.perf_counter()
                 buf.combine(recv_x, handle)
                 best[1] = min(best[1], time.perf_counter() - t)
