@@ -317,3 +317,83 @@ def test_bias_is_added_in_fp32():
     for r, combined in enumerate(run_loopback(1, 2, body)):
         want = torch.tensor([r + 1 + 0.75, r + 1 + 0.75, 0.75]).unsqueeze(1).expand(3, 8)
         assert torch.equal(combined.float(), want)
+
+
+def _dispatch_input(dtype: torch.dtype, t: int, hidden: int, g: torch.Generator):
+    """Rows of `dtype` (any bit pattern but NaN-free, so equality is bitwise), and for the
+    scaled forms their scales: float32 `[t, 3]` column-major, or int32 UE8M0 words `[t, 2]`."""
+    raw = torch.randint(0, 100, (t, hidden), generator=g, dtype=torch.int64)
+    if dtype.is_floating_point:
+        x = (raw.float() - 50).to(dtype)
+    elif dtype == torch.bool:
+        x = raw % 2 == 1
+    else:
+        x = (raw - 50).to(dtype)
+    if dtype == torch.float8_e4m3fn:
+        float_scales = torch.rand(3, t, generator=g).t()  # column-major, as DeepEP's tests make them
+        return (x, float_scales)
+    if dtype == torch.float8_e5m2:
+        return (x, torch.randint(0, 2**31 - 1, (t, 2), generator=g, dtype=torch.int32))
+    return x
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float16,
+        torch.float64,
+        torch.int8,
+        torch.int32,
+        torch.bool,
+        torch.uint8,
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+    ],
+)
+def test_dispatch_moves_any_dtype_and_scale_format_as_bytes(dtype):
+    """Dispatch only moves rows (combine does the arithmetic): every dtype DeepEP's accepts,
+    FP8 with float32 scales of any count and strides or with int32 UE8M0 words, arrives bit
+    for bit in receive order (source rank, then token index), its scales beside it."""
+    world, t, hidden, experts = 4, 9, 32, 8
+    g = torch.Generator().manual_seed(3)
+    inputs = [_dispatch_input(dtype, t, hidden, g) for _ in range(world)]
+    idx = [torch.randint(0, experts, (t, 2), generator=g) for _ in range(world)]
+
+    def body(buf: Buffer):
+        in_rank = buf.get_dispatch_layout(idx[buf.rank], experts)[3]
+        recv, *_, handle, _ = buf.dispatch(inputs[buf.rank], is_token_in_rank=in_rank)
+        return recv, in_rank
+
+    out = run_loopback(2, 2, body)
+    for dest, (recv, _) in enumerate(out):
+        goes = [o[1][:, dest] for o in out]
+        pairs = [(inp if isinstance(inp, tuple) else (inp, None)) for inp in inputs]
+        want_x = torch.cat([x[m] for (x, _), m in zip(pairs, goes)])
+        got_x, got_s = recv if isinstance(recv, tuple) else (recv, None)
+        assert got_x.dtype == dtype and torch.equal(got_x.view(torch.uint8), want_x.view(torch.uint8))
+        if pairs[0][1] is None:
+            assert not isinstance(recv, tuple)
+            continue
+        want_s = torch.cat([s[m] for (_, s), m in zip(pairs, goes)])
+        assert got_s.dtype == want_s.dtype and torch.equal(got_s, want_s)
+
+
+def test_dispatch_refuses_scales_it_cannot_pair():
+    def body(buf: Buffer):
+        x = torch.zeros(4, 128, dtype=torch.float8_e4m3fn)
+        in_rank = torch.ones(4, 1, dtype=torch.bool)
+        errors = []
+        for bad in [
+            (x, torch.zeros(3, 1)),  # a row of scales short
+            (x, torch.zeros(4, 1, dtype=torch.float64)),  # not float32 or int32
+            (x.view(torch.uint8).view(torch.bfloat16), torch.zeros(4, 1)),  # 2-byte data with scales
+        ]:
+            with pytest.raises(dualcomm.InvalidArgumentError) as e:
+                buf.dispatch(bad, is_token_in_rank=in_rank)
+            errors.append(str(e.value))
+        return errors
+
+    rows, dtype, width = run_loopback(1, 1, body)[0]
+    assert rows.startswith("x[1]: expected 4 rows (one row of scales per token of x[0])")
+    assert dtype.startswith("x[1]: expected dtype torch.float32 or torch.int32")
+    assert width.startswith("x[0]: expected 1-byte elements (FP8 data) with scales")

@@ -37,6 +37,24 @@ DispatchInput = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 
 _ROW_DTYPES = (torch.bfloat16, torch.float32)
 _FP8 = torch.float8_e4m3fn
+# Dispatch moves rows as bytes (only combine does arithmetic): any of these, as DeepEP's does.
+_DISPATCH_DTYPES = (
+    torch.bfloat16,
+    torch.float32,
+    torch.float16,
+    torch.float64,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.bool,
+)
+# FP8 scales: float32, or int32 words of packed UE8M0 exponents (DeepGEMM's format), any
+# number per token and any strides.
+_SCALE_DTYPES = (torch.float32, torch.int32)
 _COMBINE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
@@ -351,15 +369,14 @@ class Buffer:
     def _split_x(self, x: object) -> tuple[torch.Tensor, torch.Tensor | None]:
         if isinstance(x, tuple):
             if len(x) != 2:
-                raise _checks.fail("x", "a tensor or a (float8_e4m3fn data, float32 scales) pair", len(x))
-            data = _checks.tensor("x[0]", x[0], (_FP8,), 2)
-            scales = _checks.tensor("x[1]", x[1], (torch.float32,), 2)
-            t, h = data.shape
-            if h % 128:
-                raise _checks.fail("x[0]", "a hidden size divisible by 128 for FP8", h)
-            _checks.shape("x[1]", scales, (t, h // 128))
+                raise _checks.fail("x", "a tensor or a (data, scales) pair", len(x))
+            data = _checks.tensor("x[0]", x[0], _DISPATCH_DTYPES, 2)
+            if data.element_size() != 1:
+                raise _checks.fail("x[0]", "1-byte elements (FP8 data) with scales", data.dtype)
+            scales = _checks.tensor("x[1]", x[1], _SCALE_DTYPES, 2)
+            _checks.rows("x[1]", scales, data.shape[0], "one row of scales per token of x[0]")
             return data, scales
-        return _checks.tensor("x", x, _ROW_DTYPES, 2), None
+        return _checks.tensor("x", x, _DISPATCH_DTYPES, 2), None
 
     @traced("dispatch")
     @staged
@@ -453,7 +470,7 @@ class Buffer:
             _bytes2d(data, hidden * elem),
             str(data.dtype).removeprefix("torch."),
             hidden,
-            None if scales is None else _bytes2d(scales, scales.shape[1] * 4),
+            None if scales is None else _bytes2d(scales, scales.shape[1] * scales.element_size()),
             in_rank_np,
             native_handle,
             None if topk_np is None else topk_np[0],
@@ -467,7 +484,7 @@ class Buffer:
         recv_data = _from_bytes(recv, data.dtype, n, hidden)
         recv_x: DispatchInput = recv_data
         if scales is not None and recv_scales is not None:
-            recv_x = (recv_data, _from_bytes(recv_scales, torch.float32, n, scales.shape[1]))
+            recv_x = (recv_data, _from_bytes(recv_scales, scales.dtype, n, scales.shape[1]))
         k = 0 if topk_np is None else topk_np[0].shape[1]
         recv_topk_idx = None if recv_idx is None else tensor_of(recv_idx).reshape(n, k)
         recv_topk_w = None if recv_w is None else tensor_of(recv_w).reshape(n, k)
