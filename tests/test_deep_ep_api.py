@@ -81,6 +81,9 @@ def test_zero_bytes_means_choose_and_huge_requests_are_trimmed():
         x, args = _route(buf)
         recv, *_, handle, _ = buf.dispatch(x, **args)
         buf.combine(recv, handle)
+        # A tier with no rings (the rdma tier of one node) is an empty tensor of any dtype.
+        wide = buf.get_local_buffer_tensor(torch.bfloat16, use_rdma_buffer=True)
+        assert wide.dtype == torch.bfloat16
         return (
             buf.get_local_buffer_tensor(torch.uint8).numel(),
             buf.get_local_buffer_tensor(torch.uint8, use_rdma_buffer=True).numel(),

@@ -322,7 +322,10 @@ class Buffer:
             raise _checks.fail("offset", f"at most the buffer's {raw.numel()} bytes", offset)
         item = torch.empty((), dtype=dtype).element_size()
         tail = raw[offset:]
-        t = tail[: tail.numel() // item * item].view(dtype)
+        n = tail.numel() // item
+        # A tier without links has no rings: an empty tensor (a view of no bytes cannot take
+        # a wider dtype).
+        t = tail[: n * item].view(dtype) if n else torch.empty(0, dtype=dtype)
         if size is None:
             return t
         want = int(torch.Size(size).numel())
