@@ -70,9 +70,12 @@ def test_wrong_dtype():
     def bad(buf):
         x, idx, w = _inputs(buf.rank)
         itr = _layout(buf)[3]
-        buf.dispatch(x.to(torch.int32), is_token_in_rank=itr)
+        buf.dispatch(x.to(torch.complex64), is_token_in_rank=itr)
 
-    msgs = _expect_error_then_recover(bad, match=r"^x: expected dtype torch.bfloat16 or torch.float32, got torch.int32")
+    # Dispatch moves any real dtype as bytes (as DeepEP's); a complex one it does not know.
+    msgs = _expect_error_then_recover(
+        bad, match=r"^x: expected dtype torch.bfloat16 or torch.float32 or .*, got torch.complex64"
+    )
     assert all("x" in m for m in msgs)
 
 
@@ -143,20 +146,24 @@ def test_num_experts_not_divisible_by_world_size():
     _expect_error_then_recover(bad, match=r"^num_experts: expected a positive multiple of the world size 4, got 6")
 
 
-def test_fp8_hidden_not_divisible_by_128():
+def test_fp8_scales_must_pair_with_their_tokens():
     def bad(buf):
         itr = _layout(buf)[3]
         x = torch.zeros(T, 100).to(torch.float8_e4m3fn)
-        buf.dispatch((x, torch.ones(T, 1)), is_token_in_rank=itr)
+        buf.dispatch((x, torch.ones(T - 1, 1)), is_token_in_rank=itr)
 
-    _expect_error_then_recover(bad, match=r"^x\[0\]: expected a hidden size divisible by 128 for FP8, got 100")
+    _expect_error_then_recover(
+        bad, match=r"^x\[1\]: expected 6 rows \(one row of scales per token of x\[0\]\), got 5 rows"
+    )
 
     def bad_scales(buf):
         itr = _layout(buf)[3]
         x = torch.zeros(T, 256).to(torch.float8_e4m3fn)
-        buf.dispatch((x, torch.ones(T, 3)), is_token_in_rank=itr)
+        buf.dispatch((x, torch.ones(T, 2, dtype=torch.float64)), is_token_in_rank=itr)
 
-    _expect_error_then_recover(bad_scales, match=r"^x\[1\]: expected shape \[6, 2\], got shape \[6, 3\]")
+    _expect_error_then_recover(
+        bad_scales, match=r"^x\[1\]: expected dtype torch.float32 or torch.int32, got torch.float64"
+    )
 
 
 def test_non_contiguous_input_is_accepted_correctly():
