@@ -83,10 +83,21 @@ pub enum Term<'a> {
     Sum(&'a [&'a [u8]]),
 }
 
-impl<'a> Term<'a> {
-    /// Each of `rows` as a term of its own.
-    pub fn rows(rows: &[&'a [u8]]) -> Vec<Self> {
-        rows.iter().map(|&r| Term::Row(r)).collect()
+/// What `sum_terms` sums: its terms, or plain rows (each a term of its own), so that a
+/// caller with rows need not build terms of them on every call.
+pub trait AsTerm {
+    fn as_term(&self) -> Term<'_>;
+}
+
+impl AsTerm for Term<'_> {
+    fn as_term(&self) -> Term<'_> {
+        *self
+    }
+}
+
+impl AsTerm for &[u8] {
+    fn as_term(&self) -> Term<'_> {
+        Term::Row(self)
     }
 }
 
@@ -97,12 +108,12 @@ const BLOCK: usize = 1024;
 /// `dtype`; a `Term::Sum` is `((0 + r0) + r1) + ...` in fp32 first. The same bits as
 /// summing whole rows term by term into an fp32 row, but taken in blocks, so each byte of
 /// the terms and of `out` passes through memory once. No terms: zeros.
-pub fn sum_terms(out: &mut [u8], out_dtype: Dtype, terms: &[Term<'_>], dtype: Dtype) {
+pub fn sum_terms<T: AsTerm>(out: &mut [u8], out_dtype: Dtype, terms: &[T], dtype: Dtype) {
     with_best_simd!(sum_terms_body(out, out_dtype, terms, dtype))
 }
 
 #[inline(always)]
-fn sum_terms_body(out: &mut [u8], out_dtype: Dtype, terms: &[Term<'_>], dtype: Dtype) {
+fn sum_terms_body<T: AsTerm>(out: &mut [u8], out_dtype: Dtype, terms: &[T], dtype: Dtype) {
     let (es, os) = (dtype.size(), out_dtype.size());
     let n = out.len() / os;
     let mut acc = [0f32; BLOCK];
@@ -115,7 +126,7 @@ fn sum_terms_body(out: &mut [u8], out_dtype: Dtype, terms: &[Term<'_>], dtype: D
             acc.fill(0.0);
         }
         for (i, term) in terms.iter().enumerate() {
-            match *term {
+            match term.as_term() {
                 Term::Row(r) if i == 0 => accumulate::<true>(acc, &r[at.clone()], dtype),
                 Term::Row(r) => accumulate::<false>(acc, &r[at.clone()], dtype),
                 Term::Sum(rows) => {
@@ -279,7 +290,7 @@ mod tests {
             store(&want, &mut want_bytes, out_dtype);
             sum_terms(&mut got, out_dtype, &terms, dtype);
             assert_eq!(got, want_bytes, "{dtype:?} -> {out_dtype:?}, sum first");
-            sum_terms(&mut got, out_dtype, &[], dtype);
+            sum_terms::<Term<'_>>(&mut got, out_dtype, &[], dtype);
             assert!(got.iter().all(|&b| b == 0));
         }
     }

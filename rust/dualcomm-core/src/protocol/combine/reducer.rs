@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::protocol::dispatch::DispatchHandle;
 use crate::protocol::op::Op;
 use crate::protocol::record::{HEADER_BYTES, Header};
-use crate::protocol::reduce::{Dtype, Term, sum_terms};
+use crate::protocol::reduce::{Dtype, sum_terms};
 use crate::protocol::sources::Source;
 use crate::routing::SendPlan;
 use crate::topology::{LocalMask, Topology};
@@ -283,8 +283,8 @@ impl Reducer {
         };
         record[..HEADER_BYTES].copy_from_slice(&header.encode());
         let (row, weights) = record[HEADER_BYTES..].split_at_mut(rb);
-        sum_terms(row, shape.dtype, &Term::rows(&local.x), shape.dtype);
-        sum_terms(weights, Dtype::F32, &Term::rows(&local.weights), Dtype::F32);
+        sum_terms(row, shape.dtype, &local.x, shape.dtype);
+        sum_terms(weights, Dtype::F32, &local.weights, Dtype::F32);
         self.queues[e.src as usize].push_back(slot);
     }
 
