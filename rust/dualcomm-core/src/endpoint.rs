@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::handoff::PendingHandle;
+use crate::mask::RankMask;
 use crate::protocol::combine::{self, CombineArgs, CombineOut, Scratch};
 use crate::protocol::dispatch::{
     self, DispatchArgs, DispatchHandle, DispatchOutput, RecvSink, Route,
@@ -99,6 +100,8 @@ pub struct Endpoint {
     scratch: Scratch,
     broken: Option<String>,
     destroyed: bool,
+    /// Shrink mode: the ranks this endpoint runs without (see `crate::mask`).
+    mask: Option<Arc<RankMask>>,
 }
 
 impl Endpoint {
@@ -276,6 +279,7 @@ impl Endpoint {
             scratch: Scratch::default(),
             broken: None,
             destroyed: false,
+            mask: None,
         }
     }
 
@@ -339,6 +343,7 @@ impl Endpoint {
             stash: &mut self.stash,
             num_nvl_bytes: self.config.num_nvl_bytes,
             num_rdma_bytes: self.config.num_rdma_bytes,
+            mask: self.mask.as_deref(),
         };
         (session, &self.payload, &mut self.scratch)
     }
@@ -476,6 +481,39 @@ impl Endpoint {
             nvl_connections: self.transport.connections()[0],
             rdma_connections: self.transport.connections()[1],
         }
+    }
+
+    /// Turns on shrink mode with `mask` (shared with this rank's other channels): peers that
+    /// do not start an operation in time, or leave before they do, are masked and the
+    /// operation goes on without them. Needs a world where every rank is linked to every
+    /// other (one rank per node).
+    pub fn enable_shrink(&mut self, mask: Arc<RankMask>) -> Result<()> {
+        self.usable()?;
+        if self.topo.ranks_per_node() != 1 {
+            return Err(Error::invalid(
+                "enable_shrink",
+                "a world of one rank per node (a low-latency buffer's), where no rank forwards for another",
+                format!(
+                    "{} nodes x {} ranks",
+                    self.topo.num_nodes(),
+                    self.topo.ranks_per_node()
+                ),
+            ));
+        }
+        if mask.world_size() != self.topo.world_size() {
+            return Err(Error::invalid(
+                "mask",
+                format!("one flag per rank ({})", self.topo.world_size()),
+                mask.world_size(),
+            ));
+        }
+        self.mask = Some(mask);
+        Ok(())
+    }
+
+    /// Shrink mode's flags (None without it).
+    pub fn rank_mask(&self) -> Option<Arc<RankMask>> {
+        self.mask.clone()
     }
 
     /// Where peers reach this rank (TCP: `host:port`).

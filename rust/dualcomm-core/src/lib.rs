@@ -8,6 +8,7 @@ pub mod engine;
 pub mod error;
 pub mod handoff;
 pub mod low_latency;
+pub mod mask;
 pub mod protocol;
 pub mod proxy;
 pub mod routing;
@@ -22,6 +23,7 @@ pub use engine::{Driven, Engine, Ticket};
 pub use error::{Error, Result};
 pub use handoff::{PendingHandle, RawBuffer, RecvHandoff, RecvMemory, RecvRequest, recv_handoff};
 pub use low_latency::LowLatencyCombineArgs;
+pub use mask::RankMask;
 pub use protocol::combine::{CombineArgs, CombineOut};
 pub use protocol::dispatch::{
     DispatchArgs, DispatchHandle, DispatchOutput, RecvBuffers, RecvShape, RecvSink, Route,

@@ -11,6 +11,12 @@
 //! before that either. So a rank that rejects its own arguments sends an abort in place of
 //! its records (forwarders relay it inside their node), every rank abandons the operation
 //! once its records are in, nothing is left in flight, and the buffer stays usable.
+//!
+//! In shrink mode (`crate::mask`) an operation has no links to masked peers: nothing goes to
+//! them and nothing from them is taken in. A peer whose metadata has not come by the
+//! deadline, or that left before sending it, is masked then and there, and the operation
+//! goes on without it; the peers left are in step, because no data moves before all
+//! metadata is in. A peer lost after that fails the operation as without shrink mode.
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +26,7 @@ use super::meta::Meta;
 use super::record::{ElemType, RecordFormat};
 use super::ring::{RecvRing, RingGeometry, SendRing};
 use crate::error::{Error, Result};
+use crate::mask::RankMask;
 use crate::topology::Topology;
 use crate::transport::{Completion, MemKey, Sge, Tier, Transport};
 
@@ -94,6 +101,8 @@ pub struct Session<'e> {
     pub stash: &'e mut Vec<Completion>,
     pub num_nvl_bytes: usize,
     pub num_rdma_bytes: usize,
+    /// Shrink mode: the ranks masked so far (this operation may add to them).
+    pub mask: Option<&'e RankMask>,
 }
 
 /// Why this operation is abandoned: the rank that rejected its arguments, what it was asked
@@ -142,6 +151,9 @@ pub struct Op<'e> {
     meta_key: Option<MemKey>,
     /// Bytes of `meta_out` already posted.
     meta_used: usize,
+    /// Shrink mode's shared flags, and the peers this operation runs without.
+    mask: Option<&'e RankMask>,
+    masked: Vec<bool>,
 }
 
 impl Drop for Op<'_> {
@@ -246,18 +258,28 @@ impl<'e> Op<'e> {
                 credit_offset: plan.ring_of(to, tier).1,
             }
         };
+        let masked: Vec<bool> = (0..w)
+            .map(|p| p != me && s.mask.is_some_and(|m| m.is_masked(p)))
+            .collect();
         let mut send = Vec::with_capacity(w);
         let mut recv = Vec::with_capacity(w);
         let (mut twins, mut locals) = (0, 0);
         for p in 0..w {
             let tier = link(&topo, me, p);
             match tier {
+                _ if masked[p] => {}
                 Some(Tier::Nvl) => locals += 1,
                 Some(Tier::Rdma) => twins += 1,
                 None => {}
             }
-            send.push(tier.map(|tier| SendRing::new(geometry(me, p, tier))));
-            recv.push(tier.map(|tier| RecvRing::new(geometry(p, me, tier))));
+            let mut out = tier.map(|tier| SendRing::new(geometry(me, p, tier)));
+            let mut inc = tier.map(|tier| RecvRing::new(geometry(p, me, tier)));
+            if masked[p] {
+                out.iter_mut().for_each(SendRing::make_absent);
+                inc.iter_mut().for_each(RecvRing::make_absent);
+            }
+            send.push(out);
+            recv.push(inc);
         }
         let meta_out_bytes =
             twins * plan.meta_bytes(Tier::Rdma) + locals * plan.meta_bytes(Tier::Nvl);
@@ -291,12 +313,17 @@ impl<'e> Op<'e> {
             meta_out: vec![0; meta_out_bytes],
             meta_key: None,
             meta_used: 0,
+            mask: s.mask,
+            masked,
         };
         // SAFETY: the buffer lives in the operation, which deregisters it when it drops
         // (after flushing its writes); it only changes in slots not yet posted.
         op.meta_key = Some(unsafe { t.register(op.meta_out.as_ptr(), op.meta_out.len())? });
         for n in (0..topo.num_nodes()).filter(|&n| n != topo.node_of(me)) {
             let twin = topo.forwarder(me, n);
+            if op.masked[twin] {
+                continue;
+            }
             let mut m = op.record();
             m.tokens = announce.tokens;
             m.node_count = announce.to_node.get(n).copied().unwrap_or(0);
@@ -310,7 +337,14 @@ impl<'e> Op<'e> {
                 .flat_map(|l| op.own_expert_counts(topo.rank_at(n, l)))
                 .map(|c| c as u32)
                 .collect();
-            op.send_meta(twin, Tier::Rdma, &m)?;
+            if let Err(e) = op.send_meta(twin, Tier::Rdma, &m) {
+                // A write to a peer that has left fails by itself: in shrink mode, the
+                // operation goes on without it.
+                match (op.mask, t.peer_gone(twin)) {
+                    (Some(_), Some(d)) => op.mask_peer(twin, &d.reason),
+                    _ => return Err(e),
+                }
+            }
         }
         // With no twins to wait for, this rank's records go out before it looks at what its
         // peers sent early: a peer whose record it refuses has this rank's record too, and so
@@ -383,9 +417,10 @@ impl<'e> Op<'e> {
         self.nvl_sent = true;
         let (topo, me) = (self.topo, self.me);
         let my_node = topo.node_of(me);
+        let masked = self.masked.clone();
         for d in (0..topo.ranks_per_node())
             .map(|l| topo.rank_at(my_node, l))
-            .filter(|&d| d != me)
+            .filter(|&d| d != me && !masked[d])
         {
             let mut m = self.record();
             if self.note.is_none() && !self.to_rank.is_empty() {
@@ -441,6 +476,8 @@ impl<'e> Op<'e> {
             .map(|s| {
                 if s == me {
                     (self.to_rank[me], self.tokens)
+                } else if self.masked[s] {
+                    (0, 0) // it sends nothing here
                 } else if link(&topo, me, s) == Some(Tier::Rdma) {
                     let m = self.meta(s);
                     (m.counts[topo.local_of(me)], m.tokens)
@@ -470,6 +507,8 @@ impl<'e> Op<'e> {
             .map(|(s, d)| {
                 if s == me {
                     self.to_rank[d]
+                } else if self.masked[s] {
+                    0
                 } else {
                     self.meta(s).counts[direct_at + topo.local_of(d)]
                 }
@@ -505,6 +544,7 @@ impl<'e> Op<'e> {
             (0..topo.world_size())
                 .map(|p| match link(&topo, me, p) {
                     _ if p == me => Some(self.own_expert_counts(me)),
+                    _ if self.masked[p] => None,
                     Some(Tier::Rdma) => Some(widen(
                         &self.meta(p).expert_counts[topo.local_of(me) * l..][..l],
                     )),
@@ -517,12 +557,79 @@ impl<'e> Op<'e> {
 
     /// Tokens twin `p` sends to this rank's node (for this rank to forward).
     pub fn node_count_from(&self, p: usize) -> u64 {
+        if self.masked[p] {
+            return 0;
+        }
         self.meta(p).node_count
     }
 
     /// Tokens twin `p` announced for each local rank of this node.
     pub fn twin_counts(&self, p: usize) -> &[u64] {
+        if self.masked[p] {
+            return &[];
+        }
         &self.meta(p).counts
+    }
+
+    /// Whether this operation runs without `peer` (shrink mode).
+    pub fn is_masked(&self, peer: usize) -> bool {
+        self.masked[peer]
+    }
+
+    /// Goes on without `peer`, which has not started this operation: marks it masked for
+    /// this operation and the ones after, and drops its links. Only before data moves.
+    fn mask_peer(&mut self, peer: usize, why: &str) {
+        let Some(shared) = self.mask else { return };
+        if self.masked[peer] || self.metas[peer].is_some() {
+            return;
+        }
+        // DeepEP prints the same warning when its kernels mask a rank.
+        eprintln!(
+            "dualcomm: rank {} masks rank {peer} in its {} ({why}); later operations run without it",
+            self.me,
+            self.kind.name()
+        );
+        shared.set(peer, true);
+        self.masked[peer] = true;
+        match link(&self.topo, self.me, peer) {
+            Some(Tier::Nvl) => self.missing_locals -= 1,
+            Some(Tier::Rdma) => self.missing_twins -= 1,
+            None => {}
+        }
+        self.send[peer].iter_mut().for_each(SendRing::make_absent);
+        self.recv[peer].iter_mut().for_each(RecvRing::make_absent);
+    }
+
+    /// Shrink mode, before data moves: masks every linked peer whose metadata is missing
+    /// and that has left (`all_missing`: or that is simply late, at the deadline). Returns
+    /// whether it masked any.
+    fn mask_missing(&mut self, all_missing: bool) -> Result<bool> {
+        if self.mask.is_none() || self.metas_ready() {
+            return Ok(false);
+        }
+        let mut any = false;
+        for p in 0..self.topo.world_size() {
+            let missing = link(&self.topo, self.me, p).is_some()
+                && !self.masked[p]
+                && self.metas[p].is_none();
+            if !missing {
+                continue;
+            }
+            let why = match self.t.peer_gone(p) {
+                Some(d) => d.reason,
+                None if all_missing => format!(
+                    "no word from it within the {:.1} s timeout",
+                    self.timeout.as_secs_f64()
+                ),
+                None => continue,
+            };
+            self.mask_peer(p, &why);
+            any = true;
+        }
+        if any {
+            self.relay_when_ready()?;
+        }
+        Ok(any)
     }
 
     /// A linked peer whose tag differs from this rank's, and its tag.
@@ -553,6 +660,11 @@ impl<'e> Op<'e> {
         self.raise_abort()?;
         // Checked on every call: a peer that keeps this rank busy must not keep it forever.
         if Instant::now() >= self.deadline {
+            if self.mask_missing(true)? {
+                // The peers left get a full timeout for the rest of the operation.
+                self.deadline = Instant::now() + self.timeout;
+                return self.raise_abort();
+            }
             return Err(Error::Timeout {
                 what: format!("{} to complete: {}", self.kind.name(), self.describe_wait()),
                 timeout: self.timeout,
@@ -567,6 +679,9 @@ impl<'e> Op<'e> {
                 // peer wrote before it left: take that in before judging (a peer that
                 // completed this operation and exited at once owes nothing more).
                 self.take_in(Instant::now())?;
+                if self.mask_missing(false)? {
+                    return self.raise_abort();
+                }
                 if let Some(e) = self.lost_peer() {
                     return Err(e);
                 }
@@ -588,6 +703,11 @@ impl<'e> Op<'e> {
     }
 
     fn handle(&mut self, c: Completion) -> Result<()> {
+        if self.masked.get(c.src).copied().unwrap_or(false) {
+            // A masked peer is not listened to: what it sent belongs to an operation the
+            // ranks left ran without it.
+            return Ok(());
+        }
         let imm = Imm(c.imm);
         let kind = imm
             .kind()
@@ -891,6 +1011,7 @@ impl<'e> Op<'e> {
     /// by itself.)
     fn needs(&self, peer: usize) -> bool {
         link(&self.topo, self.me, peer).is_some()
+            && !self.masked[peer]
             && (self.metas[peer].is_none()
                 || self.send[peer]
                     .as_ref()
@@ -924,7 +1045,9 @@ impl<'e> Op<'e> {
 
     fn describe_wait(&self) -> String {
         let missing: Vec<usize> = (0..self.metas.len())
-            .filter(|&p| link(&self.topo, self.me, p).is_some() && self.metas[p].is_none())
+            .filter(|&p| {
+                link(&self.topo, self.me, p).is_some() && !self.masked[p] && self.metas[p].is_none()
+            })
             .collect();
         let mut parts = Vec::new();
         if !missing.is_empty() {

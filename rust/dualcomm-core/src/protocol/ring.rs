@@ -51,6 +51,14 @@ impl SendRing {
         self.tail
     }
 
+    /// Makes this the ring to a masked peer (shrink mode): nothing is ever posted on it
+    /// (no room), and it counts as finished. Only before anything was posted.
+    pub fn make_absent(&mut self) {
+        debug_assert_eq!(self.tail, 0, "a peer is masked only before data moves");
+        self.geo.capacity = 0;
+        self.closed = true;
+    }
+
     /// Records that fit now.
     pub fn free(&self) -> u64 {
         self.geo.capacity - (self.tail - self.credited)
@@ -130,7 +138,9 @@ impl SendRing {
 #[derive(Debug)]
 pub struct RecvRing {
     pub geo: RingGeometry,
-    pub expected: Option<u64>,
+    expected: Option<u64>,
+    /// The ring of a masked peer (shrink mode): nothing arrives on it, whatever is expected.
+    absent: bool,
     head: u64,
     tail: u64,
     returned: u64,
@@ -141,6 +151,7 @@ impl RecvRing {
         Self {
             geo,
             expected: None,
+            absent: false,
             head: 0,
             tail: 0,
             returned: 0,
@@ -180,6 +191,26 @@ impl RecvRing {
         }
         self.tail += n;
         Ok(())
+    }
+
+    /// How many records this operation will receive on this ring (none on an absent one).
+    pub fn set_expected(&mut self, n: u64) {
+        if !self.absent {
+            self.expected = Some(n);
+        }
+    }
+
+    pub fn expected(&self) -> Option<u64> {
+        self.expected
+    }
+
+    /// Makes this the ring of a masked peer (shrink mode): it expects nothing more than
+    /// what arrived (nothing: a peer is masked only before data moves) and counts as
+    /// finished.
+    pub fn make_absent(&mut self) {
+        debug_assert_eq!(self.tail, 0, "a peer is masked only before data moves");
+        self.absent = true;
+        self.expected = Some(self.tail);
     }
 
     /// Records announced (or not yet announced how many) that have not arrived.

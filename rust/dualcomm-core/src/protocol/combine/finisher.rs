@@ -54,21 +54,33 @@ impl<'o> Finisher<'o> {
         let (topo, me) = (self.topo, self.me);
         for n in (0..topo.num_nodes()).filter(|&n| n != topo.node_of(me)) {
             let p = topo.forwarder(me, n);
-            op.recv_ring(p).expected = Some(plan.count_to_node()[n]);
+            op.recv_ring(p).set_expected(plan.count_to_node()[n]);
         }
     }
 
-    /// The other nodes `tok` went to.
-    fn remote_nodes<'p>(&self, plan: &'p SendPlan, tok: usize) -> impl Iterator<Item = usize> + 'p {
-        let my_node = self.topo.node_of(self.me);
-        (0..plan.num_nodes()).filter(move |&n| n != my_node && plan.mask(tok, n) != 0)
+    /// The other nodes `tok` went to, but for masked ones (shrink mode: their partials do
+    /// not come, and the sum is over the nodes left).
+    fn remote_nodes<'p>(
+        &self,
+        op: &'p Op<'_>,
+        plan: &'p SendPlan,
+        tok: usize,
+    ) -> impl Iterator<Item = usize> + 'p {
+        let (topo, me) = (self.topo, self.me);
+        let my_node = topo.node_of(me);
+        (0..plan.num_nodes()).filter(move |&n| {
+            n != my_node && plan.mask(tok, n) != 0 && !op.is_masked(topo.forwarder(me, n))
+        })
     }
 
     /// Whether every other node's partial of `tok` is at the head of its twin's ring
     /// (earlier tokens are finished, so the head can only be this token's).
     pub fn partials_ready(&self, op: &mut Op<'_>, plan: &SendPlan, tok: usize) -> bool {
-        self.remote_nodes(plan, tok)
-            .all(|n| op.recv_ring(self.topo.forwarder(self.me, n)).available() > 0)
+        self.remote_nodes(op, plan, tok).all(|n| {
+            op.recv[self.topo.forwarder(self.me, n)]
+                .as_ref()
+                .is_some_and(|r| r.available() > 0)
+        })
     }
 
     /// Sums `tok`'s partials in ascending node order into the output, consuming the other
@@ -90,6 +102,9 @@ impl<'o> Finisher<'o> {
         let mut rows: Vec<Term<'_>> = Vec::with_capacity(plan.num_nodes());
         let mut weights: Vec<Term<'_>> = Vec::with_capacity(plan.num_nodes());
         for n in (0..plan.num_nodes()).filter(|&n| plan.mask(tok, n) != 0) {
+            if n != my_node && op.is_masked(self.topo.forwarder(self.me, n)) {
+                continue;
+            }
             if n == my_node {
                 if own.x.is_empty() {
                     return Err(Error::internal(

@@ -169,7 +169,7 @@ impl Reducer {
                 .iter()
                 .filter(|e| e.mask & (1 << l) != 0)
                 .count();
-            op.recv_ring(d).expected = Some(rows as u64);
+            op.recv_ring(d).set_expected(rows as u64);
         }
     }
 

@@ -65,7 +65,7 @@ impl Forwarder {
     pub fn done(&self, op: &Op<'_>) -> Result<bool> {
         let done = self.twins.iter().all(|&p| {
             let ring = op.recv[p].as_ref().expect("twin ring");
-            ring.expected == Some(ring.consumed())
+            ring.expected() == Some(ring.consumed())
         });
         if done {
             for &p in &self.twins {

@@ -47,13 +47,26 @@ impl<'o> Receiver<'o> {
     pub fn open(
         op: &mut Op<'_>,
         c: &Checked<'_>,
-        counts: Vec<u64>,
+        mut counts: Vec<u64>,
         src_tokens: &[u64],
         sink: &'o mut dyn RecvSink,
     ) -> Result<Self> {
         let (topo, me) = (op.topo, op.me);
         let w = topo.world_size();
         let my_node = topo.node_of(me);
+        let mut src_tokens = src_tokens.to_vec();
+        // A cached dispatch keeps its handle's layout; the rows of a source masked since
+        // (shrink mode) never come, and stay empty.
+        let absent: Vec<usize> = match c.cached {
+            Some(h) => (0..w)
+                .filter(|&s| op.is_masked(s))
+                .inspect(|&s| {
+                    counts[s] = h.recv_per_src[s];
+                    src_tokens[s] = h.src_num_tokens[s];
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         if let Some(h) = c.cached
             && (h.recv_per_src != counts || h.src_num_tokens != src_tokens)
         {
@@ -75,12 +88,12 @@ impl<'o> Receiver<'o> {
                 .filter(|&s| topo.local_of(s) == topo.local_of(f))
                 .map(|s| counts[s])
                 .sum();
-            op.recv_ring(f).expected = Some(via_f);
+            op.recv_ring(f).set_expected(via_f);
         }
         for n in (0..topo.num_nodes()).filter(|&n| n != my_node) {
             let p = topo.forwarder(me, n);
             let b = op.node_count_from(p);
-            op.recv_ring(p).expected = Some(b);
+            op.recv_ring(p).set_expected(b);
         }
         // Counts come from peers: each is bounded (op::MAX_TOKENS), and so is their sum.
         let mut prefix = vec![0usize; w + 1];
@@ -151,13 +164,13 @@ impl<'o> Receiver<'o> {
                 ),
             });
         }
-        Ok(Self {
+        let mut r = Self {
             topo,
             me,
             counts,
             prefix,
             got: vec![0; w],
-            order: SourceOrder::new(src_tokens.to_vec()),
+            order: SourceOrder::new(src_tokens),
             x: bufs.x,
             scales: bufs.scales,
             topk_idx: bufs.topk_idx,
@@ -174,7 +187,20 @@ impl<'o> Receiver<'o> {
             },
             announced_via,
             announced_per_expert,
-        })
+        };
+        for s in absent {
+            r.leave_empty(s);
+        }
+        Ok(r)
+    }
+
+    /// The rows of masked source `s`, which will not come: zeros, with no expert chosen.
+    fn leave_empty(&mut self, s: usize) {
+        self.x[s].fill(0);
+        self.scales[s].fill(0);
+        self.topk_idx[s].fill(-1);
+        self.topk_w[s].fill(0.0);
+        self.got[s] = self.counts[s];
     }
 
     /// This rank's own tokens for its own experts.
