@@ -264,17 +264,17 @@ impl<'e> Op<'e> {
         let mut send = Vec::with_capacity(w);
         let mut recv = Vec::with_capacity(w);
         let (mut twins, mut locals) = (0, 0);
-        for p in 0..w {
+        for (p, &absent) in masked.iter().enumerate() {
             let tier = link(&topo, me, p);
             match tier {
-                _ if masked[p] => {}
+                _ if absent => {}
                 Some(Tier::Nvl) => locals += 1,
                 Some(Tier::Rdma) => twins += 1,
                 None => {}
             }
             let mut out = tier.map(|tier| SendRing::new(geometry(me, p, tier)));
             let mut inc = tier.map(|tier| RecvRing::new(geometry(p, me, tier)));
-            if masked[p] {
+            if absent {
                 out.iter_mut().for_each(SendRing::make_absent);
                 inc.iter_mut().for_each(RecvRing::make_absent);
             }
