@@ -110,3 +110,152 @@ def low_latency_semantics(rank: int, world: int, num_nodes: int, seed: int) -> d
     return dict(
         variants=out["variants"], transport=transport, ll_rdma_connections=stats["low_latency_rdma_connections"]
     )
+
+
+def low_latency_shrink(rank: int, world: int, num_nodes: int, seed: int) -> dict[str, Any]:
+    """The shrink test of DeepEP's `test_low_latency.py` (`--shrink-test`), its checks kept and
+    its sizes shrunk: ranks 1, 3 and 5 fail (stop calling, then leave, as DeepEP's failed
+    ranks go straight to `destroy`) at their first dispatch, combine and clean; the others
+    must mask exactly the failed ranks after each call, receive only from ranks not masked,
+    and combine over the experts of those ranks."""
+    return _shrink_test(rank, world, num_nodes, seed, linger=False)
+
+
+def low_latency_shrink_lingering(rank: int, world: int, num_nodes: int, seed: int) -> dict[str, Any]:
+    """As `low_latency_shrink`, but the failed ranks stay in the world, silent, until the
+    others are done: the survivors mask them at the timeout (3 s here), not on departure."""
+    return _shrink_test(rank, world, num_nodes, seed, linger=True)
+
+
+def _shrink_test(rank: int, world: int, num_nodes: int, seed: int, linger: bool) -> dict[str, Any]:
+    import random
+
+    deep_ep = _opt_in(world // num_nodes)
+    from deep_ep.utils.math import calc_diff, per_token_cast_back
+
+    failing = {"dispatch": 1, "combine": 3, "clean": 5}
+    num_tokens, hidden, num_topk, num_experts = 16, 256, 4, 2 * world
+    num_local_experts = num_experts // world
+    torch.manual_seed(seed + rank)
+    random.seed(seed + rank)
+    hint = deep_ep.Buffer.get_low_latency_rdma_size_hint(num_tokens, hidden, world, num_experts)
+    buffer = deep_ep.Buffer(
+        dist.group.WORLD,
+        num_rdma_bytes=hint,
+        low_latency_mode=True,
+        num_qps_per_rank=num_local_experts,
+        explicitly_destroy=True,
+        enable_shrink=True,
+        **({"timeout": 3.0} if linger else {}),
+    )
+    rank_offset = 128
+    x = torch.ones((num_tokens, hidden), dtype=torch.bfloat16) * (rank - rank_offset)
+    x[:, -128:] = torch.arange(num_tokens).to(torch.bfloat16).view(-1, 1)
+    scores = torch.randn((num_tokens, num_experts), dtype=torch.float32).abs() + 1
+    topk_idx = torch.topk(scores, num_topk, dim=-1, largest=True, sorted=True)[1]
+    topk_weights = torch.randn((num_tokens, num_topk), dtype=torch.float32).abs()
+    for _ in range(3):
+        topk_idx[random.randint(0, num_tokens - 1), random.randint(0, num_topk - 1)] = -1
+    # DeepEP gathers into one tensor (NCCL); gloo gathers into a list.
+    gathered = [torch.empty_like(topk_idx) for _ in range(world)]
+    dist.all_gather(gathered, topk_idx)
+    all_topk_idx = torch.stack(gathered)
+    mask_status = torch.zeros((world,), dtype=torch.int)
+    expected: set[int] = set()
+    seen: dict[str, list[int]] = {}
+
+    def fails(api: str) -> bool:
+        if rank in expected:
+            return True
+        expected.add(failing[api])
+        return failing[api] == rank
+
+    def query(api: str) -> None:
+        buffer.low_latency_query_mask_buffer(mask_status)
+        got = set(mask_status.nonzero().squeeze(-1).tolist())
+        assert got == expected, f"after {api}: masked {got}, expected {expected}"
+        seen.setdefault(api, sorted(got))
+
+    calls = 0
+    for return_recv_hook in (False, True):
+        for use_fp8 in (False, True):
+            if fails("dispatch"):
+                break
+            cumulative = torch.zeros((num_local_experts,), dtype=torch.int)
+            packed_recv_x, packed_recv_count, handle, event, hook = buffer.low_latency_dispatch(
+                x,
+                topk_idx,
+                num_tokens,
+                num_experts,
+                use_fp8=use_fp8,
+                cumulative_local_expert_recv_stats=cumulative,
+                async_finish=not return_recv_hook,
+                return_recv_hook=return_recv_hook,
+            )
+            hook() if return_recv_hook else event.current_stream_wait()
+            calls += 1
+            query("dispatch")
+            if use_fp8:
+                packed_recv_x = (packed_recv_x[0], packed_recv_x[1].contiguous())
+                simulated_gemm_x = per_token_cast_back(
+                    packed_recv_x[0].view(-1, hidden), packed_recv_x[1].view(-1, hidden // 128)
+                ).view(packed_recv_x[0].shape)
+            else:
+                simulated_gemm_x = packed_recv_x.clone()
+            for i in range(num_local_experts):
+                expert_id = rank * num_local_experts + i
+                recv_x = per_token_cast_back(packed_recv_x[0][i], packed_recv_x[1][i]) if use_fp8 else packed_recv_x[i]
+                recv_count, recv_src_info, recv_layout_range = packed_recv_count[i], handle[0][i], handle[1][i]
+                int_mask = (2**32) - 1
+                n = recv_count.item()
+                assert cumulative[i].item() == n
+                assert n == (recv_layout_range & int_mask).sum().item()
+                want = (all_topk_idx == expert_id).sum(dim=[1, 2])[mask_status == 0].sum().item()
+                assert n == want, f"expert {expert_id}: {n} tokens, {want} from ranks not masked"
+                if n == 0:
+                    continue
+                recv_x = recv_x[:n]
+                recv_x_amin = recv_x[:, :-128].amin(dim=-1)
+                assert torch.equal(recv_x_amin, recv_x[:, :-128].amax(dim=-1))
+                assert (recv_x[:, -128:] - recv_src_info[:n].view(-1, 1) % num_tokens).sum().item() == 0
+                for j in range(world):
+                    if mask_status[j]:
+                        continue
+                    begin, count = (recv_layout_range[j] >> 32).item(), (recv_layout_range[j] & int_mask).item()
+                    assert (recv_x_amin == j - rank_offset).sum().item() == (all_topk_idx[j] == expert_id).sum().item()
+                    assert (recv_x[begin : begin + count, :-128] - j + rank_offset).sum().item() == 0
+            if fails("combine"):
+                break
+            combined_x, event, hook = buffer.low_latency_combine(
+                simulated_gemm_x,
+                topk_idx,
+                topk_weights,
+                handle,
+                async_finish=not return_recv_hook,
+                return_recv_hook=return_recv_hook,
+            )
+            hook() if return_recv_hook else event.current_stream_wait()
+            calls += 1
+            query("combine")
+            owner = torch.arange(num_experts) // num_local_experts
+            failed_owner = (mask_status == 1).index_select(0, owner)
+            valid = topk_idx >= 0
+            failed = torch.zeros_like(topk_idx, dtype=torch.bool)
+            failed[valid] = failed_owner.index_select(0, topk_idx[valid])
+            topk_idx[failed] = -1
+            ref = x * topk_weights.masked_fill(topk_idx == -1, 0).sum(dim=1).view(-1, 1)
+            assert torch.isnan(combined_x).sum().item() == 0
+            diff = calc_diff(ref, combined_x)
+            assert diff < (9e-4 if use_fp8 else 1e-5), f"combine differs: {diff=}, {use_fp8=}"
+            if fails("clean"):
+                break
+            buffer.clean_low_latency_buffer(num_tokens, hidden, num_experts)
+            calls += 1
+            query("clean")
+    if linger and rank in failing.values():
+        dist.barrier()  # silent until the survivors are done
+        buffer.destroy()
+    else:
+        buffer.destroy()
+        dist.barrier()
+    return dict(calls=calls, seen=seen)

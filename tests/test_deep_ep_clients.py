@@ -120,3 +120,18 @@ def test_the_launcher_runs_an_unmodified_script(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['a', 'b'] True True"
+
+
+@pytest.mark.parametrize("linger", [False, True], ids=["failed-ranks-leave", "failed-ranks-stay-silent"])
+def test_deep_ep_shrink_test_masks_the_failed_ranks(linger):
+    """DeepEP's `--shrink-test`: 6 processes, ranks 1, 3, 5 fail at their first dispatch,
+    combine and clean; the survivors go on without them and check every result."""
+    world = 6
+    worker = client_workers.low_latency_shrink_lingering if linger else client_workers.low_latency_shrink
+    results = run_world(worker, world, world, 5, timeout=240)
+    for rank in (1, 3, 5):
+        assert results[rank]["calls"] == {1: 0, 3: 1, 5: 2}[rank]
+    for rank in (0, 2, 4):
+        # Every variant ran: 4 dispatches, 4 combines, 4 cleans.
+        assert results[rank]["calls"] == 12
+        assert results[rank]["seen"] == {"dispatch": [1], "combine": [1, 3], "clean": [1, 3, 5]}

@@ -127,3 +127,125 @@ def test_low_latency_errors_name_the_argument():
         return True
 
     assert all(run_loopback(1, 2, plain))
+
+
+def test_masked_ranks_are_left_out_of_dispatch_and_combine():
+    """Every rank but 3 masks rank 3 (which then stays out): the others' dispatch receives
+    only from ranks 0-2 and their combine sums over the experts of ranks 0-2, as a plain
+    PyTorch reference of the routing says; a query reads the masks back, a clean clears them."""
+    world, experts, tokens, hidden, topk, masked = 4, 8, 6, 128, 2, 3
+    g = torch.Generator().manual_seed(11)
+    xs = [torch.randn(tokens, hidden, generator=g).to(torch.bfloat16) for _ in range(world)]
+    idxs = [torch.stack([torch.randperm(experts, generator=g)[:topk] for _ in range(tokens)]) for _ in range(world)]
+    ws = [torch.rand(tokens, topk, generator=g) for _ in range(world)]
+    local = experts // world
+
+    def body(buf):
+        r = buf.rank
+        status = torch.zeros(world, dtype=torch.int32)
+        if r == masked:
+            return None
+        buf.low_latency_update_mask_buffer(masked, True)
+        recv, count, handle, _, _ = buf.low_latency_dispatch(xs[r], idxs[r], tokens, experts, use_fp8=False)
+        out, _, _ = buf.low_latency_combine(recv, idxs[r], ws[r], handle)
+        buf.low_latency_query_mask_buffer(status)
+        after = status.tolist()
+        buf.low_latency_clean_mask_buffer()
+        buf.low_latency_query_mask_buffer(status)
+        return count.tolist(), recv[:, : int(count.max())].clone(), out, after, status.tolist()
+
+    results = run_loopback(1, world, body, low_latency_mode=True, enable_shrink=True, timeout=60)
+    for r, res in enumerate(results):
+        if r == masked:
+            continue
+        count, recv, out, after, cleared = res
+        assert after == [int(p == masked) for p in range(world)] and cleared == [0] * world
+        # Reference: rows for each local expert, by source rank then token, from ranks not masked.
+        for e in range(local):
+            expert = r * local + e
+            rows = [xs[s][t] for s in range(world) if s != masked for t in range(tokens) if expert in idxs[s][t]]
+            assert count[e] == len(rows)
+            if rows:
+                assert torch.equal(recv[e, : len(rows)], torch.stack(rows))
+        owner_live = (idxs[r] // local) != masked
+        ref = (xs[r].float() * (ws[r] * owner_live).sum(1, keepdim=True)).to(torch.bfloat16)
+        assert torch.allclose(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_shrink_mode_errors_name_the_argument():
+    def body(buf):
+        msgs = []
+        for call in (
+            lambda: buf.low_latency_update_mask_buffer(5, True),
+            lambda: buf.low_latency_update_mask_buffer("1", True),
+            lambda: buf.low_latency_query_mask_buffer(torch.zeros(2, dtype=torch.int64)),
+            lambda: buf.low_latency_query_mask_buffer(torch.zeros(3, dtype=torch.int32)),
+        ):
+            with pytest.raises(dualcomm.InvalidArgumentError) as e:
+                call()
+            msgs.append(str(e.value))
+        return msgs
+
+    msgs = run_loopback(1, 2, body, low_latency_mode=True, enable_shrink=True, timeout=30)[0]
+    assert msgs[0].startswith("rank_to_mask: expected a rank in [0, 2), got 5")
+    assert msgs[1].startswith("rank_to_mask: expected an int rank in [0, 2)")
+    assert all(m.startswith("mask_status: expected an int32 tensor of 2 elements") for m in msgs[2:])
+
+    def unshrunk(buf):
+        with pytest.raises(dualcomm.InvalidArgumentError, match="^enable_shrink: expected True at construction"):
+            buf.low_latency_query_mask_buffer(torch.zeros(2, dtype=torch.int32))
+        return True
+
+    assert all(run_loopback(1, 2, unshrunk, low_latency_mode=True))
+    with pytest.raises(dualcomm.InvalidArgumentError, match="^enable_shrink: expected False unless low_latency_mode"):
+        run_loopback(1, 2, lambda buf: True, enable_shrink=True)
+
+
+def test_wait_recv_cost_stats_single_out_a_slow_rank():
+    """DeepEP's `dispatch_wait_recv_cost_stats` / `combine_wait_recv_cost_stats`: per source
+    rank, the time spent waiting to receive from it, added up over calls. Rank 2 starts each
+    call 0.4 s late; the others' stats must put that wait on rank 2, not on each other."""
+    world, experts, tokens, hidden, late = 3, 6, 4, 128, 0.4
+
+    def body(buf):
+        import time
+
+        x = torch.ones(tokens, hidden, dtype=torch.bfloat16)
+        idx = torch.stack([torch.arange(3) * 2 for _ in range(tokens)])  # one expert per rank
+        w = torch.ones(tokens, 3)
+        d_stats = torch.zeros(world, dtype=torch.int64)
+        c_stats = torch.zeros(world, dtype=torch.int64)
+        after_one = None
+        for _ in range(2):
+            if buf.rank == 2:
+                time.sleep(late)
+            recv, _, handle, _, _ = buf.low_latency_dispatch(
+                x, idx, tokens, experts, use_fp8=False, dispatch_wait_recv_cost_stats=d_stats
+            )
+            if buf.rank == 2:
+                time.sleep(late)
+            buf.low_latency_combine(recv, idx, w, handle, combine_wait_recv_cost_stats=c_stats)
+            after_one = after_one if after_one is not None else d_stats.clone()
+        return after_one.tolist(), d_stats.tolist(), c_stats.tolist()
+
+    results = run_loopback(1, world, body, low_latency_mode=True, timeout=60)
+    for r in (0, 1):
+        first, d, c = results[r]
+        other = 1 - r
+        for stats in (d, c):
+            assert stats[2] >= 2 * late * 0.9e9, stats  # two calls, each 0.4 s behind
+            assert stats[other] < stats[2] / 2, stats
+            assert stats[r] == 0  # no wait on itself
+        assert first[2] >= late * 0.9e9 and d[2] > first[2]  # cumulative
+
+
+def test_wait_recv_cost_stats_must_be_int64_per_rank():
+    def body(buf):
+        x = torch.ones(2, 128, dtype=torch.bfloat16)
+        idx = torch.zeros(2, 1, dtype=torch.int64)
+        with pytest.raises(dualcomm.InvalidArgumentError) as e:
+            buf.low_latency_dispatch(x, idx, 2, 2, use_fp8=False, dispatch_wait_recv_cost_stats=torch.zeros(2))
+        return str(e.value)
+
+    msg = run_loopback(1, 2, body, low_latency_mode=True, timeout=30)[0]
+    assert msg.startswith("dispatch_wait_recv_cost_stats: expected a contiguous int64 tensor of shape [2]")

@@ -109,7 +109,14 @@ class Buffer:
             DeepEP's; the last three are accepted and ignored (no queue pairs or NVLink here).
         explicitly_destroy: as in DeepEP, `destroy()` may be called only with it; without it
             the buffer leaves its world when it is garbage-collected.
-        enable_shrink, comm: DeepEP's rank masking and mpi4py bootstrap, not served.
+        enable_shrink: DeepEP's shrink mode, for `low_latency_mode`: a rank that does not
+            start a low-latency operation (or `clean_low_latency_buffer`) within `timeout`,
+            or leaves before it does, is masked, and the operation and every later one run
+            without it (its tokens are neither sent nor waited for, combine sums over the
+            ranks left); `low_latency_update_mask_buffer` / `_query_` / `_clean_` set, read
+            and clear the masks. A rank lost after an operation's data started moving
+            still fails that operation.
+        comm: DeepEP's mpi4py bootstrap, not served (pass a ProcessGroup).
         ranks_per_node: overrides the layout found from host names, so one machine can
             emulate several nodes; `DUALCOMM_RANKS_PER_NODE` sets it for callers that cannot
             pass it (an unmodified DeepEP client).
@@ -152,8 +159,10 @@ class Buffer:
             raise _checks.fail("timeout", "a positive number of seconds", _checks.describe(timeout))
         if transport not in ("auto", "loopback", "tcp", "shm", "shm+tcp", "verbs"):
             raise _checks.fail("transport", "'auto', 'shm+tcp', 'tcp', 'shm', 'verbs' or 'loopback'", repr(transport))
-        if enable_shrink:
-            raise _checks.fail("enable_shrink", "False (rank masking is not part of dualcomm)", True)
+        if enable_shrink and not low_latency_mode:
+            raise _checks.fail(
+                "enable_shrink", "False unless low_latency_mode=True (ranks are masked in low-latency operations)", True
+            )
         if group is None and comm is not None:
             raise _checks.fail("comm", "None (pass a torch.distributed ProcessGroup as group)", _checks.describe(comm))
         if ranks_per_node is None:
@@ -237,6 +246,9 @@ class Buffer:
             self._ll = LowLatency(
                 self._low_latency_endpoint(group, num_rdma_bytes, timeout), self.rank, self.group_size
             )
+            if enable_shrink:
+                self._ll.enable_shrink()
+        self.enable_shrink = bool(enable_shrink)
 
     def _low_latency_endpoint(self, group: Any, num_rdma_bytes: int, timeout: float) -> Endpoint:
         """The second endpoint of a low-latency buffer: one rank per node, so every rank is
@@ -730,9 +742,26 @@ class Buffer:
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """DeepEP zeroes the flags of its low-latency buffer here. dualcomm's rings carry their
-        own credits and need no cleaning, so this only checks its arguments."""
-        self._low_latency("clean_low_latency_buffer")
+        own credits and need no cleaning, so this checks its arguments; with `enable_shrink`
+        it is also, as DeepEP's, a barrier of the ranks not masked, which masks any that
+        does not reach it within the timeout."""
+        ll = self._low_latency("clean_low_latency_buffer")
         rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, self.group_size, num_experts)
+        if self.enable_shrink:
+            ll.barrier()
+
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        """Masks (`mask=True`) or unmasks `rank_to_mask` from the next low-latency operation
+        on: this rank neither sends to it nor waits for it (`enable_shrink` buffers)."""
+        self._low_latency("low_latency_update_mask_buffer").update_mask(rank_to_mask, mask)
+
+    def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
+        """Writes each rank's mask into `mask_status` (int32 `[num_ranks]`): 1 for masked."""
+        self._low_latency("low_latency_query_mask_buffer").query_mask(mask_status)
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        """Unmasks every rank."""
+        self._low_latency("low_latency_clean_mask_buffer").clean_mask()
 
     # ---- bookkeeping ------------------------------------------------------------------------
 

@@ -124,10 +124,7 @@ class LowLatency:
                         f"an int32 tensor of shape [{local}]",
                         _checks.describe(stats),
                     )
-            if dispatch_wait_recv_cost_stats is not None:
-                raise _checks.fail(
-                    "dispatch_wait_recv_cost_stats", "None (per-token wait timing is not measured on CPU)", "a tensor"
-                )
+            wait_stats = self._wait_stats("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats)
             if use_ue8m0 and not round_scale:
                 raise _checks.fail("use_ue8m0", "False unless round_scale=True", True)
             if async_finish and return_recv_hook:
@@ -179,6 +176,7 @@ class LowLatency:
         def lay_out(_: object) -> None:
             """Once the tokens are in: each local expert's rows, by source rank then index
             (the receive order), all experts in one pass."""
+            _add_waits(wait_stats, native_event)
             n = native.num_recv_tokens
             rx = tensor_of(recv).view(data.dtype).reshape(n, hidden)
             assert recv_idx is not None  # a low-latency dispatch always carries top-k
@@ -258,10 +256,7 @@ class LowLatency:
             h = self._check_handle(handle)
             _, _, m, hidden, num_experts = h
             local, cap = num_experts // self.num_ranks, self.num_ranks * m
-            if combine_wait_recv_cost_stats is not None:
-                raise _checks.fail(
-                    "combine_wait_recv_cost_stats", "None (per-token wait timing is not measured on CPU)", "a tensor"
-                )
+            wait_stats = self._wait_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats)
             if zero_copy:
                 src = self._combine_buffers[self._next_combine]
                 if src is None:
@@ -288,15 +283,13 @@ class LowLatency:
         )
         self._next_combine ^= 1
         result = tensor_of(raw).view(torch.bfloat16).reshape(h.num_tokens, hidden)
-        combined = result
-        on_done = None
-        if out is not None:
-            target = out
+        combined = result if out is None else out
 
-            def on_done(_: object) -> None:
-                target.copy_(result)
+        def on_done(_: object) -> None:
+            _add_waits(wait_stats, native_event)
+            if out is not None:
+                out.copy_(result)
 
-            combined = out
         event = EventOverlap(native_event, extra_tensors=(src, idx, w, combined), on_done=on_done)
         hook: Callable[[], None] | None = None
         if return_recv_hook:
@@ -304,6 +297,65 @@ class LowLatency:
         elif not async_finish:
             event.current_stream_wait()
         return combined, event, hook
+
+    def _wait_stats(self, name: str, stats: object) -> torch.Tensor | None:
+        """DeepEP's `*_wait_recv_cost_stats`: int64 `[num_ranks]`, added to per source rank."""
+        if stats is None:
+            return None
+        w = self.num_ranks
+        if (
+            not isinstance(stats, torch.Tensor)
+            or stats.dtype != torch.int64
+            or list(stats.shape) != [w]
+            or not stats.is_contiguous()
+        ):
+            raise _checks.fail(name, f"a contiguous int64 tensor of shape [{w}]", _checks.describe(stats))
+        return stats
+
+    # ---- shrink mode -------------------------------------------------------------------------
+
+    def enable_shrink(self) -> None:
+        self._ep.enable_shrink()
+
+    def _shrink(self, call: str) -> None:
+        if not self._ep.shrink:
+            raise _checks.fail("enable_shrink", f"True at construction to call {call}", False)
+
+    def update_mask(self, rank_to_mask: int, mask: bool) -> None:
+        self._shrink("low_latency_update_mask_buffer")
+        if isinstance(rank_to_mask, bool) or not isinstance(rank_to_mask, int):
+            raise _checks.fail("rank_to_mask", f"an int rank in [0, {self.num_ranks})", _checks.describe(rank_to_mask))
+        self._ep.set_masked(rank_to_mask, bool(mask))
+
+    def query_mask(self, mask_status: torch.Tensor) -> None:
+        self._shrink("low_latency_query_mask_buffer")
+        w = self.num_ranks
+        if not isinstance(mask_status, torch.Tensor) or mask_status.dtype != torch.int32 or mask_status.numel() != w:
+            raise _checks.fail("mask_status", f"an int32 tensor of {w} elements", _checks.describe(mask_status))
+        flags = torch.tensor(self._ep.masked_ranks(), dtype=torch.int32)
+        mask_status.copy_(flags.view(mask_status.shape))
+
+    def clean_mask(self) -> None:
+        self._shrink("low_latency_clean_mask_buffer")
+        self._ep.clear_mask()
+
+    def barrier(self) -> None:
+        """An operation with no tokens: returns once every rank not masked has reached it,
+        masking (in shrink mode) those that do not in time."""
+        w = self.num_ranks
+        *_, event = self._ep.dispatch(
+            np.zeros((0, 1), dtype=np.uint8),
+            "uint8",
+            1,
+            None,
+            np.zeros((0, w), dtype=np.bool_),
+            None,
+            None,
+            None,
+            w,
+            1,
+        )
+        EventOverlap(event).current_stream_wait()
 
     def next_combine_buffer(self, handle: object) -> torch.Tensor:
         """The `[local experts, ranks x max tokens, hidden]` bf16 tensor the next
@@ -316,6 +368,14 @@ class LowLatency:
             buf = torch.zeros(shape, dtype=torch.bfloat16)
             self._combine_buffers[self._next_combine] = buf
         return buf
+
+
+def _add_waits(stats: torch.Tensor | None, event: Any) -> None:
+    """Adds the nanoseconds the operation waited for each rank to start it (until its
+    metadata came; data moves only after everyone's) to `stats`, per rank. DeepEP counts
+    GPU cycles spent waiting for each rank's tokens: the same slow rank stands out."""
+    if stats is not None:
+        stats += torch.tensor(event.wait_ns(), dtype=torch.int64).to(stats.device)
 
 
 def _checks_out(out: object, t: int, hidden: int) -> torch.Tensor:

@@ -151,6 +151,21 @@ impl Channels {
     }
 
     /// Every channel's traffic, summed (connections too: each channel has its own).
+    /// Per rank, the nanoseconds waited for it since the last call (`Endpoint::take_waits`):
+    /// the channels wait side by side, so the longest channel's wait counts.
+    pub fn take_waits(&mut self) -> Vec<u64> {
+        let mut out: Vec<u64> = Vec::new();
+        for ep in &mut self.eps {
+            let w = ep.take_waits();
+            if out.is_empty() {
+                out = w;
+            } else {
+                out.iter_mut().zip(w).for_each(|(a, b)| *a = (*a).max(b));
+            }
+        }
+        out
+    }
+
     pub fn stats(&self) -> Stats {
         self.eps
             .iter()

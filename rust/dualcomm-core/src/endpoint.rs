@@ -102,6 +102,8 @@ pub struct Endpoint {
     destroyed: bool,
     /// Shrink mode: the ranks this endpoint runs without (see `crate::mask`).
     mask: Option<Arc<RankMask>>,
+    /// Per rank, nanoseconds waited for it since `take_waits` last ran.
+    waits: Vec<u64>,
 }
 
 impl Endpoint {
@@ -280,6 +282,7 @@ impl Endpoint {
             broken: None,
             destroyed: false,
             mask: None,
+            waits: vec![0; topo.world_size()],
         }
     }
 
@@ -344,6 +347,7 @@ impl Endpoint {
             num_nvl_bytes: self.config.num_nvl_bytes,
             num_rdma_bytes: self.config.num_rdma_bytes,
             mask: self.mask.as_deref(),
+            waits: &mut self.waits,
         };
         (session, &self.payload, &mut self.scratch)
     }
@@ -509,6 +513,15 @@ impl Endpoint {
         }
         self.mask = Some(mask);
         Ok(())
+    }
+
+    /// Per rank, the nanoseconds this rank's operations have spent waiting for it since the
+    /// last call (from each operation's start until the rank's metadata came: until it
+    /// started the operation too); resets them. DeepEP's `*_wait_recv_cost_stats`, in time
+    /// rather than GPU cycles: a slow rank stands out.
+    pub fn take_waits(&mut self) -> Vec<u64> {
+        let w = self.topo.world_size();
+        std::mem::replace(&mut self.waits, vec![0; w])
     }
 
     /// Shrink mode's flags (None without it).

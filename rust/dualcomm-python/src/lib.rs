@@ -8,7 +8,7 @@ mod pool;
 mod verbs;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use dualcomm_core::routing::{SendPlan, dispatch_layout};
@@ -18,7 +18,8 @@ use dualcomm_core::transport::{RegionId, Tier, Transport};
 use dualcomm_core::{
     ChannelHandle, Channels, CombineArgs, CombineOut, Config, DispatchArgs, Dtype, ElemType,
     Endpoint as CoreEndpoint, Engine, Error, LowLatencyCombineArgs, OpKind, PendingHandle,
-    QueuedChannelRoute, QueuedRoute, RecvMemory, Ticket, TopkArgs, Topology, recv_handoff,
+    QueuedChannelRoute, QueuedRoute, RankMask, RecvMemory, Ticket, TopkArgs, Topology,
+    recv_handoff,
 };
 use numpy::{PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -423,6 +424,8 @@ struct Finished {
     result: Result<Option<Vec<i64>>, Error>,
     started: f64,
     ended: f64,
+    /// Per rank, nanoseconds the job waited to receive from it.
+    waits: Vec<u64>,
 }
 
 /// An operation running on the progress engine.
@@ -447,6 +450,7 @@ impl Event {
                 result: Err(e),
                 started: 0.0,
                 ended: 0.0,
+                waits: Vec::new(),
             });
             *self.outcome.lock().unwrap() = Some(f);
         }
@@ -478,6 +482,14 @@ impl Event {
                 .is_none_or(Ticket::is_done)
     }
 
+    /// Per rank, the nanoseconds the operation waited for it to start (until its metadata
+    /// came); waits for the operation.
+    fn wait_ns(&self, py: Python<'_>) -> Vec<u64> {
+        self.settle(py);
+        let o = self.outcome.lock().unwrap();
+        o.as_ref().expect("settled").waits.clone()
+    }
+
     /// (start, end) of the operation on the engine, in seconds since the Unix epoch
     /// (comparable with `time.time()`); waits for it.
     fn timestamps(&self, py: Python<'_>) -> (f64, f64) {
@@ -507,6 +519,8 @@ struct Endpoint {
     address: Option<String>,
     timeout: Duration,
     destroyed: AtomicBool,
+    /// Shrink mode's flags, once `enable_shrink` has run (shared with every channel).
+    mask: OnceLock<Arc<RankMask>>,
     /// This rank's share of the receive pool's default bound.
     _pool_share: pool::RankShare,
 }
@@ -528,6 +542,7 @@ impl Endpoint {
             address: ep.address(),
             timeout: ep.config().timeout,
             destroyed: AtomicBool::new(false),
+            mask: OnceLock::new(),
             transport: ep.transport_handle(),
             engine: Engine::start(ch).map_err(to_py)?,
         })
@@ -538,6 +553,16 @@ impl Endpoint {
             return Err(to_py(Error::Destroyed));
         }
         Ok(())
+    }
+
+    fn shrink_mask(&self) -> PyResult<&Arc<RankMask>> {
+        self.mask.get().ok_or_else(|| {
+            to_py(Error::invalid(
+                "enable_shrink",
+                "True at construction to mask ranks",
+                false,
+            ))
+        })
     }
 
     /// The dtypes and hidden size of rows a combine sends back, checked against its handle.
@@ -1025,6 +1050,7 @@ impl Endpoint {
                     result,
                     started,
                     ended: now(),
+                    waits: ch.take_waits(),
                 }
             })
             .map_err(to_py)?;
@@ -1178,6 +1204,7 @@ impl Endpoint {
                     result: result.map(|()| None),
                     started,
                     ended: now(),
+                    waits: ch.take_waits(),
                 }
             })
             .map_err(to_py)?;
@@ -1266,6 +1293,7 @@ impl Endpoint {
                     result: result.map(|()| None),
                     started,
                     ended: now(),
+                    waits: ch.take_waits(),
                 }
             })
             .map_err(to_py)?;
@@ -1336,6 +1364,61 @@ impl Endpoint {
             let view = numpy::ndarray::ArrayView1::from_shape_ptr(len, ptr);
             Ok(PyArray1::borrow_from_array(&view, owner.into_any()))
         }
+    }
+
+    /// Turns on shrink mode (DeepEP's `enable_shrink`; see `dualcomm_core::mask`): a peer
+    /// that does not start an operation within the timeout, or leaves before it does, is
+    /// masked and the operation goes on without it. Only for one rank per node.
+    fn enable_shrink(&self, py: Python<'_>) -> PyResult<()> {
+        self.usable()?;
+        if self.mask.get().is_some() {
+            return Ok(());
+        }
+        let mask = Arc::new(RankMask::new(self.topo.world_size()));
+        let shared = Arc::clone(&mask);
+        py.detach(|| {
+            self.engine.call(move |ch: &mut Channels| {
+                ch.endpoints_mut()
+                    .iter_mut()
+                    .try_for_each(|ep| ep.enable_shrink(Arc::clone(&shared)))
+            })
+        })
+        .map_err(to_py)?
+        .map_err(to_py)?;
+        let _ = self.mask.set(mask);
+        Ok(())
+    }
+
+    /// Whether shrink mode is on.
+    #[getter]
+    fn shrink(&self) -> bool {
+        self.mask.get().is_some()
+    }
+
+    /// Masks (or unmasks) `rank` from the next operation on (shrink mode).
+    fn set_masked(&self, rank: i64, masked: bool) -> PyResult<()> {
+        let mask = self.shrink_mask()?;
+        let w = self.topo.world_size();
+        if rank < 0 || rank as usize >= w {
+            return Err(to_py(Error::invalid(
+                "rank_to_mask",
+                format!("a rank in [0, {w})"),
+                rank,
+            )));
+        }
+        mask.set(rank as usize, masked);
+        Ok(())
+    }
+
+    /// Per rank, whether it is masked (shrink mode).
+    fn masked_ranks(&self) -> PyResult<Vec<bool>> {
+        Ok(self.shrink_mask()?.snapshot())
+    }
+
+    /// Unmasks every rank (shrink mode).
+    fn clear_mask(&self) -> PyResult<()> {
+        self.shrink_mask()?.clear();
+        Ok(())
     }
 
     /// Leaves the world at once (operations in flight fail); later calls raise.

@@ -103,6 +103,9 @@ pub struct Session<'e> {
     pub num_rdma_bytes: usize,
     /// Shrink mode: the ranks masked so far (this operation may add to them).
     pub mask: Option<&'e RankMask>,
+    /// Per rank, nanoseconds spent waiting for it (see `Op::heard`), added to when an
+    /// operation ends.
+    pub waits: &'e mut Vec<u64>,
 }
 
 /// Why this operation is abandoned: the rank that rejected its arguments, what it was asked
@@ -154,12 +157,27 @@ pub struct Op<'e> {
     /// Shrink mode's shared flags, and the peers this operation runs without.
     mask: Option<&'e RankMask>,
     masked: Vec<bool>,
+    /// When the operation opened, and when each peer's metadata came: the time this rank
+    /// waited for the peer to start (DeepEP's `*_wait_recv_cost_stats`). Data moves only
+    /// once every rank's metadata is in, so after that a late rank holds up every link
+    /// alike: the metadata is what singles it out.
+    opened: Instant,
+    heard: Vec<Option<Instant>>,
+    waits: &'e mut Vec<u64>,
 }
 
 impl Drop for Op<'_> {
     fn drop(&mut self) {
         if let Some(k) = self.meta_key.take() {
             self.t.deregister(k);
+        }
+        if self.waits.len() < self.heard.len() {
+            self.waits.resize(self.heard.len(), 0);
+        }
+        for (w, heard) in self.waits.iter_mut().zip(&self.heard) {
+            if let Some(at) = heard {
+                *w += at.saturating_duration_since(self.opened).as_nanos() as u64;
+            }
         }
     }
 }
@@ -315,6 +333,9 @@ impl<'e> Op<'e> {
             meta_used: 0,
             mask: s.mask,
             masked,
+            opened: Instant::now(),
+            heard: vec![None; w],
+            waits: s.waits,
         };
         // SAFETY: the buffer lives in the operation, which deregisters it when it drops
         // (after flushing its writes); it only changes in slots not yet posted.
@@ -751,6 +772,9 @@ impl<'e> Op<'e> {
                 c.src,
                 "ring traffic in an operation that was aborted",
             ));
+        }
+        if kind == ImmKind::Meta {
+            self.heard[c.src] = Some(Instant::now());
         }
         match kind {
             ImmKind::Meta => {
