@@ -155,7 +155,12 @@ def test_events_follow_deep_ep():
     assert Buffer.is_sm90_compiled() is True
 
     def body(buf):
-        assert buf.get_comm_stream() is None
+        # One stream per buffer, of the kind callers wait on (CUDA's where it is present).
+        stream = buf.get_comm_stream()
+        assert stream is buf.get_comm_stream()
+        device = torch.cuda if torch.cuda.is_available() else torch.cpu
+        assert isinstance(stream, device.Stream)
+        stream.wait_stream(device.current_stream())
         x, args = _route(buf)
         recv, *_, handle, event = buf.dispatch(x, previous_event=buf.capture(), async_finish=True, **args)
         calls = []

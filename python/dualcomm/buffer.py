@@ -240,6 +240,7 @@ class Buffer:
         self.ranks_per_node: int = self._ep.ranks_per_node
         self.group_size: int = self.num_nodes * self.ranks_per_node
         self._ll: LowLatency | None = None
+        self._comm_stream: Any = None
         #: What the low-latency endpoint runs on (None without `low_latency_mode`).
         self.low_latency_transport: str | None = None
         if self.low_latency_mode:
@@ -345,10 +346,14 @@ class Buffer:
             raise _checks.fail("size", f"at most {t.numel()} elements of {dtype}", list(size))
         return t[:want].view(size)
 
-    def get_comm_stream(self) -> None:
-        """DeepEP's communication stream. CPU tensors have none: operations run on the
-        buffer's progress thread, in the order they were issued."""
-        return None
+    def get_comm_stream(self) -> Any:
+        """DeepEP's communication stream, one per buffer: a `torch.cuda.Stream` where CUDA is
+        present (as DeepEP's callers expect: `wait_stream`, `with torch.cuda.stream(...)`),
+        else a `torch.cpu.Stream`, whose methods do nothing. CPU operations run on the
+        buffer's progress thread in the order they were issued, whatever stream is current."""
+        if self._comm_stream is None:
+            self._comm_stream = torch.cuda.Stream() if torch.cuda.is_available() else torch.cpu.Stream()
+        return self._comm_stream
 
     # ---- layout -----------------------------------------------------------------------------
 
