@@ -241,3 +241,14 @@ def test_deep_ep_alias_is_importable_and_typed():
     assert EH is EventHandle
     assert isinstance(dualcomm.deep_ep.install(), bool)
     assert threading.current_thread() is threading.main_thread()
+
+
+def test_the_use_fabric_keyword_of_earlier_deep_ep_releases_is_accepted():
+    # DeepEP took `use_fabric` between allow_mnnvl and explicitly_destroy until its v2.
+    def body(buf):
+        x, args = _route(buf)
+        recv, *_, handle, _ = buf.dispatch(x, **args)
+        combined, *_ = buf.combine(recv, handle)
+        return combined.shape == x.shape
+
+    assert all(run_loopback(1, 2, body, use_fabric=True, explicitly_destroy=True))

@@ -107,6 +107,8 @@ class Buffer:
             to it (DeepEP's callers size for GPU chunking; the CPU rings gain nothing past it).
         low_latency_mode, num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl:
             DeepEP's; the last three are accepted and ignored (no queue pairs or NVLink here).
+        use_fabric: the keyword DeepEP took from late 2025 to its v2 (fabric memory for
+            multi-node NVLink), accepted and ignored.
         explicitly_destroy: as in DeepEP, `destroy()` may be called only with it; without it
             the buffer leaves its world when it is garbage-collected.
         enable_shrink: DeepEP's shrink mode, for `low_latency_mode`: a rank that does not
@@ -147,6 +149,7 @@ class Buffer:
         enable_shrink: bool = False,
         comm: Any = None,
         *,
+        use_fabric: bool = False,
         ranks_per_node: int | None = None,
         timeout: float = 300.0,
         transport: str = "auto",
