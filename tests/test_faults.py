@@ -413,3 +413,60 @@ def test_shm_ranks_in_different_pid_namespaces(tmp_path):
     assert second["type"] == PeerLostError.__name__, f"rank 0 got {second} {after:.1f} s after the kill:\n{summary}"
     assert "rank 1" in second["message"], summary
     assert after < 15.0, f"rank 0 saw the loss {after:.1f} s after the kill (limit 15 s)"
+
+
+_INTERRUPTED_SCRIPT = """
+import sys, threading, time, torch
+from dualcomm.buffer import Buffer, LoopbackGroup
+from dualcomm._native import LoopbackWorld
+
+WAIT_IN = sys.argv[1]  # "dispatch": rank 1 never dispatches; "combine": it never combines
+world = LoopbackWorld(2)
+x = torch.ones(4, 8)
+idx = torch.zeros(4, 1, dtype=torch.int64)
+
+def dispatch(buf):
+    layout = buf.get_dispatch_layout(idx, 2)
+    return buf.dispatch(x, num_tokens_per_rank=layout[0], is_token_in_rank=layout[3], num_tokens_per_expert=layout[2])
+
+def peer():
+    buf = Buffer(LoopbackGroup(world, 1, 1, 2, None, ()), 1 << 20, 0, timeout=120)
+    if WAIT_IN == "combine":
+        dispatch(buf)
+    time.sleep(600)  # silent from then on
+
+threading.Thread(target=peer, daemon=True).start()
+buf = Buffer(LoopbackGroup(world, 0, 1, 2, None, ()), 1 << 20, 0, timeout=120)
+try:
+    if WAIT_IN == "dispatch":
+        print("waiting", flush=True)
+        dispatch(buf)  # blocks for the receive counts
+    else:
+        recv, _, _, _, handle, _ = dispatch(buf)
+        _, _, event = buf.combine(recv, handle, async_finish=True)
+        print("waiting", flush=True)
+        event.current_stream_wait()  # blocks on the event
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("wait_in", ["dispatch", "combine"], ids=["receive-counts", "event"])
+def test_ctrl_c_interrupts_a_call_waiting_on_a_silent_peer(wait_in):
+    """A collective blocked on a peer that never comes must not keep Ctrl-C from the user
+    until its 120 s deadline: the waits look for signals while the GIL is released."""
+    cmd = [sys.executable, "-c", _INTERRUPTED_SCRIPT, wait_in]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "waiting", proc.stderr.read() if proc.stderr else ""
+        time.sleep(1.0)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 3, (out, err)
+    assert "interrupted" in out
+    assert time.monotonic() - start < 30

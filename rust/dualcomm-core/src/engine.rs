@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 use crate::channels::Channels;
 use crate::endpoint::Endpoint;
@@ -95,6 +96,22 @@ pub struct Ticket<T> {
 impl<T> Ticket<T> {
     pub fn is_done(&self) -> bool {
         !matches!(*self.slot.state.lock().unwrap(), State::Pending)
+    }
+
+    /// As `wait`, for at most `limit`: None if the job is still running then (so that a
+    /// caller can look at other things, such as a user's interrupt, and wait again).
+    pub fn wait_for(&self, limit: Duration) -> Option<Result<T>> {
+        let s = self.slot.state.lock().unwrap();
+        let (s, _) = self
+            .slot
+            .changed
+            .wait_timeout_while(s, limit, |s| matches!(s, State::Pending))
+            .unwrap();
+        if matches!(*s, State::Pending) {
+            return None;
+        }
+        drop(s);
+        Some(self.wait())
     }
 
     /// Blocks until the job has run, then hands over its result (once).

@@ -125,11 +125,31 @@ pub struct RecvRequest<K> {
     replies: Sender<std::result::Result<RecvMemory<K>, String>>,
 }
 
+/// What `RecvRequest::shape_for` found.
+#[derive(Debug)]
+pub enum ShapeWait {
+    Known(RecvShape),
+    /// The job ended without it (it failed: its error is the job's result).
+    Failed,
+    /// Not yet.
+    Pending,
+}
+
 impl<K> RecvRequest<K> {
     /// Blocks until the engine knows the shape, or `None` if the job ended without it (it
     /// failed: its error is the job's result).
     pub fn shape(&self) -> Option<RecvShape> {
         self.shapes.recv().ok()
+    }
+
+    /// As `shape`, for at most `limit` (so that a caller can look at other things, such as
+    /// a user's interrupt, and wait again).
+    pub fn shape_for(&self, limit: Duration) -> ShapeWait {
+        match self.shapes.recv_timeout(limit) {
+            Ok(s) => ShapeWait::Known(s),
+            Err(mpsc::RecvTimeoutError::Disconnected) => ShapeWait::Failed,
+            Err(mpsc::RecvTimeoutError::Timeout) => ShapeWait::Pending,
+        }
     }
 
     /// Hands the memory over (a job that gave up waiting reports its own error).

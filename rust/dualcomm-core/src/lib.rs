@@ -21,7 +21,9 @@ pub use channels::{
 pub use endpoint::{Config, Endpoint, QueuedRoute, Stats};
 pub use engine::{Driven, Engine, Ticket};
 pub use error::{Error, Result};
-pub use handoff::{PendingHandle, RawBuffer, RecvHandoff, RecvMemory, RecvRequest, recv_handoff};
+pub use handoff::{
+    PendingHandle, RawBuffer, RecvHandoff, RecvMemory, RecvRequest, ShapeWait, recv_handoff,
+};
 pub use low_latency::LowLatencyCombineArgs;
 pub use mask::RankMask;
 pub use protocol::combine::{CombineArgs, CombineOut};

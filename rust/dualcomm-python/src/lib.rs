@@ -18,7 +18,7 @@ use dualcomm_core::transport::{RegionId, Tier, Transport};
 use dualcomm_core::{
     ChannelHandle, Channels, CombineArgs, CombineOut, Config, DispatchArgs, Dtype, ElemType,
     Endpoint as CoreEndpoint, Engine, Error, LowLatencyCombineArgs, OpKind, PendingHandle,
-    QueuedChannelRoute, QueuedRoute, RankMask, RecvMemory, Ticket, TopkArgs, Topology,
+    QueuedChannelRoute, QueuedRoute, RankMask, RecvMemory, ShapeWait, Ticket, TopkArgs, Topology,
     recv_handoff,
 };
 use numpy::{PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
@@ -419,6 +419,22 @@ impl Handle {
     }
 }
 
+/// Waits for `step` (each call waits at most the slice it is given, GIL released) to give
+/// a value, looking for signals in between: a blocked collective must not keep Ctrl-C from
+/// a user until its deadline.
+fn interruptibly<T: Send>(
+    py: Python<'_>,
+    mut step: impl FnMut(Duration) -> Option<T> + Send,
+) -> PyResult<T> {
+    const SLICE: Duration = Duration::from_millis(100);
+    loop {
+        if let Some(v) = py.detach(|| step(SLICE)) {
+            return Ok(v);
+        }
+        py.check_signals()?;
+    }
+}
+
 /// What a finished job reports: per-expert counts (dispatch with top-k), and when it ran.
 struct Finished {
     result: Result<Option<Vec<i64>>, Error>,
@@ -443,10 +459,20 @@ impl Event {
         }
     }
 
-    fn settle(&self, py: Python<'_>) {
+    /// Waits for the operation (GIL released); a signal meanwhile (Ctrl-C) raises its
+    /// exception here, and the event can be waited on again.
+    fn settle(&self, py: Python<'_>) -> PyResult<()> {
         let ticket = self.ticket.lock().unwrap().take();
         if let Some(t) = ticket {
-            let f = py.detach(|| t.wait()).unwrap_or_else(|e| Finished {
+            let got = interruptibly(py, |slice| t.wait_for(slice));
+            let got = match got {
+                Ok(got) => got,
+                Err(e) => {
+                    *self.ticket.lock().unwrap() = Some(t);
+                    return Err(e);
+                }
+            };
+            let f = got.unwrap_or_else(|e| Finished {
                 result: Err(e),
                 started: 0.0,
                 ended: 0.0,
@@ -454,6 +480,7 @@ impl Event {
             });
             *self.outcome.lock().unwrap() = Some(f);
         }
+        Ok(())
     }
 }
 
@@ -462,7 +489,7 @@ impl Event {
     /// Blocks (GIL released) until the operation is done; raises its error if it failed.
     /// Returns the per-expert receive counts of a dispatch with top-k, else None.
     fn wait(&self, py: Python<'_>) -> PyResult<Option<Vec<i64>>> {
-        self.settle(py);
+        self.settle(py)?;
         let o = self.outcome.lock().unwrap();
         match &o.as_ref().expect("settled").result {
             Ok(v) => Ok(v.clone()),
@@ -484,19 +511,19 @@ impl Event {
 
     /// Per rank, the nanoseconds the operation waited for it to start (until its metadata
     /// came); waits for the operation.
-    fn wait_ns(&self, py: Python<'_>) -> Vec<u64> {
-        self.settle(py);
+    fn wait_ns(&self, py: Python<'_>) -> PyResult<Vec<u64>> {
+        self.settle(py)?;
         let o = self.outcome.lock().unwrap();
-        o.as_ref().expect("settled").waits.clone()
+        Ok(o.as_ref().expect("settled").waits.clone())
     }
 
     /// (start, end) of the operation on the engine, in seconds since the Unix epoch
     /// (comparable with `time.time()`); waits for it.
-    fn timestamps(&self, py: Python<'_>) -> (f64, f64) {
-        self.settle(py);
+    fn timestamps(&self, py: Python<'_>) -> PyResult<(f64, f64)> {
+        self.settle(py)?;
         let o = self.outcome.lock().unwrap();
         let f = o.as_ref().expect("settled");
-        (f.started, f.ended)
+        Ok((f.started, f.ended))
     }
 }
 
@@ -1055,7 +1082,18 @@ impl Endpoint {
             })
             .map_err(to_py)?;
         // Wait (GIL released) for the receive counts, or for the job to end without them.
-        let (shape, request) = py.detach(move || (request.shape(), request));
+        // A signal meanwhile (Ctrl-C) raises here; the request goes, and the job with it.
+        let mut waiting = Some(request);
+        let shape = interruptibly(py, |slice| {
+            // Borrowed mutably: the request may cross to the waiting thread, not be shared.
+            let request = waiting.as_mut().expect("still waiting");
+            match request.shape_for(slice) {
+                ShapeWait::Known(s) => Some(Some(s)),
+                ShapeWait::Failed => Some(None),
+                ShapeWait::Pending => None,
+            }
+        })?;
+        let request = waiting.expect("still waiting");
         let Some(shape) = shape else {
             let err = match py.detach(|| ticket.wait()) {
                 Ok(Finished { result: Err(e), .. }) | Err(e) => e,
