@@ -760,7 +760,10 @@ class Buffer:
 
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
         """Masks (`mask=True`) or unmasks `rank_to_mask` from the next low-latency operation
-        on: this rank neither sends to it nor waits for it (`enable_shrink` buffers)."""
+        on: this rank neither sends to it nor waits for it (`enable_shrink` buffers). Ranks
+        count their operations, and a masked rank misses the ones run without it: unmask
+        only a rank that has run as many as the others (one masked with no operation run
+        since), or the next operation fails with a `ProtocolError` naming it out of step."""
         self._low_latency("low_latency_update_mask_buffer").update_mask(rank_to_mask, mask)
 
     def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:

@@ -64,6 +64,15 @@ pub struct Source {
 }
 
 impl Source {
+    /// `len` bytes at byte `offset`.
+    pub fn at(self, offset: usize, len: usize) -> Sge {
+        Sge {
+            key: self.key,
+            offset,
+            len,
+        }
+    }
+
     /// The `i`-th `len`-byte piece.
     pub fn piece(self, i: usize, len: usize) -> Sge {
         Sge {

@@ -8,7 +8,7 @@ use super::reducer::LocalRows;
 use crate::error::{Error, Result};
 use crate::protocol::op::Op;
 use crate::protocol::record::{HEADER_BYTES, Header};
-use crate::protocol::reduce::{Dtype, Term, read_f32s, sum_terms};
+use crate::protocol::reduce::{Dtype, Term, sum_terms};
 use crate::routing::SendPlan;
 use crate::topology::Topology;
 
@@ -120,16 +120,8 @@ impl<'o> Finisher<'o> {
             rows.push(Term::Row(&body[..rb]));
             weights.push(Term::Row(&body[rb..rb + k * 4]));
         }
-        if let [Term::Row(partial)] = rows[..]
-            && dtype == self.out_dtype
-        {
-            // One partial from another node: it is the sum (its reducer started from zero).
-            out.copy_from_slice(partial);
-            if let [Term::Row(w)] = weights[..] {
-                read_f32s(out_w, w);
-            }
-            return Ok(());
-        }
+        // Even one partial alone is added to zero: a reducer sends a partial that is one
+        // row as the row (see `reducer`), and zero plus it has the bits the sum would.
         sum_terms(out, self.out_dtype, &rows, dtype);
         sum_terms(
             bytemuck::cast_slice_mut(out_w),

@@ -180,7 +180,7 @@ pub(crate) fn run(
         if started {
             progress |= dest.post(&mut op, &rows, &row_sources, payload)?;
             progress |= red.advance(&mut op, &rows, &mut fin, plan)?;
-            progress |= red.post_partials(&mut op, partials, payload)?;
+            progress |= red.post_partials(&mut op, partials, &rows, &row_sources, payload)?;
             op.return_credits()?;
             if red.finished() && op.rings_finished() {
                 break;

@@ -3,10 +3,17 @@
 //! are summed in ascending local-rank order straight from the receive rings (this rank's
 //! own row from its rows). The sum goes to this rank's finisher (its own tokens) or, as
 //! one partial per token, back over rdma to the token's source on another node.
+//!
+//! A partial that is this rank's own row alone is not summed: the row goes out as it is,
+//! from the caller's memory, one pass over its bytes fewer. The source adds every partial
+//! to zero (see `finisher`), so the bits are those of the row summed here. Such partials
+//! need nothing from any ring, so they are ready from the start: they leave as credits
+//! allow while this rank finishes its own tokens, instead of waiting behind them (each
+//! source's partials still leave in its token order, the order it finishes them in).
+//! Sending something earlier never holds anything up, so the order argument of `combine`
+//! stands.
 
-use std::collections::VecDeque;
-
-use super::destination::Rows;
+use super::destination::{RowSources, Rows};
 use super::finisher::Finisher;
 use super::{Entry, Shape, at_least};
 use crate::error::{Error, Result};
@@ -45,13 +52,18 @@ pub(super) struct Reducer {
     topo: Topology,
     me: usize,
     shape: Shape,
-    /// Partials for sources on other nodes, waiting for ring credit: per source rank a queue
-    /// of entries; the partial itself sits in `bodies` at its entry's slot.
-    queues: Vec<VecDeque<usize>>,
+    /// Per entry, whether its partial (for a source on another node) is ready to leave; the
+    /// partial itself sits in `bodies` at its entry's slot, or is the row `as_row` names.
+    ready: Vec<bool>,
+    /// Per entry, the row (of this rank's rows) its partial is, when that row is the only
+    /// one of the node; else `usize::MAX` (the partial is summed in `bodies`).
+    as_row: Vec<usize>,
+    /// Per source rank, its entries (`[lo, hi)`: they are sorted by source) and the first
+    /// whose partial has not left yet.
+    span: Vec<(usize, usize)>,
+    posted: Vec<usize>,
     pub bodies: Vec<u8>,
     body_bytes: usize,
-    /// Partials each source on another node is still owed.
-    pending: Vec<usize>,
 }
 
 impl Reducer {
@@ -93,21 +105,33 @@ impl Reducer {
         Self::place_own_rows(&mut entries, handle, topo, me, &own_rows)?;
         // A partial travels as one record: header, row, weights, laid out where it is summed.
         let body_bytes = HEADER_BYTES + shape.row_bytes() + shape.k * 4;
-        let mut pending = vec![0usize; topo.world_size()];
-        for e in entries.iter().filter(|e| e.src as usize != me) {
-            pending[e.src as usize] += 1;
-        }
-        Ok(Self {
+        let span: Vec<(usize, usize)> = (0..topo.world_size() as u32)
+            .map(|s| {
+                let lo = entries.partition_point(|e| e.src < s);
+                (lo, entries.partition_point(|e| e.src <= s))
+            })
+            .collect();
+        let mut red = Self {
             bodies: at_least(bodies, entries.len() * body_bytes),
             next: 0,
             topo: *topo,
             me,
             shape,
-            queues: vec![VecDeque::new(); topo.world_size()],
+            ready: vec![false; entries.len()],
+            as_row: vec![usize::MAX; entries.len()],
+            posted: span.iter().map(|&(lo, _)| lo).collect(),
+            span,
             body_bytes,
-            pending,
             entries,
-        })
+        };
+        let own_bit: LocalMask = 1 << topo.local_of(me);
+        for slot in 0..red.entries.len() {
+            let e = red.entries[slot];
+            if e.src as usize != me && e.mask == own_bit {
+                red.take_own_row(&e, slot);
+            }
+        }
+        Ok(red)
     }
 
     /// Points each entry with this rank's bit at the row this rank received for it: the two
@@ -187,6 +211,10 @@ impl Reducer {
     ) -> Result<bool> {
         let start = self.next;
         while let Some(&e) = self.entries.get(self.next) {
+            if self.ready[self.next] {
+                self.next += 1; // a partial that is a row, ready since the start
+                continue;
+            }
             let own = e.src as usize == self.me;
             if self.next - start == BATCH
                 || !self.rows_ready(op, &e)
@@ -270,7 +298,7 @@ impl Reducer {
         Error::protocol(via, format!("{what}, {why}"))
     }
 
-    /// Sums `local` as the partial of entry `slot`, where it is sent from, and queues it.
+    /// Sums `local` as the partial of entry `slot`, where it is sent from; it is then ready.
     fn write_partial(&mut self, e: &Entry, slot: usize, local: &LocalRows<'_>) {
         let shape = self.shape;
         let rb = shape.row_bytes();
@@ -285,7 +313,22 @@ impl Reducer {
         let (row, weights) = record[HEADER_BYTES..].split_at_mut(rb);
         sum_terms(row, shape.dtype, &local.x, shape.dtype);
         sum_terms(weights, Dtype::F32, &local.weights, Dtype::F32);
-        self.queues[e.src as usize].push_back(slot);
+        self.ready[slot] = true;
+    }
+
+    /// Readies the partial of entry `slot`, which is this rank's own row alone: its header
+    /// is written where the partial would be summed, the row and weights go from the
+    /// caller's.
+    fn take_own_row(&mut self, e: &Entry, slot: usize) {
+        let bb = self.body_bytes;
+        let header = Header {
+            src_rank: e.src,
+            src_idx: e.idx,
+            mask: 0,
+        };
+        self.bodies[slot * bb..slot * bb + HEADER_BYTES].copy_from_slice(&header.encode());
+        self.as_row[slot] = e.own_row;
+        self.ready[slot] = true;
     }
 
     /// The partials' memory, to be registered (it is not resized while the operation runs).
@@ -294,11 +337,14 @@ impl Reducer {
     }
 
     /// Sends finished partials to their sources on other nodes, as credits allow; each goes
-    /// from where it was summed (`partials`: the registered `partials_memory`).
+    /// from where it was summed (`partials`: the registered `partials_memory`), or from the
+    /// caller's rows (`own`) where it is one of them.
     pub fn post_partials(
         &mut self,
         op: &mut Op<'_>,
         partials: Source,
+        rows: &Rows<'_>,
+        own: &RowSources,
         payload: &TierCounters,
     ) -> Result<bool> {
         let (t, epoch, topo, me) = (op.t, op.epoch, self.topo, self.me);
@@ -307,17 +353,42 @@ impl Reducer {
         for n in (0..topo.num_nodes()).filter(|&n| n != topo.node_of(me)) {
             let s = topo.forwarder(me, n);
             let ring = op.send_ring(s);
-            let queue = &mut self.queues[s];
-            let m = (ring.free() as usize).min(queue.len());
-            if m > 0 {
-                let bb = self.body_bytes;
-                let sges: Vec<Sge> = queue.drain(..m).map(|e| partials.piece(e, bb)).collect();
-                ring.post(t, epoch, &sges, 1)?;
-                payload.add(Tier::Rdma, m * rb);
-                self.pending[s] -= m;
+            let (from, hi) = (self.posted[s], self.span[s].1);
+            // The ready partials at the front of this source's, in its token order.
+            let room = ring.free() as usize;
+            let to = from
+                + self.ready[from..hi]
+                    .iter()
+                    .take(room)
+                    .take_while(|&&r| r)
+                    .count();
+            if to > from {
+                let (bb, wb) = (self.body_bytes, self.shape.k * 4);
+                let as_row = &self.as_row;
+                let sges: Vec<Sge> = (from..to)
+                    .flat_map(|e| {
+                        let at = e * bb;
+                        let header = partials.at(at, HEADER_BYTES);
+                        match as_row[e] {
+                            usize::MAX => [
+                                header,
+                                partials.at(at + HEADER_BYTES, rb),
+                                partials.at(at + HEADER_BYTES + rb, wb),
+                            ],
+                            j => [
+                                header,
+                                own.x.piece(rows.index(j), rb),
+                                own.weights.piece(rows.index(j), wb),
+                            ],
+                        }
+                    })
+                    .collect();
+                ring.post(t, epoch, &sges, 3)?;
+                payload.add(Tier::Rdma, (to - from) * rb);
+                self.posted[s] = to;
                 progress = true;
             }
-            if self.pending[s] == 0 {
+            if self.posted[s] == hi {
                 ring.closed = true;
             }
         }
