@@ -77,6 +77,10 @@ def chain_rank(rank: int, world: int, p: dict[str, Any]) -> dict[str, Any]:
         held = [rank]
         pipe = OneFOneB(full[rank])
         inp, lab = (x if first else None), (target if last else None)
+    if p.get("staged"):
+        # Messages through host copies, as for device tensors over gloo (on CPU tensors here:
+        # the bookkeeping of the copies is what runs).
+        pipe.comm.staged = True
     loss, outputs = pipe.step(inp, num_chunks=n, criterion=chain_criterion, labels=(lab,))
     grads = {f"{i}.{name}": prm.grad.clone() for i in held for name, prm in full[i].named_parameters()}
     full.zero_grad(set_to_none=True)

@@ -54,6 +54,17 @@ def run_chain(schedule: str, world: int, **kw: Any) -> tuple[list[dict[str, Any]
 @pytest.mark.parametrize("deferred", [True, False], ids=["zero-bubble-linear", "nn.Linear"])
 def test_chain_matches_single_process(schedule: str, world: int, deferred: bool) -> None:
     results, p = run_chain(schedule, world, deferred=deferred)
+    _check_chain(results, p, schedule, world)
+
+
+@pytest.mark.parametrize("schedule,world", [("dualpipe", 2), ("dualpipev", 2)])
+def test_chain_through_host_copies_matches_single_process(schedule: str, world: int) -> None:
+    """Messages staged through host copies (how device tensors cross gloo) change nothing."""
+    results, p = run_chain(schedule, world, deferred=True, staged=True)
+    _check_chain(results, p, schedule, world)
+
+
+def _check_chain(results: list[dict[str, Any]], p: dict[str, Any], schedule: str, world: int) -> None:
     stages = {"dualpipe": world, "dualpipev": 2 * world, "1f1b": world}[schedule]
     n = p["num_chunks"]
     ref_loss, ref_out, ref_grads = reference_step(stages, p["hidden"], p["seed"], p["x"], p["target"], n)

@@ -57,3 +57,26 @@ def test_cli_writes_metrics_and_pictures(tmp_path: Path) -> None:
     assert m["bytes"]["rdma_payload_bytes"] > 0 and m["bytes"]["nvl_payload_bytes"] > 0
     for picture in ("timeline.png", "loss.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cuda_device_is_refused_clearly_without_a_gpu() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU (test_training_on_cuda runs instead)")
+    with pytest.raises(ValueError, match="^--device: expected cpu on this machine"):
+        make_args(parser().parse_args(["--device", "cuda"]))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_training_on_cuda_learns_and_matches_the_cpu_run() -> None:
+    """`--device cuda`: stages, activations and all-to-all tensors on the GPU (ranks sharing
+    it), pipeline messages through host memory over gloo. The loss goes down, and the first
+    steps' losses match the same job on CPU closely (the arithmetic differs, not the data)."""
+    argv = ["--schedule", "dualpipev", "--pp", "2", "--ep", "2", "--ranks-per-node", "1", "--steps", "6"]
+    argv += ["--hidden", "32", "--layers", "4", "--quiet"]
+    _, on_gpu = run(make_args(parser().parse_args([*argv, "--device", "cuda"])), timeout=300)
+    _, on_cpu = run(make_args(parser().parse_args(argv)), timeout=300)
+    assert on_gpu["loss_last"] < on_gpu["loss_first"] - 0.05, on_gpu["losses"]
+    torch.testing.assert_close(
+        torch.tensor(on_gpu["losses"][:2]), torch.tensor(on_cpu["losses"][:2]), rtol=1e-3, atol=1e-3
+    )

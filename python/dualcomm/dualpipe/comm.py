@@ -14,6 +14,7 @@ complete in the background while the stage computes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -58,25 +59,33 @@ class PeerToPeer:
         self.group = group
         self.device = device
         self.grouped = dist.get_backend(group) == "nccl"
+        # Gloo moves host memory only: messages of device tensors go through host copies.
+        self.staged = not self.grouped and device.type != "cpu"
         self._ops: list[dist.P2POp] = []
         self._recvs: list[dist.Work] = []
-        self._sends: list[tuple[dist.Work, list[torch.Tensor], bool]] = []
+        # (work, tensors to free once sent, whether to, the host copy being sent)
+        self._sends: list[tuple[dist.Work, list[torch.Tensor], bool, torch.Tensor]] = []
+        # Staged: the host copies the receives waited on land in, and their device tensors.
+        self._due: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._to_free: list[torch.Tensor] = []
-        self._posted: dict[tuple[int, int, int], tuple[list[torch.Tensor], list[dist.Work]]] = {}
+        self._posted: dict[tuple[int, int, int], _Posted] = {}
 
     def _tag(self, kind: int, phase: int, chunk_id: int) -> int:
         return (kind * 2 + phase) * _TAG_STRIDE + chunk_id
 
-    def _post_recv(self, src: int, kind: int, phase: int, chunk_id: int) -> tuple[list[torch.Tensor], list[dist.Work]]:
+    def _post_recv(self, src: int, kind: int, phase: int, chunk_id: int) -> _Posted:
         assert TENSOR_SHAPES is not None and TENSOR_DTYPE is not None
         tensors = [torch.empty(s, dtype=TENSOR_DTYPE, device=self.device) for s in TENSOR_SHAPES]
         peer = dist.get_global_rank(self.group, src)
-        works = []
+        works, copies = [], []
         for t in tensors:
-            work = dist.irecv(t, peer, group=self.group, tag=self._tag(kind, phase, chunk_id))
+            into = torch.empty(t.shape, dtype=t.dtype) if self.staged else t
+            work = dist.irecv(into, peer, group=self.group, tag=self._tag(kind, phase, chunk_id))
             assert work is not None
             works.append(work)
-        return tensors, works
+            if self.staged:
+                copies.append((into, t))
+        return _Posted(tensors, works, copies)
 
     def prepost(self, src: int, kind: int, phase: int, count: int) -> None:
         """Posts the receives of a whole step up front (gloo), so each message lands as soon
@@ -95,9 +104,11 @@ class PeerToPeer:
             self._ops.extend(dist.P2POp(dist.irecv, t, peer, self.group) for t in tensors)
             return tensors
         posted = self._posted.pop((kind, phase, chunk_id), None)
-        tensors, works = posted if posted is not None else self._post_recv(src, kind, phase, chunk_id)
-        self._recvs.extend(works)
-        return tensors
+        if posted is None:
+            posted = self._post_recv(src, kind, phase, chunk_id)
+        self._recvs.extend(posted.works)
+        self._due.extend(posted.copies)
+        return posted.tensors
 
     def send(self, tensors: Sequence[torch.Tensor], dst: int, kind: int, phase: int, chunk_id: int, free: bool) -> None:
         """Posts the sends; with `free` the tensors' storage is released once they are sent."""
@@ -114,9 +125,11 @@ class PeerToPeer:
             if self.grouped:
                 self._ops.append(dist.P2POp(dist.isend, payload, peer, self.group))
             else:
+                if self.staged:
+                    payload = payload.cpu()
                 work = dist.isend(payload, peer, group=self.group, tag=tag)
                 assert work is not None
-                self._sends.append((work, [t], free))
+                self._sends.append((work, [t], free, payload))
         if self.grouped and free:
             self._to_free.extend(items)
 
@@ -134,15 +147,18 @@ class PeerToPeer:
         for work in self._recvs:
             work.wait()
         self._recvs = []
+        for host, dev in self._due:
+            dev.copy_(host)
+        self._due = []
         self._reap_sends(block=False)
 
     def _reap_sends(self, block: bool) -> None:
         pending = []
-        for work, tensors, free in self._sends:
+        for work, tensors, free, payload in self._sends:
             if block:
                 work.wait()
             elif not work.is_completed():
-                pending.append((work, tensors, free))
+                pending.append((work, tensors, free, payload))
                 continue
             if free:
                 for t in tensors:
@@ -155,6 +171,16 @@ class PeerToPeer:
             raise RuntimeError(f"internal: receives {sorted(self._posted)} were posted but never used")
         self.wait_recvs()
         self._reap_sends(block=True)
+
+
+@dataclass
+class _Posted:
+    """A message's receives: the tensors handed out, their works, and (staged) the host
+    copies they land in first."""
+
+    tensors: list[torch.Tensor]
+    works: list[dist.Work]
+    copies: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def _release(t: torch.Tensor) -> None:

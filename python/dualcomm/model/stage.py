@@ -164,8 +164,15 @@ class MoEStage(nn.Module):
                 self.embed.weight.copy_(seeded_normal(tuple(self.embed.weight.shape), cfg.seed, "embed", std=1.0))
             if self.head is not None:
                 self.head.weight.copy_(seeded_normal(tuple(self.head.weight.shape), cfg.seed, "head"))
-        self._anchor = torch.empty(0, requires_grad=True)
+        self._anchors: dict[torch.device, torch.Tensor] = {}
         self._runs: deque[weakref.ref[StageRun]] = deque()
+
+    def _anchor(self, device: torch.device) -> torch.Tensor:
+        """A leaf that requires grad, on the output's device, so that autograd links every
+        stage output (even one whose input needs no grad) to its backward."""
+        if device not in self._anchors:
+            self._anchors[device] = torch.empty(0, device=device, requires_grad=True)
+        return self._anchors[device]
 
     def _blocks(self) -> list[Block]:
         return [cast(Block, b) for b in self.blocks]
@@ -234,7 +241,8 @@ class MoEStage(nn.Module):
     # ---- runs -------------------------------------------------------------------------------
 
     def _connect(self, run: StageRun) -> torch.Tensor:
-        out: torch.Tensor = _Connect.apply(self._anchor, run.source, self, run)
+        assert run.output is not None
+        out: torch.Tensor = _Connect.apply(self._anchor(run.output.device), run.source, self, run)
         run.connected = out
         self._runs.append(weakref.ref(run))
         return out

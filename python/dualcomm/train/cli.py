@@ -4,6 +4,7 @@ all-to-alls did.
 
     dualcomm-train                      # DualPipeV, 2 pipeline x 4 expert-parallel ranks, 2 emulated nodes
     dualcomm-train --schedule 1f1b      # the same model and ranks under plain 1F1B
+    dualcomm-train --device cuda        # the stages on this machine's GPUs (ranks share them)
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-overlap", action="store_true", help="run the forward-backward pairs one after the other")
     p.add_argument("--transport", choices=("auto", "shm+tcp", "tcp", "shm"), default="auto")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the stages run (cuda: every rank on this machine's GPUs, shared round-robin)",
+    )
     p.add_argument("--out", type=Path, default=Path("dualcomm-train-output"), help="output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -79,6 +86,11 @@ def make_args(ns: argparse.Namespace) -> TrainArgs:
         raise ValueError(f"--num-chunks: DualPipeV needs at least 2 x pp ({2 * ns.pp}), got {chunks}")
     if not ns.lr > 0:
         raise ValueError(f"--lr: expected a positive learning rate, got {ns.lr}")
+    if ns.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device: expected cpu on this machine (torch sees no CUDA GPU), got cuda")
     groups = nodes if ns.experts % nodes == 0 else 1
     model = MoEConfig(
         vocab_size=ns.vocab,
@@ -108,6 +120,7 @@ def make_args(ns: argparse.Namespace) -> TrainArgs:
         timeline_steps=min(3, ns.steps),
         progress=not ns.quiet,
         transport=ns.transport,
+        device=ns.device,
     )
 
 
@@ -126,6 +139,7 @@ def run(a: TrainArgs, timeout: float = 1800.0) -> tuple[list[dict[str, Any]], di
             totals[k] = totals.get(k, 0) + int(v)
     metrics = {
         "schedule": a.schedule,
+        "device": a.device,
         "overlap": a.overlap,
         "pp": a.pp,
         "ep": a.ep,

@@ -47,6 +47,10 @@ class TrainArgs:
     timeline_steps: int = 3
     progress: bool = True
     transport: str = "auto"
+    #: "cpu", or "cuda": the stages, their activations and the all-to-alls' tensors on a
+    #: GPU (ranks share the machine's GPUs round-robin); messages cross gloo through host
+    #: memory.
+    device: str = "cpu"
 
 
 def _new_group(ranks: list[int]) -> dist.ProcessGroup:
@@ -73,10 +77,11 @@ class _Groups:
 
 
 def _flat_grads(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The gradients of `params` as one host tensor (gloo reduces host memory)."""
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    return torch.cat([p.grad.reshape(-1) for p in params]) if params else torch.zeros(0)  # type: ignore[union-attr]
+    return torch.cat([p.grad.reshape(-1).cpu() for p in params]) if params else torch.zeros(0)  # type: ignore[union-attr]
 
 
 def _unflatten(params: list[torch.nn.Parameter], flat: torch.Tensor) -> None:
@@ -148,7 +153,18 @@ def _progress(step: int, steps: int, loss: float, tok_s: float, start_loss: floa
     sys.stderr.flush()
 
 
+def _device(a: TrainArgs, rank: int) -> torch.device:
+    if a.device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"device: expected cpu on this machine (torch sees no CUDA GPU), got {a.device}")
+    device = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
+
+
 def train_rank(rank: int, world: int, a: TrainArgs) -> dict[str, Any]:
+    device = _device(a, rank)
     groups = _Groups(a, rank)
     cfg = a.model
     buffer = (
@@ -163,7 +179,8 @@ def train_rank(rank: int, world: int, a: TrainArgs) -> dict[str, Any]:
         if a.ep > 1
         else None
     )
-    stages = rank_stages(cfg, a.schedule, a.pp, groups.pp_rank, ExpertParallel(buffer, cfg.num_experts))
+    ep = ExpertParallel(buffer, cfg.num_experts)
+    stages = [s.to(device) for s in rank_stages(cfg, a.schedule, a.pp, groups.pp_rank, ep)]
     pipe = _build_pipe(a, stages, groups.pp_group)
     set_p2p_tensor_shapes([(a.micro_batch, cfg.seq_len, cfg.hidden)])
     set_p2p_tensor_dtype(torch.float32)
@@ -178,6 +195,7 @@ def train_rank(rank: int, world: int, a: TrainArgs) -> dict[str, Any]:
     t_start = time.time()
     for step in range(a.steps):
         ids, labels = batch(cfg.seed, step, groups.ep_rank, rows, cfg.seq_len, cfg.vocab_size)
+        ids, labels = ids.to(device), labels.to(device)
         inp, lab = _step_inputs(a, groups.pp_rank, ids, labels)
         record = step >= a.steps - a.timeline_steps
         dist.barrier()  # all ranks start the step together: the timeline's zero
@@ -215,7 +233,7 @@ def train_rank(rank: int, world: int, a: TrainArgs) -> dict[str, Any]:
         buffer.destroy()
     # Final weights, by single-process name; routed experts keyed with their first expert.
     weights = {
-        (global_name(s, n), s.ep.first_expert if "experts." in n else None): p.detach().clone()
+        (global_name(s, n), s.ep.first_expert if "experts." in n else None): p.detach().cpu().clone()
         for s in stages
         for n, p in s.named_parameters()
     }
