@@ -252,3 +252,18 @@ def test_the_use_fabric_keyword_of_earlier_deep_ep_releases_is_accepted():
         return combined.shape == x.shape
 
     assert all(run_loopback(1, 2, body, use_fabric=True, explicitly_destroy=True))
+
+
+def test_low_latency_rdma_buffer_is_where_low_latency_tokens_land():
+    marker = 0x5A
+
+    def body(buf):
+        x = torch.full((1, 256), marker, dtype=torch.uint8).view(torch.bfloat16).reshape(1, 128)
+        idx = torch.tensor([[0, 1]])  # one expert on each rank
+        view = buf.get_local_buffer_tensor(torch.uint8, use_rdma_buffer=True)
+        before = int((view == marker).sum())
+        buf.low_latency_dispatch(x, idx, 1, 2, use_fp8=False)
+        return before, int((view == marker).sum())
+
+    for before, after in run_loopback(1, 2, body, low_latency_mode=True):
+        assert before == 0 and after >= 256  # the other rank's row is in the low-latency rings

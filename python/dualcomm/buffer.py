@@ -328,12 +328,14 @@ class Buffer:
         """This rank's receive rings of the nvl (or, with `use_rdma_buffer`, the rdma) tier as
         a 1-D `dtype` tensor starting `offset` bytes in (as DeepEP's runtime counts it), or
         shaped `size`. It aliases the memory peers write into: writing it corrupts operations
-        in flight, exactly as with DeepEP's buffer."""
+        in flight, exactly as with DeepEP's buffer. A `low_latency_mode` buffer's rdma buffer
+        is, as DeepEP's, where low-latency traffic lands: the low-latency endpoint's rings."""
         if not isinstance(dtype, torch.dtype):
             raise _checks.fail("dtype", "a torch.dtype", _checks.describe(dtype))
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise _checks.fail("offset", "a non-negative int (bytes)", _checks.describe(offset))
-        raw = torch.from_numpy(self._ep.local_buffer(bool(use_rdma_buffer)))
+        ep = self._ll._ep if use_rdma_buffer and self._ll is not None else self._ep
+        raw = torch.from_numpy(ep.local_buffer(bool(use_rdma_buffer)))
         if offset > raw.numel():
             raise _checks.fail("offset", f"at most the buffer's {raw.numel()} bytes", offset)
         item = torch.empty((), dtype=dtype).element_size()
