@@ -238,89 +238,63 @@ fn expected_combine(me: usize, live: impl Fn(usize) -> bool) -> (Vec<f32>, Vec<f
     (x, w)
 }
 
+/// Every rank's outcome but the stopper's, failing on any rank's error.
+fn survivors(outs: Vec<Result<Option<Outcome>>>, stopper: usize) -> Vec<(usize, Outcome)> {
+    outs.into_iter()
+        .enumerate()
+        .filter_map(|(me, out)| {
+            let out = out.unwrap_or_else(|e| panic!("rank {me}: {e}"));
+            (me != stopper).then(|| (me, out.expect("a survivor has an outcome")))
+        })
+        .collect()
+}
+
+/// A survivor masked the stopper alone, received from it only if it took part in the
+/// dispatch, and combined over the other ranks.
+fn check_survivor(me: usize, out: &Outcome, stopper: usize, stopper_dispatched: bool) {
+    let live = |r: usize| r != stopper;
+    assert_eq!(out.masked, (0..WORLD).map(|r| !live(r)).collect::<Vec<_>>());
+    let from = |s: usize| stopper_dispatched || live(s);
+    assert_eq!(
+        out.dispatched,
+        expected_rows(me, from),
+        "rank {me} dispatch"
+    );
+    let (x, w) = expected_combine(me, live);
+    assert_eq!(out.combined, x, "rank {me} combine");
+    assert_eq!(out.combined_w, w, "rank {me} combine weights");
+}
+
+fn script(stopper: usize, stop_before: usize, leave: bool) -> Script {
+    Script {
+        stopper,
+        stop_before,
+        leave,
+    }
+}
+
 #[test]
 fn a_rank_that_skips_the_dispatch_is_masked_and_the_rest_run_without_it() {
-    let stopper = 3;
-    let outs = run_world(
-        Script {
-            stopper,
-            stop_before: 0,
-            leave: false,
-        },
-        &[],
-        Duration::from_millis(1500),
-    );
-    for (me, out) in outs.into_iter().enumerate() {
-        let out = out.unwrap_or_else(|e| panic!("rank {me}: {e}"));
-        if me == stopper {
-            assert!(out.is_none());
-            continue;
-        }
-        let out = out.expect("survivor");
-        let live = |r: usize| r != stopper;
-        assert_eq!(out.masked, (0..WORLD).map(|r| !live(r)).collect::<Vec<_>>());
-        assert_eq!(
-            out.dispatched,
-            expected_rows(me, live),
-            "rank {me} dispatch"
-        );
-        let (x, w) = expected_combine(me, live);
-        assert_eq!(out.combined, x, "rank {me} combine");
-        assert_eq!(out.combined_w, w, "rank {me} combine weights");
+    let outs = run_world(script(3, 0, false), &[], Duration::from_millis(1500));
+    for (me, out) in survivors(outs, 3) {
+        check_survivor(me, &out, 3, false);
         assert_eq!(out.cached, out.dispatched, "rank {me} cached dispatch");
     }
 }
 
 #[test]
 fn a_rank_that_skips_the_combine_leaves_its_share_out_of_every_sum() {
-    let stopper = 2;
-    let outs = run_world(
-        Script {
-            stopper,
-            stop_before: 1,
-            leave: false,
-        },
-        &[],
-        Duration::from_millis(1500),
-    );
-    for (me, out) in outs.into_iter().enumerate() {
-        let out = out.unwrap_or_else(|e| panic!("rank {me}: {e}"));
-        if me == stopper {
-            continue;
-        }
-        let out = out.expect("survivor");
-        let live = |r: usize| r != stopper;
-        assert_eq!(out.masked, (0..WORLD).map(|r| !live(r)).collect::<Vec<_>>());
-        // It was there for the dispatch.
-        assert_eq!(
-            out.dispatched,
-            expected_rows(me, |_| true),
-            "rank {me} dispatch"
-        );
-        let (x, w) = expected_combine(me, live);
-        assert_eq!(out.combined, x, "rank {me} combine");
-        assert_eq!(out.combined_w, w, "rank {me} combine weights");
+    let outs = run_world(script(2, 1, false), &[], Duration::from_millis(1500));
+    for (me, out) in survivors(outs, 2) {
+        check_survivor(me, &out, 2, true);
     }
 }
 
 #[test]
 fn a_cached_dispatch_keeps_its_handles_layout_with_the_masked_rows_empty() {
     let stopper = 0;
-    let outs = run_world(
-        Script {
-            stopper,
-            stop_before: 2,
-            leave: false,
-        },
-        &[],
-        Duration::from_millis(1500),
-    );
-    for (me, out) in outs.into_iter().enumerate() {
-        let out = out.unwrap_or_else(|e| panic!("rank {me}: {e}"));
-        if me == stopper {
-            continue;
-        }
-        let out = out.expect("survivor");
+    let outs = run_world(script(stopper, 2, false), &[], Duration::from_millis(1500));
+    for (me, out) in survivors(outs, stopper) {
         assert_eq!(
             out.masked,
             (0..WORLD).map(|r| r == stopper).collect::<Vec<_>>()
@@ -339,83 +313,30 @@ fn a_cached_dispatch_keeps_its_handles_layout_with_the_masked_rows_empty() {
 
 #[test]
 fn a_rank_that_leaves_is_masked_without_waiting_for_the_timeout() {
-    let stopper = 1;
     let start = Instant::now();
-    let outs = run_world(
-        Script {
-            stopper,
-            stop_before: 0,
-            leave: true,
-        },
-        &[],
-        Duration::from_secs(120),
-    );
+    let outs = run_world(script(1, 0, true), &[], Duration::from_secs(120));
     // The survivors notice the departure; they never sit out the 120 s timeout.
     assert!(
         start.elapsed() < Duration::from_secs(60),
         "{:?}",
         start.elapsed()
     );
-    for (me, out) in outs
-        .into_iter()
-        .enumerate()
-        .filter(|&(me, _)| me != stopper)
-    {
-        let out = out
-            .unwrap_or_else(|e| panic!("rank {me}: {e}"))
-            .expect("survivor");
-        let live = |r: usize| r != stopper;
-        assert_eq!(out.masked, (0..WORLD).map(|r| !live(r)).collect::<Vec<_>>());
-        assert_eq!(
-            out.dispatched,
-            expected_rows(me, live),
-            "rank {me} dispatch"
-        );
-        assert_eq!(
-            out.combined,
-            expected_combine(me, live).0,
-            "rank {me} combine"
-        );
+    for (me, out) in survivors(outs, 1) {
+        check_survivor(me, &out, 1, false);
     }
 }
 
 #[test]
 fn a_rank_masked_by_the_caller_is_neither_sent_to_nor_waited_for() {
-    let stopper = 2;
     let start = Instant::now();
-    let outs = run_world(
-        Script {
-            stopper,
-            stop_before: 0,
-            leave: false,
-        },
-        &[stopper],
-        Duration::from_secs(120),
-    );
+    let outs = run_world(script(2, 0, false), &[2], Duration::from_secs(120));
     assert!(
         start.elapsed() < Duration::from_secs(60),
         "{:?}",
         start.elapsed()
     );
-    for (me, out) in outs
-        .into_iter()
-        .enumerate()
-        .filter(|&(me, _)| me != stopper)
-    {
-        let out = out
-            .unwrap_or_else(|e| panic!("rank {me}: {e}"))
-            .expect("survivor");
-        let live = |r: usize| r != stopper;
-        assert_eq!(
-            out.dispatched,
-            expected_rows(me, live),
-            "rank {me} dispatch"
-        );
-        assert_eq!(
-            out.combined,
-            expected_combine(me, live).0,
-            "rank {me} combine"
-        );
+    for (me, out) in survivors(outs, 2) {
+        check_survivor(me, &out, 2, false);
     }
 }
 
