@@ -197,8 +197,18 @@ def test_shrink_mode_errors_name_the_argument():
         return True
 
     assert all(run_loopback(1, 2, unshrunk, low_latency_mode=True))
-    with pytest.raises(dualcomm.InvalidArgumentError, match="^enable_shrink: expected False unless low_latency_mode"):
-        run_loopback(1, 2, lambda buf: True, enable_shrink=True)
+
+    def normal_mode(buf):
+        # As in DeepEP, shrink mode changes nothing for normal operations; the mask calls
+        # are low-latency calls.
+        x = torch.ones(2, 8)
+        recv, *_, handle, _ = buf.dispatch(x, is_token_in_rank=torch.ones(2, 2, dtype=torch.bool))
+        combined, *_ = buf.combine(recv, handle)
+        with pytest.raises(dualcomm.InvalidArgumentError, match="^low_latency_mode: expected True"):
+            buf.low_latency_query_mask_buffer(torch.zeros(2, dtype=torch.int32))
+        return torch.equal(combined, 2 * x)
+
+    assert all(run_loopback(1, 2, normal_mode, enable_shrink=True))
 
 
 def test_wait_recv_cost_stats_single_out_a_slow_rank():

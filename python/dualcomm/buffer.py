@@ -117,7 +117,8 @@ class Buffer:
             without it (its tokens are neither sent nor waited for, combine sums over the
             ranks left); `low_latency_update_mask_buffer` / `_query_` / `_clean_` set, read
             and clear the masks. A rank lost after an operation's data started moving
-            still fails that operation.
+            still fails that operation. Without `low_latency_mode` it changes nothing (as in
+            DeepEP, whose normal kernels never mask).
         comm: DeepEP's mpi4py bootstrap, not served (pass a ProcessGroup).
         ranks_per_node: overrides the layout found from host names, so one machine can
             emulate several nodes; `DUALCOMM_RANKS_PER_NODE` sets it for callers that cannot
@@ -162,10 +163,6 @@ class Buffer:
             raise _checks.fail("timeout", "a positive number of seconds", _checks.describe(timeout))
         if transport not in ("auto", "loopback", "tcp", "shm", "shm+tcp", "verbs"):
             raise _checks.fail("transport", "'auto', 'shm+tcp', 'tcp', 'shm', 'verbs' or 'loopback'", repr(transport))
-        if enable_shrink and not low_latency_mode:
-            raise _checks.fail(
-                "enable_shrink", "False unless low_latency_mode=True (ranks are masked in low-latency operations)", True
-            )
         if group is None and comm is not None:
             raise _checks.fail("comm", "None (pass a torch.distributed ProcessGroup as group)", _checks.describe(comm))
         if ranks_per_node is None:
