@@ -7,7 +7,9 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use dualcomm_core::transport::Transport;
 use dualcomm_core::transport::loopback::LoopbackFabric;
+use dualcomm_core::transport::tcp::{TcpBinding, TcpTransport};
 use dualcomm_core::{
     CombineArgs, CombineOut, Config, DispatchArgs, DispatchOutput, Dtype, ElemType, Endpoint,
     Error, RankMask, Result, Route, TopkArgs, Topology, VecSink,
@@ -153,8 +155,26 @@ fn run_world(
     premasked: &[usize],
     timeout: Duration,
 ) -> Vec<Result<Option<Outcome>>> {
+    run_world_on(script, premasked, timeout, false)
+}
+
+/// As `run_world`, over TCP sockets on 127.0.0.1 (`tcp`) instead of the in-memory loopback.
+fn run_world_on(
+    script: Script,
+    premasked: &[usize],
+    timeout: Duration,
+    tcp: bool,
+) -> Vec<Result<Option<Outcome>>> {
     let topo = Topology::new(WORLD, 1).unwrap();
     let fabric = LoopbackFabric::new(WORLD);
+    let mut bindings: Vec<Option<TcpBinding>> = (0..WORLD)
+        .map(|_| tcp.then(|| TcpBinding::bind("127.0.0.1").unwrap()))
+        .collect();
+    let addrs: Vec<String> = bindings
+        .iter()
+        .flatten()
+        .map(|b| b.local_addr().to_string())
+        .collect();
     let config = Config {
         // Rings of two records: credits flow during the operations.
         num_nvl_bytes: 0,
@@ -171,10 +191,21 @@ fn run_world(
                 Arc::clone(&done),
                 premasked.clone(),
             );
+            let (binding, addrs) = (bindings[r].take(), addrs.clone());
             thread::spawn(move || {
                 let wiring = Endpoint::wiring(&topo, &config);
-                let t = fabric.join(r, wiring, "shrink".into(), config.timeout)?;
-                let mut ep = Endpoint::new(Box::new(t), topo, config);
+                let t: Box<dyn Transport> = match binding {
+                    Some(b) => Box::new(TcpTransport::establish(
+                        b,
+                        r,
+                        &addrs,
+                        [5; 16],
+                        wiring,
+                        config.timeout,
+                    )?),
+                    None => Box::new(fabric.join(r, wiring, "shrink".into(), config.timeout)?),
+                };
+                let mut ep = Endpoint::new(t, topo, config);
                 let mask = Arc::new(RankMask::new(WORLD));
                 for &p in premasked.iter().filter(|&&p| p != r) {
                     mask.set(p, true);
@@ -323,6 +354,26 @@ fn a_rank_that_leaves_is_masked_without_waiting_for_the_timeout() {
     );
     for (me, out) in survivors(outs, 1) {
         check_survivor(me, &out, 1, false);
+    }
+}
+
+#[test]
+fn over_tcp_a_rank_that_leaves_or_stays_silent_is_masked() {
+    // Departure seen as a closed socket; silence as the deadline.
+    for (leave, timeout) in [
+        (true, Duration::from_secs(120)),
+        (false, Duration::from_millis(1500)),
+    ] {
+        let start = Instant::now();
+        let outs = run_world_on(script(3, 0, leave), &[], timeout, true);
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{:?}",
+            start.elapsed()
+        );
+        for (me, out) in survivors(outs, 3) {
+            check_survivor(me, &out, 3, false);
+        }
     }
 }
 
