@@ -58,29 +58,31 @@ impl<'o> Finisher<'o> {
         }
     }
 
-    /// The other nodes `tok` went to, but for masked ones (shrink mode: their partials do
-    /// not come, and the sum is over the nodes left).
-    fn remote_nodes<'p>(
-        &self,
-        op: &'p Op<'_>,
-        plan: &'p SendPlan,
+    /// Whether `tok`'s sum takes node `n`'s partial: the token went there, and the node is
+    /// not masked (shrink mode: its partial does not come, and the sum is over the nodes
+    /// left; this rank's own node is never masked).
+    fn sums_node(
+        topo: Topology,
+        me: usize,
+        op: &Op<'_>,
+        plan: &SendPlan,
         tok: usize,
-    ) -> impl Iterator<Item = usize> + 'p {
-        let (topo, me) = (self.topo, self.me);
-        let my_node = topo.node_of(me);
-        (0..plan.num_nodes()).filter(move |&n| {
-            n != my_node && plan.mask(tok, n) != 0 && !op.is_masked(topo.forwarder(me, n))
-        })
+        n: usize,
+    ) -> bool {
+        plan.mask(tok, n) != 0 && (n == topo.node_of(me) || !op.is_masked(topo.forwarder(me, n)))
     }
 
     /// Whether every other node's partial of `tok` is at the head of its twin's ring
     /// (earlier tokens are finished, so the head can only be this token's).
     pub fn partials_ready(&self, op: &mut Op<'_>, plan: &SendPlan, tok: usize) -> bool {
-        self.remote_nodes(op, plan, tok).all(|n| {
-            op.recv[self.topo.forwarder(self.me, n)]
-                .as_ref()
-                .is_some_and(|r| r.available() > 0)
-        })
+        let (topo, me) = (self.topo, self.me);
+        (0..plan.num_nodes())
+            .filter(|&n| n != topo.node_of(me) && Self::sums_node(topo, me, op, plan, tok, n))
+            .all(|n| {
+                op.recv[topo.forwarder(me, n)]
+                    .as_ref()
+                    .is_some_and(|r| r.available() > 0)
+            })
     }
 
     /// Sums `tok`'s partials in ascending node order into the output, consuming the other
@@ -101,8 +103,8 @@ impl<'o> Finisher<'o> {
         let out_w = &mut self.out_w[tok * k..(tok + 1) * k];
         let mut rows: Vec<Term<'_>> = Vec::with_capacity(plan.num_nodes());
         let mut weights: Vec<Term<'_>> = Vec::with_capacity(plan.num_nodes());
-        for n in (0..plan.num_nodes()).filter(|&n| plan.mask(tok, n) != 0) {
-            if n != my_node && op.is_masked(self.topo.forwarder(self.me, n)) {
+        for n in 0..plan.num_nodes() {
+            if !Self::sums_node(self.topo, self.me, op, plan, tok, n) {
                 continue;
             }
             if n == my_node {

@@ -40,6 +40,18 @@ impl<'t> LocalRows<'t> {
     }
 }
 
+/// Where an entry's partial (for a source on another node) stands.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Partial {
+    /// Not summed yet (and so not ready to leave).
+    Pending,
+    /// Summed in `bodies` at the entry's slot, ready to leave from there.
+    Summed,
+    /// This rank's own row `j` alone: ready from the start, it leaves from the caller's
+    /// rows (its header sits in `bodies` at the entry's slot).
+    Row(usize),
+}
+
 /// Tokens summed per call of [`Reducer::advance`], so that partials leave and ring space
 /// goes back while a long run of ready tokens is summed.
 const BATCH: usize = 64;
@@ -52,12 +64,8 @@ pub(super) struct Reducer {
     topo: Topology,
     me: usize,
     shape: Shape,
-    /// Per entry, whether its partial (for a source on another node) is ready to leave; the
-    /// partial itself sits in `bodies` at its entry's slot, or is the row `as_row` names.
-    ready: Vec<bool>,
-    /// Per entry, the row (of this rank's rows) its partial is, when that row is the only
-    /// one of the node; else `usize::MAX` (the partial is summed in `bodies`).
-    as_row: Vec<usize>,
+    /// Per entry, its partial.
+    partials: Vec<Partial>,
     /// Per source rank, its entries (`[lo, hi)`: they are sorted by source) and the first
     /// whose partial has not left yet.
     span: Vec<(usize, usize)>,
@@ -117,8 +125,7 @@ impl Reducer {
             topo: *topo,
             me,
             shape,
-            ready: vec![false; entries.len()],
-            as_row: vec![usize::MAX; entries.len()],
+            partials: vec![Partial::Pending; entries.len()],
             posted: span.iter().map(|&(lo, _)| lo).collect(),
             span,
             body_bytes,
@@ -211,7 +218,7 @@ impl Reducer {
     ) -> Result<bool> {
         let start = self.next;
         while let Some(&e) = self.entries.get(self.next) {
-            if self.ready[self.next] {
+            if self.partials[self.next] != Partial::Pending {
                 self.next += 1; // a partial that is a row, ready since the start
                 continue;
             }
@@ -298,7 +305,7 @@ impl Reducer {
         Error::protocol(via, format!("{what}, {why}"))
     }
 
-    /// Sums `local` as the partial of entry `slot`, where it is sent from; it is then ready.
+    /// Sums `local` as the partial of entry `slot`, where it is sent from.
     fn write_partial(&mut self, e: &Entry, slot: usize, local: &LocalRows<'_>) {
         let shape = self.shape;
         let rb = shape.row_bytes();
@@ -313,7 +320,7 @@ impl Reducer {
         let (row, weights) = record[HEADER_BYTES..].split_at_mut(rb);
         sum_terms(row, shape.dtype, &local.x, shape.dtype);
         sum_terms(weights, Dtype::F32, &local.weights, Dtype::F32);
-        self.ready[slot] = true;
+        self.partials[slot] = Partial::Summed;
     }
 
     /// Readies the partial of entry `slot`, which is this rank's own row alone: its header
@@ -327,8 +334,7 @@ impl Reducer {
             mask: 0,
         };
         self.bodies[slot * bb..slot * bb + HEADER_BYTES].copy_from_slice(&header.encode());
-        self.as_row[slot] = e.own_row;
-        self.ready[slot] = true;
+        self.partials[slot] = Partial::Row(e.own_row);
     }
 
     /// The partials' memory, to be registered (it is not resized while the operation runs).
@@ -357,25 +363,25 @@ impl Reducer {
             // The ready partials at the front of this source's, in its token order.
             let room = ring.free() as usize;
             let to = from
-                + self.ready[from..hi]
+                + self.partials[from..hi]
                     .iter()
                     .take(room)
-                    .take_while(|&&r| r)
+                    .take_while(|&&p| p != Partial::Pending)
                     .count();
             if to > from {
                 let (bb, wb) = (self.body_bytes, self.shape.k * 4);
-                let as_row = &self.as_row;
+                let partials_of = &self.partials;
                 let sges: Vec<Sge> = (from..to)
                     .flat_map(|e| {
                         let at = e * bb;
                         let header = partials.at(at, HEADER_BYTES);
-                        match as_row[e] {
-                            usize::MAX => [
+                        match partials_of[e] {
+                            Partial::Pending | Partial::Summed => [
                                 header,
                                 partials.at(at + HEADER_BYTES, rb),
                                 partials.at(at + HEADER_BYTES + rb, wb),
                             ],
-                            j => [
+                            Partial::Row(j) => [
                                 header,
                                 own.x.piece(rows.index(j), rb),
                                 own.weights.piece(rows.index(j), wb),
