@@ -25,7 +25,8 @@ def _buffer(p: dict[str, Any]) -> Buffer:
         dist.group.WORLD,
         num_nvl_bytes=p.get("nvl", 1 << 20),
         num_rdma_bytes=p.get("rdma", 1 << 20),
-        ranks_per_node=p["rpn"],
+        # `detect_rpn`: left to the Buffer, as an unmodified DeepEP client leaves it.
+        ranks_per_node=None if p.get("detect_rpn") else p["rpn"],
         timeout=p.get("timeout", 60.0),
         transport=p.get("transport", "auto"),
         explicitly_destroy=True,
@@ -67,6 +68,8 @@ def scenario_match(rank: int, p: dict[str, Any]) -> dict[str, Any]:
     out["address"] = buf.address
     out["transport"] = buf.transport
     out["channels"] = buf.num_channels
+    out["layout"] = (buf.num_nodes, buf.ranks_per_node)
+    out["per_rdma_rank"] = buf.get_dispatch_layout(_inputs(p)[rank].topk_idx, p["experts"])[1]
     buf.destroy()
     return out
 

@@ -76,6 +76,19 @@ def test_size_hints_size_buffers_that_work(monkeypatch):
         cfg.get_nvl_buffer_size_hint(32, 3)
 
 
+def test_hints_for_more_than_eight_ranks_size_nodes_of_eight_as_in_deep_ep(monkeypatch):
+    """DeepEP's hints for 16 ranks are those of 2 nodes of 8 (an rdma ring per other node,
+    nvl rings for 8 peers); 8 ranks are one node; 12 (not a multiple of 8) stay one node."""
+    monkeypatch.delenv("DUALCOMM_RANKS_PER_NODE", raising=False)
+    cfg, row = Buffer.get_dispatch_config(16), 7168 * 2
+    assert cfg.get_rdma_buffer_size_hint(row, 8) == 0
+    assert cfg.get_rdma_buffer_size_hint(row, 16) > 0
+    assert cfg.get_nvl_buffer_size_hint(row, 16) == cfg.get_nvl_buffer_size_hint(row, 8)
+    assert cfg.get_rdma_buffer_size_hint(row, 12) == 0
+    monkeypatch.setenv("DUALCOMM_RANKS_PER_NODE", "16")
+    assert cfg.get_rdma_buffer_size_hint(row, 16) == 0
+
+
 def test_zero_bytes_means_choose_and_huge_requests_are_trimmed():
     def body(buf):
         x, args = _route(buf)

@@ -175,6 +175,22 @@ def test_auto_takes_shared_memory_inside_nodes_and_tcp_between_them(tmp_path):
         assert torch.equal(got[d]["recv_x"], want_x)
 
 
+def test_sixteen_ranks_on_one_host_are_two_nodes_of_eight_as_in_deep_ep(tmp_path):
+    """DeepEP makes a group of more than 8 ranks `size // 8` nodes of 8 (its `rank / 8`),
+    whatever the hosts; its internode tests run 2 nodes of 8 so. Left to detect the layout,
+    16 processes on one host get that: rdma-tier counts for 2 nodes, results as the 2x8
+    reference, shared memory inside each node and TCP between them."""
+    p = _params(2, 8, transport="auto", detect_rpn=True)
+    got = launch(16, "match", p, tmp_path, timeout=300)
+    inputs = mp_worker._inputs(p)
+    for d, g in enumerate(got):
+        assert "error" not in g, g
+        assert g["layout"] == (2, 8) and g["transport"] == "shm+tcp"
+        assert g["per_rdma_rank"] is not None and g["per_rdma_rank"].shape == (2,)
+        want_x = ref.dispatch(inputs, p["experts"], 16, d)[0]
+        assert torch.equal(g["recv_x"], want_x)
+
+
 def test_killed_rank_fails_the_others_low_latency_calls_quickly(tmp_path):
     """Every rank is linked to every other in low-latency mode: all of them notice."""
     p = _params(2, 2, victim=2, timeout=30.0)

@@ -24,7 +24,7 @@ from dualcomm._native import (
     find_verbs_device,
     unlink_segment,
 )
-from dualcomm.config import auto_channels, resolve_ring_bytes, usable_cores
+from dualcomm.config import auto_channels, deep_ep_ranks_per_node, resolve_ring_bytes, usable_cores
 
 log = logging.getLogger("dualcomm")
 T = TypeVar("T")
@@ -113,15 +113,15 @@ def _ranks_per_node(infos: list[dict[str, Any]], override: int | None) -> int:
             raise _checks.fail("ranks_per_node", f"a positive divisor of the group size {world}", repr(override))
         return override
     hosts = [i["host"] for i in infos]
-    rpn = hosts.count(hosts[0])
-    blocks = [hosts[i : i + rpn] for i in range(0, world, rpn)]
-    if world % rpn or any(len(set(b)) != 1 for b in blocks) or len({b[0] for b in blocks}) != len(blocks):
+    per_host = hosts.count(hosts[0])
+    blocks = [hosts[i : i + per_host] for i in range(0, world, per_host)]
+    if world % per_host or any(len(set(b)) != 1 for b in blocks) or len({b[0] for b in blocks}) != len(blocks):
         raise _checks.fail(
             "ranks_per_node",
             "an explicit value: ranks are not laid out in equal, contiguous blocks per host",
             f"hosts {hosts}",
         )
-    return rpn
+    return deep_ep_ranks_per_node(per_host)
 
 
 def agree_channels(group: Any, requested: int | None, num_sms: int) -> int:

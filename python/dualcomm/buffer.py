@@ -120,7 +120,8 @@ class Buffer:
             still fails that operation. Without `low_latency_mode` it changes nothing (as in
             DeepEP, whose normal kernels never mask).
         comm: DeepEP's mpi4py bootstrap, not served (pass a ProcessGroup).
-        ranks_per_node: overrides the layout found from host names, so one machine can
+        ranks_per_node: overrides the layout found from host names (a node: the ranks of
+            a host, at most 8 as DeepEP's `rank / 8` makes them), so one machine can
             emulate several nodes; `DUALCOMM_RANKS_PER_NODE` sets it for callers that cannot
             pass it (an unmodified DeepEP client).
         timeout: seconds any wait may take before it fails with `CommTimeoutError`.

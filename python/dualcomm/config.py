@@ -26,6 +26,9 @@ RECORD_HEADER_BYTES = 24
 HINT_MAX_TOPK = 32
 #: Ring bytes per linked sender when a caller passes 0 for a tier that has links.
 AUTO_RING_BYTES = 4 << 20
+#: DeepEP's `NUM_MAX_NVL_PEERS`: a node (an NVLink domain) holds at most 8 ranks, so a
+#: group of more than 8 is `group.size() // 8` nodes of 8 to DeepEP whatever the hosts.
+MAX_RANKS_PER_NODE = 8
 #: Default cap of one tier's ring bytes (see `DUALCOMM_MAX_BUFFER_BYTES`).
 DEFAULT_MAX_BUFFER_BYTES = 256 << 20
 
@@ -83,10 +86,20 @@ def _record_bytes_bound(hidden_bytes: int) -> int:
     return RECORD_HEADER_BYTES + hidden_bytes + scales + HINT_MAX_TOPK * 12
 
 
+def deep_ep_ranks_per_node(ranks_on_host: int) -> int:
+    """The node size DeepEP gives ranks that share a host: all of them, up to
+    `MAX_RANKS_PER_NODE`; a host of 16 is two nodes of 8, as DeepEP's `rank / 8` makes it
+    (its internode tests run so). Counts that 8 does not divide stay one node (DeepEP
+    cannot run them at all)."""
+    if ranks_on_host > MAX_RANKS_PER_NODE and ranks_on_host % MAX_RANKS_PER_NODE == 0:
+        return MAX_RANKS_PER_NODE
+    return ranks_on_host
+
+
 def _hint_layout(num_ranks: int) -> tuple[int, int]:
-    """(nodes, ranks per node) a hint assumes: `DUALCOMM_RANKS_PER_NODE` if set, else one
-    node (all ranks of a CPU job on one host)."""
-    rpn = env_ranks_per_node() or num_ranks
+    """(nodes, ranks per node) a hint assumes: `DUALCOMM_RANKS_PER_NODE` if set, else
+    DeepEP's layout of a CPU job on one host (nodes of up to 8 ranks)."""
+    rpn = env_ranks_per_node() or deep_ep_ranks_per_node(num_ranks)
     if num_ranks % rpn:
         raise _checks.fail("num_ranks", f"a multiple of DUALCOMM_RANKS_PER_NODE={rpn}", num_ranks)
     return num_ranks // rpn, rpn
