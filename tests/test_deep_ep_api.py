@@ -89,6 +89,29 @@ def test_hints_for_more_than_eight_ranks_size_nodes_of_eight_as_in_deep_ep(monke
     assert cfg.get_rdma_buffer_size_hint(row, 16) == 0
 
 
+@pytest.mark.parametrize(
+    ("hosts", "want"),
+    [
+        (["a"] * 4, 4),
+        (["a"] * 8, 8),
+        (["a"] * 16, 8),
+        (["a"] * 24, 8),
+        (["a"] * 12, 12),
+        (["a"] * 16 + ["b"] * 16, 8),
+        (["a"] * 4 + ["b"] * 4, 4),
+    ],
+    ids=lambda v: str(v) if isinstance(v, int) else f"{len(set(v))}x{v.count(v[0])}",
+)
+def test_a_host_of_more_than_eight_ranks_is_nodes_of_eight(hosts, want):
+    """The layout a process group gets without `ranks_per_node`: the ranks of a host, in
+    nodes of at most 8 where 8 divides them (DeepEP's `rank / 8`); an explicit value wins."""
+    from dualcomm._bootstrap import _ranks_per_node
+
+    infos = [{"host": h} for h in hosts]
+    assert _ranks_per_node(infos, None) == want
+    assert _ranks_per_node(infos, 2) == 2
+
+
 def test_zero_bytes_means_choose_and_huge_requests_are_trimmed():
     def body(buf):
         x, args = _route(buf)
