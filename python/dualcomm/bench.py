@@ -58,9 +58,9 @@ def _gloo_dispatch_combine(x: torch.Tensor, in_rank: torch.Tensor) -> torch.Tens
 
 
 def _socket_exchange(rank: int, world: int, nodes: int, nbytes: int, rounds: int) -> float:
-    """The median seconds for every rank to send `nbytes` to each twin on the other nodes
-    and receive as much from each, over plain TCP sockets, all at once: what dualcomm's tcp
-    tier does with the same bytes, with nothing else to do."""
+    """The median seconds for every rank to send `nbytes`, split evenly over its twins on
+    the other nodes, and to receive what each twin sends it, over plain TCP sockets, all at
+    once: what dualcomm's tcp tier does with the same bytes, with nothing else to do."""
     import torch.distributed as dist
 
     rpn = world // nodes
@@ -82,13 +82,18 @@ def _socket_exchange(rank: int, world: int, nodes: int, nbytes: int, rounds: int
     payload = bytearray(peers[rank][1])
     sinks = {t: bytearray(peers[t][1]) for t in twins}
 
+    failures: list[BaseException] = []
+
     def receive(t: int) -> None:
         view, got = memoryview(sinks[t]), 0
-        while got < len(view):
-            n = out[t].recv_into(view[got:])
-            if n == 0:
-                raise ConnectionError(f"rank {t} closed its socket")
-            got += n
+        try:
+            while got < len(view):
+                n = out[t].recv_into(view[got:])
+                if n == 0:
+                    raise ConnectionError(f"rank {t} closed its socket after {got} of {len(view)} bytes")
+                got += n
+        except BaseException as e:  # raised on the main thread below, not lost with this one
+            failures.append(e)
 
     times = []
     for _ in range(rounds + 1):
@@ -101,6 +106,8 @@ def _socket_exchange(rank: int, world: int, nodes: int, nbytes: int, rounds: int
             out[t].sendall(payload)
         for th in threads:
             th.join()
+        if failures:
+            raise failures[0]
         times.append(time.perf_counter() - start)
     for conn in out.values():
         conn.close()
