@@ -11,9 +11,10 @@
 //!
 //! Every rank must run the same number of channels (each channel is a world of its own).
 //!
-//! Each channel's share of an operation runs on a worker thread of the rank's channels,
-//! kept for their life: a thread started per operation costs tens of microseconds per
-//! channel, as much as a small operation's data.
+//! Channel 0's share of an operation runs on the calling thread (in a dispatch it also hands
+//! every channel its rows, where the caller's sink is), the others' on worker threads of the
+//! rank's channels, kept for their life: a thread started per operation costs tens of
+//! microseconds per channel, as much as a small operation's data.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -111,12 +112,15 @@ impl Channels {
                 ),
             ));
         }
+        // Channel 0 runs on the calling thread: the others need one worker each (a pool
+        // has one at least).
+        let num_workers = (eps.len() - 1).max(1);
         let workers = rayon::ThreadPoolBuilder::new()
-            .num_threads(eps.len())
-            .thread_name(move |c| format!("dualcomm-r{rank}-channel{c}"))
+            .num_threads(num_workers)
+            .thread_name(move |c| format!("dualcomm-r{rank}-channel{}", c + 1))
             .build()
             .map_err(|e| Error::Os {
-                what: format!("starting {} channel threads", eps.len()),
+                what: format!("starting {num_workers} channel threads"),
                 detail: e.to_string(),
             })?;
         Ok(Self { eps, workers })
@@ -182,31 +186,20 @@ impl Channels {
             })
     }
 
-    /// Runs `f` on every channel at once, channel 0 on this thread.
+    /// Runs `f` on every channel at once, channel 0 on this thread and the others on the
+    /// workers; returns once all are done (a panic in any of them is raised here then).
     fn each<T: Send>(&mut self, f: impl Fn(usize, &mut Endpoint) -> T + Sync) -> Vec<T> {
-        self.run_channels(&f, true, || ())
-    }
-
-    /// Runs `f` on every channel at once, on the workers (channel 0 on this thread when
-    /// `first_here`), and `here` on this thread meanwhile; returns once all are done (a
-    /// panic in any of them is raised here then).
-    fn run_channels<T: Send>(
-        &mut self,
-        f: &(impl Fn(usize, &mut Endpoint) -> T + Sync),
-        first_here: bool,
-        here: impl FnOnce(),
-    ) -> Vec<T> {
         let mut out: Vec<Option<T>> = self.eps.iter().map(|_| None).collect();
         let mut jobs = self.eps.iter_mut().zip(out.iter_mut()).enumerate();
+        let f = &f;
         self.workers.in_place_scope(|s| {
-            let first = if first_here { jobs.next() } else { None };
+            let first = jobs.next();
             for (c, (ep, slot)) in jobs {
                 s.spawn(move |_| *slot = Some(f(c, ep)));
             }
             if let Some((c, (ep, slot))) = first {
                 *slot = Some(f(c, ep));
             }
-            here();
         });
         out.into_iter()
             .map(|v| v.expect("every channel's job ran"))
@@ -240,27 +233,49 @@ impl Channels {
             Err(e) => return Err(e),
         };
         let timeout = self.eps[0].config().timeout;
-        let (mut sinks, coordinator) = channel_sinks(nc, self.eps[0].rank(), timeout);
-        let jobs: Vec<_> = parts.into_iter().zip(sinks.iter_mut()).collect();
-        let jobs = std::sync::Mutex::new(jobs.into_iter().map(Some).collect::<Vec<_>>());
-        let job = |c: usize, ep: &mut Endpoint| {
-            let (part, sink) = jobs.lock().unwrap()[c].take().expect("one job each");
+        let (mut sinks, coordinator) = channel_sinks(nc - 1, self.eps[0].rank(), timeout);
+        let mut lead = LeadSink {
+            rank: self.eps[0].rank(),
+            sink: Some(sink),
+            coordinator: Some(coordinator),
+            alignment: args.expert_alignment,
+            scratch: VecSink::default(),
+        };
+        let mut parts = parts.into_iter();
+        let first = parts.next().expect("one channel at least");
+        let run = |part: Part, ep: &mut Endpoint, sink: &mut dyn RecvSink| {
             let a = part.args(args);
             let route = match &part.route {
                 PartRoute::Fresh(plan) => Route::Fresh(Arc::clone(plan)),
                 PartRoute::Cached(h) => Route::Cached(h),
             };
-            // The sink must go (and with it its end of the shape channel) when the job
-            // ends, so that the coordinator never waits for a finished channel.
-            let r = ep.dispatch(&a, route, sink);
-            sink.close();
-            r
+            ep.dispatch(&a, route, sink)
         };
-        // Every channel on a worker: this thread hands them their rows once all have shown
-        // their receive counts.
-        let results = self.run_channels(&job, false, || {
-            coordinator.serve(sink, args.expert_alignment)
+        // Channel 0 on this thread, where the caller's sink is: it hands every channel its
+        // rows once all have shown their receive counts. The others on the workers.
+        let (ep0, rest) = self.eps.split_first_mut().expect("one channel at least");
+        let mut results: Vec<Option<Result<DispatchOutput>>> = (0..nc).map(|_| None).collect();
+        let (r0, others) = results.split_first_mut().expect("one channel at least");
+        self.workers.in_place_scope(|s| {
+            for (((ep, sink), part), slot) in rest.iter_mut().zip(&mut sinks).zip(parts).zip(others)
+            {
+                let run = &run;
+                s.spawn(move |_| {
+                    // The sink must go (and with it its end of the shape channel) when the
+                    // job ends, so that channel 0 never waits for a finished channel.
+                    let r = run(part, ep, sink);
+                    sink.close();
+                    *slot = Some(r);
+                });
+            }
+            let r = run(first, ep0, &mut lead);
+            lead.close();
+            *r0 = Some(r);
         });
+        let results = results
+            .into_iter()
+            .map(|r| r.expect("every channel's job ran"))
+            .collect();
         let outs = first_error(results)?;
         Ok(merge(outs, args.expert_alignment))
     }
@@ -630,8 +645,7 @@ impl<'a> RecvSink for ChannelSink<'a> {
     }
 }
 
-/// The caller's side: collects every channel's shape, asks the caller's sink for buffers
-/// of their sum, and hands each channel its rows of every source.
+/// Channel 0's side of the other channels' sinks: their shapes come in, their rows go out.
 struct Coordinator<'a> {
     shapes: Vec<Receiver<RecvShape>>,
     answers: Vec<Sender<Answer<'a>>>,
@@ -666,35 +680,80 @@ fn channel_sinks<'a>(
 }
 
 impl<'a> Coordinator<'a> {
-    fn serve(self, sink: &'a mut dyn RecvSink, alignment: usize) {
+    /// The other channels' shapes, None for one that ended without showing it.
+    fn shapes(&self) -> Vec<Option<RecvShape>> {
         // A channel's job ends (and drops its sender) within its deadline; the extra second
         // only keeps this wait bounded should it not.
         let wait = self.timeout + Duration::from_secs(1);
-        let shapes: Vec<Option<RecvShape>> = self
-            .shapes
+        self.shapes
             .iter()
             .map(|rx| rx.recv_timeout(wait).ok())
-            .collect();
-        if shapes.iter().any(Option::is_none) {
-            for (tx, shape) in self.answers.iter().zip(&shapes) {
-                if shape.is_some() {
-                    let _ = tx.send(Answer::Scratch);
-                }
+            .collect()
+    }
+
+    /// The dispatch fails (a channel ended without a shape): the channels that showed
+    /// theirs still run on every rank, into memory of their own.
+    fn scratch_for(&self, shapes: &[Option<RecvShape>]) {
+        for (tx, shape) in self.answers.iter().zip(shapes) {
+            if shape.is_some() {
+                let _ = tx.send(Answer::Scratch);
             }
-            return;
         }
-        let shapes: Vec<RecvShape> = shapes.into_iter().map(Option::unwrap).collect();
-        let merged = merged_shape(&shapes, alignment);
+    }
+}
+
+/// Channel 0's sink: the caller's, and the coordinator of the other channels. Once every
+/// channel has shown its receive counts it asks the caller's sink for buffers of their sum
+/// and hands each channel its rows of every source (channel 0's first).
+struct LeadSink<'a> {
+    rank: usize,
+    sink: Option<&'a mut dyn RecvSink>,
+    /// Taken once the other channels have been answered.
+    coordinator: Option<Coordinator<'a>>,
+    alignment: usize,
+    scratch: VecSink,
+}
+
+impl LeadSink<'_> {
+    /// Channel 0 ended: answers the other channels if its own shape never came.
+    fn close(&mut self) {
+        if let Some(c) = self.coordinator.take() {
+            c.scratch_for(&c.shapes());
+        }
+    }
+}
+
+impl<'a> RecvSink for LeadSink<'a> {
+    fn prepare(&mut self, shape: RecvShape) -> Result<RecvBuffers<'_>> {
+        let twice = || Error::Internal {
+            rank: self.rank,
+            detail: "channel 0 prepared its receive buffers twice".into(),
+        };
+        let c = self.coordinator.take().ok_or_else(twice)?;
+        let others = c.shapes();
+        if others.iter().any(Option::is_none) {
+            c.scratch_for(&others);
+            return self.scratch.prepare(shape);
+        }
+        let shapes: Vec<RecvShape> = std::iter::once(shape)
+            .chain(others.into_iter().map(Option::unwrap))
+            .collect();
+        let merged = merged_shape(&shapes, self.alignment);
+        let sink = self.sink.take().ok_or_else(twice)?;
         match sink.prepare(merged) {
             Ok(bufs) => {
-                for (tx, rows) in self.answers.iter().zip(split_channels(bufs, &shapes)) {
+                let mut rows = split_channels(bufs, &shapes).into_iter();
+                let own = rows.next().expect("channel 0's rows");
+                for (tx, rows) in c.answers.iter().zip(rows) {
                     let _ = tx.send(Answer::Rows(rows));
                 }
+                Ok(own)
             }
             Err(e) => {
-                for tx in &self.answers {
+                for tx in &c.answers {
                     let _ = tx.send(Answer::Failed(e.clone()));
                 }
+                Err(e)
             }
         }
     }

@@ -342,6 +342,13 @@ fn any_channel_count_is_bitwise_one_channel() {
 
 #[test]
 fn a_bad_token_in_one_channel_fails_every_rank_and_leaves_the_channels_usable() {
+    // Token 15 is channel 1's, token 5 channel 0's (the one that hands out the rows).
+    for bad_token in [15, 5] {
+        bad_token_in_one_channel(bad_token);
+    }
+}
+
+fn bad_token_in_one_channel(bad_token: usize) {
     let (nodes, rpn, experts, nc) = (1, 2, 4, 2);
     let topo = Topology::new(nodes, rpn).unwrap();
     let w = topo.world_size();
@@ -356,9 +363,9 @@ fn a_bad_token_in_one_channel_fails_every_rank_and_leaves_the_channels_usable() 
                 let x: Vec<u8> = bytemuck::cast_slice(&inp.x).to_vec();
                 let layout = ch.endpoint(0).layout(&inp.idx, 20, TOPK, experts).unwrap();
                 let mut bad_idx = inp.idx.clone();
-                // Token 15 is channel 1's: an expert that does not exist.
+                // An expert that does not exist.
                 if r == 1 {
-                    bad_idx[15 * TOPK] = 99;
+                    bad_idx[bad_token * TOPK] = 99;
                 }
                 let bad = Input {
                     x: inp.x.clone(),
@@ -383,7 +390,9 @@ fn a_bad_token_in_one_channel_fails_every_rank_and_leaves_the_channels_usable() 
         .collect();
     let got: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
     match &got[1].0 {
-        Some(Error::InvalidArgument { argument, .. }) => assert_eq!(argument, "topk_idx[15, 0]"),
+        Some(Error::InvalidArgument { argument, .. }) => {
+            assert_eq!(*argument, format!("topk_idx[{bad_token}, 0]"))
+        }
         other => panic!("rank 1: {other:?}"),
     }
     match &got[0].0 {
