@@ -189,17 +189,25 @@ impl Channels {
     /// Runs `f` on every channel at once, channel 0 on this thread and the others on the
     /// workers; returns once all are done (a panic in any of them is raised here then).
     fn each<T: Send>(&mut self, f: impl Fn(usize, &mut Endpoint) -> T + Sync) -> Vec<T> {
+        self.each_with_first(|ep| f(0, ep), |c, ep| f(c, ep))
+    }
+
+    /// As `each`, with channel 0's job its own: it runs on this thread, so it may hold
+    /// what cannot cross threads (the caller's sink).
+    fn each_with_first<T: Send>(
+        &mut self,
+        first: impl FnOnce(&mut Endpoint) -> T,
+        rest: impl Fn(usize, &mut Endpoint) -> T + Sync,
+    ) -> Vec<T> {
         let mut out: Vec<Option<T>> = self.eps.iter().map(|_| None).collect();
-        let mut jobs = self.eps.iter_mut().zip(out.iter_mut()).enumerate();
-        let f = &f;
+        let (ep0, eps) = self.eps.split_first_mut().expect("one channel at least");
+        let (out0, outs) = out.split_first_mut().expect("one channel at least");
+        let rest = &rest;
         self.workers.in_place_scope(|s| {
-            let first = jobs.next();
-            for (c, (ep, slot)) in jobs {
-                s.spawn(move |_| *slot = Some(f(c, ep)));
+            for (c, (ep, slot)) in eps.iter_mut().zip(outs).enumerate() {
+                s.spawn(move |_| *slot = Some(rest(c + 1, ep)));
             }
-            if let Some((c, (ep, slot))) = first {
-                *slot = Some(f(c, ep));
-            }
+            *out0 = Some(first(ep0));
         });
         out.into_iter()
             .map(|v| v.expect("every channel's job ran"))
@@ -241,9 +249,7 @@ impl Channels {
             alignment: args.expert_alignment,
             scratch: VecSink::default(),
         };
-        let mut parts = parts.into_iter();
-        let first = parts.next().expect("one channel at least");
-        let run = |part: Part, ep: &mut Endpoint, sink: &mut dyn RecvSink| {
+        let run = |part: &Part, ep: &mut Endpoint, sink: &mut dyn RecvSink| {
             let a = part.args(args);
             let route = match &part.route {
                 PartRoute::Fresh(plan) => Route::Fresh(Arc::clone(plan)),
@@ -251,31 +257,24 @@ impl Channels {
             };
             ep.dispatch(&a, route, sink)
         };
+        let sinks = std::sync::Mutex::new(sinks.iter_mut().map(Some).collect::<Vec<_>>());
         // Channel 0 on this thread, where the caller's sink is: it hands every channel its
         // rows once all have shown their receive counts. The others on the workers.
-        let (ep0, rest) = self.eps.split_first_mut().expect("one channel at least");
-        let mut results: Vec<Option<Result<DispatchOutput>>> = (0..nc).map(|_| None).collect();
-        let (r0, others) = results.split_first_mut().expect("one channel at least");
-        self.workers.in_place_scope(|s| {
-            for (((ep, sink), part), slot) in rest.iter_mut().zip(&mut sinks).zip(parts).zip(others)
-            {
-                let run = &run;
-                s.spawn(move |_| {
-                    // The sink must go (and with it its end of the shape channel) when the
-                    // job ends, so that channel 0 never waits for a finished channel.
-                    let r = run(part, ep, sink);
-                    sink.close();
-                    *slot = Some(r);
-                });
-            }
-            let r = run(first, ep0, &mut lead);
-            lead.close();
-            *r0 = Some(r);
-        });
-        let results = results
-            .into_iter()
-            .map(|r| r.expect("every channel's job ran"))
-            .collect();
+        let results = self.each_with_first(
+            |ep| {
+                let r = run(&parts[0], ep, &mut lead);
+                lead.close();
+                r
+            },
+            |c, ep| {
+                let sink = sinks.lock().unwrap()[c - 1].take().expect("one sink each");
+                // The sink must go (and with it its end of the shape channel) when the job
+                // ends, so that channel 0 never waits for a finished channel.
+                let r = run(&parts[c], ep, sink);
+                sink.close();
+                r
+            },
+        );
         let outs = first_error(results)?;
         Ok(merge(outs, args.expert_alignment))
     }
