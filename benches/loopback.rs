@@ -1,7 +1,8 @@
 //! Loopback dispatch + combine throughput (token payload bytes per second, all ranks
 //! together) against a plain memcpy of the same bytes, measured in the same run.
 //! A second table runs the same worlds over two channels per rank (each its own loopback
-//! world and thread, as `Buffer` runs them) against one, measured in the same run.
+//! world and thread, as `Buffer` runs them) against one, in interleaved pairs of runs (the
+//! ratio of each pair, and their median), measured in the same run.
 //! `cargo bench --bench loopback`.
 
 use std::hint::black_box;
@@ -18,6 +19,8 @@ use dualcomm_core::{
 const HIDDEN: usize = 7168;
 const TOPK: usize = 8;
 const ROUNDS: usize = 9;
+/// Runs of each channel count per world in the channel table, paired.
+const PAIRS: usize = 5;
 
 /// Seconds and payload bytes of all ranks' dispatches, then of their combines, and the
 /// CPU seconds the process spent on each (all threads: ranks and channels).
@@ -280,25 +283,57 @@ fn main() {
         }
     }
     println!();
-    println!("two channels per rank against one, same worlds (GB/s; ratio > 1: faster)");
     println!(
-        "{:<6} {:>7} {:<9} {:>12} {:>12} {:>8}",
-        "world", "tokens", "op", "1 ch GB/s", "2 ch GB/s", "ratio"
+        "two channels per rank against one, same worlds, {PAIRS} interleaved pairs of runs (GB/s: medians; ratio > 1: faster)"
+    );
+    println!(
+        "{:<6} {:>7} {:<9} {:>12} {:>12} {:>8} {:>15}",
+        "world", "tokens", "op", "1 ch GB/s", "2 ch GB/s", "ratio", "pair ratios"
     );
     for (nodes, rpn, tokens) in [(1, 2, 1024), (2, 2, 512), (2, 1, 1024)] {
-        let one = world(nodes, rpn, tokens, 1);
-        let two = world(nodes, rpn, tokens, 2);
+        // One run of each per pair, the order alternating from pair to pair, so that the
+        // machine's drift (shared cores) weighs on both alike; each pair gives a ratio.
+        let pairs: Vec<[Timing; 2]> = (0..PAIRS)
+            .map(|p| {
+                if p % 2 == 0 {
+                    let one = world(nodes, rpn, tokens, 1);
+                    [one, world(nodes, rpn, tokens, 2)]
+                } else {
+                    let two = world(nodes, rpn, tokens, 2);
+                    [world(nodes, rpn, tokens, 1), two]
+                }
+            })
+            .collect();
         for (i, name) in ["dispatch", "combine"].into_iter().enumerate() {
             let rate = |t: &Timing| t[i].1 as f64 / t[i].0 / 1e9;
+            let one = median(pairs.iter().map(|p| rate(&p[0])).collect());
+            let two = median(pairs.iter().map(|p| rate(&p[1])).collect());
+            let ratios: Vec<f64> = pairs.iter().map(|p| rate(&p[1]) / rate(&p[0])).collect();
+            let (lo, hi) = (
+                ratios.iter().copied().fold(f64::INFINITY, f64::min),
+                ratios.iter().copied().fold(0.0, f64::max),
+            );
             println!(
-                "{:<6} {:>7} {:<9} {:>12.2} {:>12.2} {:>7.2}x",
+                "{:<6} {:>7} {:<9} {:>12.2} {:>12.2} {:>7.2}x {:>15}",
                 format!("{nodes}x{rpn}"),
                 tokens,
                 name,
-                rate(&one),
-                rate(&two),
-                rate(&two) / rate(&one)
+                one,
+                two,
+                median(ratios),
+                format!("{lo:.2}-{hi:.2}x")
             );
         }
+    }
+}
+
+/// The middle value (the mean of the two middle ones for an even count).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
