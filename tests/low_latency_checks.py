@@ -116,7 +116,7 @@ def run_rank(
                         else:
                             assert recv_x.shape == (local, cap, hidden) and recv_x.dtype == torch.bfloat16
                             simulated = recv_x.clone()
-                        src_info, layout_range = handle[0].to(me.x.device), handle[1].to(me.x.device)
+                        src_info, layout_range = handle[0], handle[1]  # on the device of x, as DeepEP's
                         assert handle[2] == max_tokens and handle[3] == hidden and handle[4] == num_experts
                         for e in range(local):
                             expert = rank * local + e

@@ -34,7 +34,10 @@ def pretend_device(monkeypatch):
                 stack.extend(v.values())
         return None
 
-    monkeypatch.setattr(staging, "_device_of", device_of)
+    monkeypatch.setattr(staging, "device_of", device_of)
+    # What the adapter allocates "on the device" is marked too, so a test can tell a result
+    # that was moved from one left behind on the host.
+    monkeypatch.setattr(staging, "device_empty", lambda like, device: torch.empty_like(like).as_subclass(Marked))
 
 
 def _mark(t: torch.Tensor) -> torch.Tensor:
@@ -107,6 +110,59 @@ def test_staged_low_latency_hook_and_out(pretend_device):
         combined, _, _ = buf.low_latency_combine(rx, idx, w, handle, out=out)
         ref, _, _ = buf.low_latency_combine(direct, idx, w, dhandle)
         return ok and combined is out and torch.equal(out.as_subclass(torch.Tensor), ref)
+
+    assert all(run_loopback(1, 2, body, low_latency_mode=True))
+
+
+def _on_device(t: object) -> bool:
+    return isinstance(t, Marked)
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_staged_dispatch_handle_entries_are_on_the_device(pretend_device, nodes):
+    """DeepEP's callers read `handle[0]` (one node: the rank prefix matrix) or `handle[-4]`
+    (several: the global rank prefix sum) next to their device tensors; the handle still
+    works for combine and a cached dispatch."""
+
+    def body(buf):
+        g = torch.Generator().manual_seed(buf.rank)
+        x = torch.randn(9, 16, generator=g).bfloat16()
+        in_rank = torch.rand(9, 4, generator=g) < 0.5
+        direct = buf.dispatch(x, is_token_in_rank=in_rank)
+        recv, _, _, _, handle, _ = buf.dispatch(_mark(x), is_token_in_rank=_mark(in_rank))
+        entry = 0 if nodes == 1 else -4
+        ok = _on_device(handle[entry]) and torch.equal(handle[entry], direct[4][entry])
+        ok &= all(_on_device(t) for t in handle if isinstance(t, torch.Tensor))
+        cached = buf.dispatch(_mark(x), handle=handle)[0]
+        ok &= _on_device(cached) and torch.equal(cached, direct[0])
+        combined = buf.combine(recv, handle)[0]
+        return ok and _on_device(combined) and torch.equal(combined, buf.combine(direct[0], direct[4])[0])
+
+    assert all(run_loopback(nodes, 4 // nodes, body))
+
+
+def test_staged_low_latency_handle_and_zero_copy_buffer_are_on_the_device(pretend_device):
+    """DeepEP's test_low_latency checks `handle[0]` (source indices) and `handle[1]` (layout
+    ranges) against device tensors, and fills `get_next_low_latency_combine_buffer(handle)`
+    on the device for a zero-copy combine."""
+
+    def body(buf):
+        g = torch.Generator().manual_seed(buf.rank)
+        x = torch.randn(5, 128, generator=g).bfloat16()
+        idx = torch.randint(0, 8, (5, 2), generator=g)
+        w = torch.rand(5, 2, generator=g)
+        direct, _, dhandle, _, _ = buf.low_latency_dispatch(x, idx, 8, 8, use_fp8=False)
+        ref, _, _ = buf.low_latency_combine(direct, idx, w, dhandle)
+        rx, _, handle, event, _ = buf.low_latency_dispatch(_mark(x), _mark(idx), 8, 8, use_fp8=False, async_finish=True)
+        event.current_stream_wait()  # the handle's device entries are filled here, too
+        ok = all(_on_device(handle[i]) and torch.equal(handle[i], dhandle[i]) for i in (0, 1))
+        ok &= tuple(handle[2:]) == tuple(dhandle[2:])
+        zc = buf.get_next_low_latency_combine_buffer(handle)
+        ok &= zc.device == DEVICE and zc.data_ptr() != buf.get_next_low_latency_combine_buffer(dhandle).data_ptr()
+        zc = buf.get_next_low_latency_combine_buffer(handle)
+        zc.copy_(rx)
+        combined, _, _ = buf.low_latency_combine(_mark(torch.empty(0)), _mark(idx), _mark(w), handle, zero_copy=True)
+        return ok and _on_device(combined) and torch.equal(combined, ref)
 
     assert all(run_loopback(1, 2, body, low_latency_mode=True))
 

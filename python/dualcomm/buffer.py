@@ -14,7 +14,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
-from dualcomm import _checks
+from dualcomm import _checks, staging
 from dualcomm._arrays import tensor_of
 from dualcomm._native import (
     Endpoint,
@@ -745,8 +745,10 @@ class Buffer:
         )
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
-        """The bf16 tensor the next `low_latency_combine(..., zero_copy=True)` reads."""
-        return self._low_latency("get_next_low_latency_combine_buffer").next_combine_buffer(handle)
+        """The bf16 tensor the next `low_latency_combine(..., zero_copy=True)` reads, on the
+        device of the handle's tensors."""
+        ll = self._low_latency("get_next_low_latency_combine_buffer")
+        return ll.next_combine_buffer(handle, staging.device_of(handle))
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """DeepEP zeroes the flags of its low-latency buffer here. dualcomm's rings carry their

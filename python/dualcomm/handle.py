@@ -10,6 +10,7 @@ the layout they describe lives in the Rust core, which the handle carries as `na
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -34,6 +35,14 @@ class OpaqueTuple(tuple):  # type: ignore[type-arg]
 
     def __hash__(self) -> int:
         return id(self)
+
+    def with_items(self, items: Iterable[Any]) -> Any:
+        """This handle with other entries (a GPU caller's copies of its tensors). The two are
+        one handle, sharing one state: the layout in the core, and what is filled in once the
+        operation's data is in (a low-latency dispatch's slots) is seen through either."""
+        twin = tuple.__new__(type(self), items)
+        twin.__dict__ = self.__dict__
+        return twin
 
 
 class DispatchHandle(OpaqueTuple):

@@ -78,6 +78,8 @@ class LowLatency:
         self.num_ranks = num_ranks
         # DeepEP double-buffers: the next combine reads from the one not used last.
         self._combine_buffers: list[torch.Tensor | None] = [None, None]
+        #: A GPU caller's buffer of each slot (staged: copied into the host one at combine).
+        self._combine_twins: list[torch.Tensor | None] = [None, None]
         self._next_combine = 0
 
     def _check_handle(self, handle: object) -> LowLatencyHandle:
@@ -263,6 +265,9 @@ class LowLatency:
                     raise _checks.fail(
                         "zero_copy", "False unless get_next_low_latency_combine_buffer() was filled first", True
                     )
+                twin = self._combine_twins[self._next_combine]
+                if twin is not None:
+                    src.copy_(twin)
             else:
                 src = _checks.tensor("x", x, (torch.bfloat16,), 3)
             _checks.shape("x", src, (local, cap, hidden))
@@ -357,17 +362,26 @@ class LowLatency:
         )
         EventOverlap(event).current_stream_wait()
 
-    def next_combine_buffer(self, handle: object) -> torch.Tensor:
+    def next_combine_buffer(self, handle: object, device: torch.device | None = None) -> torch.Tensor:
         """The `[local experts, ranks x max tokens, hidden]` bf16 tensor the next
-        `zero_copy=True` combine reads, for the caller to fill."""
+        `zero_copy=True` combine reads, for the caller to fill: on `device` if given (a GPU
+        caller's; the combine copies it to the host one it reads)."""
         h = self._check_handle(handle)
         _, _, m, hidden, num_experts = h
         shape = (num_experts // self.num_ranks, self.num_ranks * m, hidden)
-        buf = self._combine_buffers[self._next_combine]
+        slot = self._next_combine
+        buf = self._combine_buffers[slot]
         if buf is None or tuple(buf.shape) != shape:
             buf = torch.zeros(shape, dtype=torch.bfloat16)
-            self._combine_buffers[self._next_combine] = buf
-        return buf
+            self._combine_buffers[slot] = buf
+        if device is None:
+            self._combine_twins[slot] = None
+            return buf
+        twin = self._combine_twins[slot]
+        if twin is None or tuple(twin.shape) != shape or twin.device != device:
+            twin = torch.zeros(shape, dtype=torch.bfloat16, device=device)
+            self._combine_twins[slot] = twin
+        return twin
 
 
 def _add_waits(stats: torch.Tensor | None, event: Any) -> None:

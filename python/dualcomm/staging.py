@@ -21,11 +21,12 @@ from typing import Any, TypeVar
 import torch
 
 from dualcomm.event import EventOverlap
+from dualcomm.handle import OpaqueTuple
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _device_of(values: Any) -> torch.device | None:
+def device_of(values: Any) -> torch.device | None:
     """The first non-CPU device among the tensors in `values` (nested in tuples, lists, dicts)."""
     stack = [values]
     while stack:
@@ -44,7 +45,7 @@ def _to_host(v: Any, copies: list[tuple[torch.Tensor, torch.Tensor, int]]) -> An
     """Host copies of the device tensors in `v`; each (copy, original, version) goes to
     `copies`, so that arguments the call updates in place can be copied back."""
     if isinstance(v, torch.Tensor):
-        if _device_of(v) is None:
+        if device_of(v) is None:
             return v
         host = v.detach().to("cpu", copy=True).as_subclass(torch.Tensor)
         copies.append((host, v, host._version))
@@ -54,16 +55,23 @@ def _to_host(v: Any, copies: list[tuple[torch.Tensor, torch.Tensor, int]]) -> An
     return v
 
 
-def _to_device(v: Any, device: torch.device, pending: list[tuple[torch.Tensor, torch.Tensor]] | None) -> Any:
-    """Device copies of the tensors in `v` (plain tuples and lists too; handles, events and
-    other objects pass as they are). With `pending`, the copies are only allocated and the
-    (host, device) pairs to fill later are collected."""
+def device_empty(like: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor on `device` with `like`'s shape, dtype and strides (the
+    low-latency scales are column-major, as DeepEP returns them)."""
+    return torch.empty_like(like, device=device)
+
+
+def _to_device(v: Any, device: torch.device, pending: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """Device tensors for the tensors in `v`, in plain tuples and lists and in handles (whose
+    entries DeepEP's callers compute with on the device: `handle[0]`). They are only
+    allocated here; the (host, device) pairs to fill go to `pending`. Events and other
+    objects pass as they are."""
     if isinstance(v, torch.Tensor):
-        if pending is None:
-            return v.to(device)
-        dst = torch.empty(v.shape, dtype=v.dtype, device=device)
+        dst = device_empty(v, device)
         pending.append((v, dst))
         return dst
+    if isinstance(v, OpaqueTuple):
+        return v.with_items([_to_device(x, device, pending) for x in v])
     if type(v) in (tuple, list):
         return type(v)(_to_device(x, device, pending) for x in v)
     return v
@@ -76,7 +84,7 @@ def staged(method: F) -> F:
 
     @functools.wraps(method)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        device = _device_of((args, kwargs))
+        device = device_of((args, kwargs))
         if device is None:
             return method(self, *args, **kwargs)
         # By name, however the caller passed them (positionally or not).
@@ -88,7 +96,7 @@ def staged(method: F) -> F:
         copies: list[tuple[torch.Tensor, torch.Tensor, int]] = []
         # An `out` tensor on the device is written in place, as DeepEP's callers expect.
         out_arg = given.get("out")
-        if not (isinstance(out_arg, torch.Tensor) and _device_of(out_arg) is not None):
+        if not (isinstance(out_arg, torch.Tensor) and device_of(out_arg) is not None):
             out_arg = None
         for name, value in list(given.items()):
             if name == "self" or name == "previous_event":
@@ -103,10 +111,10 @@ def staged(method: F) -> F:
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         if out_arg is not None and isinstance(out, tuple) and isinstance(out[0], torch.Tensor):
             pending.append((out[0], out_arg))
-            rest = _to_device(out[1:], device, pending if deferred else None)
+            rest = _to_device(out[1:], device, pending)
             result = (out_arg, *rest)
         else:
-            result = _to_device(out, device, pending if deferred else None)
+            result = _to_device(out, device, pending)
         if not deferred:
             for src, dst in pending:
                 dst.copy_(src)
