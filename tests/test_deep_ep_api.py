@@ -34,7 +34,11 @@ def _route(buf: Buffer, tokens: int = 6, hidden: int = 16):
 
 
 def test_config_takes_deep_ep_positional_forms_and_checks_them():
-    assert Config() == Config(20, 6, 256, 6, 256)
+    fields = ("num_sms", "num_max_nvl_chunked_send_tokens", "num_max_nvl_chunked_recv_tokens")
+    assert [getattr(Config(), f) for f in fields] == [20, 6, 256]
+    # A C++ object in DeepEP: equal to itself only, and usable as a dict key.
+    a, b = Config(24, 8, 256), Config(24, 8, 256)
+    assert a == a and a != b and {a: 1, b: 2}[a] == 1
     c = Config(24, 8, 256)  # DeepEP's intranode tests pass three
     # DeepEP's default rdma receive chunk is 256, rounded up to a multiple of the send chunk: 258.
     assert (c.num_max_rdma_chunked_send_tokens, c.num_max_rdma_chunked_recv_tokens) == (6, 258)
@@ -87,6 +91,22 @@ def test_hints_for_more_than_eight_ranks_size_nodes_of_eight_as_in_deep_ep(monke
     assert cfg.get_rdma_buffer_size_hint(row, 12) == 0
     monkeypatch.setenv("DUALCOMM_RANKS_PER_NODE", "16")
     assert cfg.get_rdma_buffer_size_hint(row, 16) == 0
+
+
+def test_hints_take_what_deep_eps_take(monkeypatch):
+    """DeepEP's hints are C++ methods over size_t and int: NumPy integers pass, a hidden size
+    of 0 is a size, and a node of one rank still gets nvl rings (DeepEP sizes one)."""
+    import numpy as np
+
+    monkeypatch.setenv("DUALCOMM_RANKS_PER_NODE", "1")
+    cfg = Buffer.get_dispatch_config(2)
+    assert cfg.get_nvl_buffer_size_hint(np.int64(256), np.int32(2)) == cfg.get_nvl_buffer_size_hint(256, 2) > 0
+    assert 0 < cfg.get_rdma_buffer_size_hint(0, 2) < cfg.get_rdma_buffer_size_hint(256, 2)
+    for bad in (1.0, True, "8"):
+        with pytest.raises(InvalidArgumentError, match="^hidden_bytes: expected a non-negative int"):
+            cfg.get_nvl_buffer_size_hint(bad, 2)
+    with pytest.raises(InvalidArgumentError, match="^hidden_bytes: expected a non-negative int"):
+        cfg.get_rdma_buffer_size_hint(-1, 2)
 
 
 @pytest.mark.parametrize(
@@ -303,3 +323,39 @@ def test_low_latency_rdma_buffer_is_where_low_latency_tokens_land():
 
     for before, after in run_loopback(1, 2, body, low_latency_mode=True):
         assert before == 0 and after >= 256  # the other rank's row is in the low-latency rings
+
+
+def _under_deep_ep_defaults(buf):
+    """One rank's normal and low-latency rounds on CPU tensors while the thread's default
+    device is one dualcomm cannot compute on (meta: as CUDA is after DeepEP's `init_dist`)."""
+    torch.set_default_device("meta")
+    try:
+        g = torch.Generator().manual_seed(buf.rank)
+        x = torch.randn(6, 128, generator=g, device="cpu").bfloat16()
+        idx = torch.randint(0, 8, (6, 2), generator=g, device="cpu")
+        w = torch.rand(6, 2, generator=g, device="cpu", dtype=torch.float32)
+        in_rank = buf.get_dispatch_layout(idx, 8)[3]
+        recv, _, _, _, handle, _ = buf.dispatch(x, is_token_in_rank=in_rank)
+        combined = buf.combine(recv, handle)[0]
+        ok = combined.device.type == "cpu"
+        ok &= torch.equal(combined.float(), x.float() * in_rank.sum(1, keepdim=True).float())
+        rx, _, ll_handle, _, _ = buf.low_latency_dispatch(x, idx, 8, 8, use_fp8=False)
+        buf.get_next_low_latency_combine_buffer(ll_handle).copy_(rx)
+        ll = buf.low_latency_combine(rx, idx, w, ll_handle, zero_copy=True)[0]
+        # Every expert returns its input, so each token comes back weighted by its weights' sum.
+        want = (x.float() * w.sum(1, keepdim=True)).bfloat16()
+        ok &= ll.device.type == "cpu" and torch.allclose(ll.float(), want.float(), rtol=1e-2, atol=1e-2)
+        return ok and torch.get_default_device().type == "meta"
+    finally:
+        torch.set_default_device(None)
+
+
+def test_the_callers_default_device_and_dtype_do_not_reach_the_cpu_path():
+    """DeepEP's `init_dist` makes bfloat16 the default dtype and CUDA the default device;
+    the tensors dualcomm makes for itself stay float32-exact and on the host."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        assert all(run_loopback(1, 2, _under_deep_ep_defaults, low_latency_mode=True))
+    finally:
+        torch.set_default_dtype(before)

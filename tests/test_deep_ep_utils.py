@@ -71,7 +71,7 @@ def _deep_ep_style_rank(local_rank: int, port: int, out) -> None:
     import deep_ep
 
     # Every name DeepEP's own tests (tests/legacy) import from its utils.
-    from deep_ep.utils.envs import dist_print, init_dist
+    from deep_ep.utils.envs import dist_print, get_logical_domain_size, get_physical_domain_size, init_dist
     from deep_ep.utils.math import (  # noqa: F401
         calc_diff,
         create_grouped_scores,
@@ -83,6 +83,10 @@ def _deep_ep_style_rank(local_rank: int, port: int, out) -> None:
     from deep_ep.utils.testing import bench, bench_kineto  # noqa: F401
 
     rank, num_ranks, group = init_dist(local_rank, 2)
+    domains = [get_physical_domain_size(group), get_logical_domain_size(group, False)]
+    os.environ["DUALCOMM_RANKS_PER_NODE"] = "1"  # two emulated nodes of one rank
+    domains += [get_physical_domain_size(group), get_logical_domain_size(group), get_logical_domain_size(group, False)]
+    os.environ["DUALCOMM_RANKS_PER_NODE"] = "2"
     # Seeded with the seed plus the rank, as DeepEP's: each rank draws its own data.
     draw = torch.rand(1).item()
     dist_print(f"rank {rank} up", once_in_node=True)
@@ -102,6 +106,8 @@ def _deep_ep_style_rank(local_rank: int, port: int, out) -> None:
             buffer.group_size,
             torch.equal(combined.float(), x.float() * in_rank.sum(1, keepdim=True)),
             draw == torch.rand(1).item(),
+            torch.get_default_dtype() == torch.bfloat16,  # DeepEP's default, which its tests rely on
+            domains == [(1, 2), (1, 2), (2, 1), (2, 1), (1, 2)],
         )
     )
     buffer.destroy()
@@ -117,7 +123,7 @@ def test_deep_ep_test_boilerplate_runs():
     got = sorted(out.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(timeout=30)
-    assert got == [(0, 2, 2, True, True), (1, 2, 2, True, True)]
+    assert got == [(0, 2, 2, True, True, True, True), (1, 2, 2, True, True, True, True)]
 
 
 def test_grouped_scores_keep_only_each_tokens_groups():

@@ -1,9 +1,19 @@
-"""NumPy arrays from the native layer as tensors."""
+"""NumPy arrays from the native layer as tensors, and the host as where they are made."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
+
+
+def on_host() -> contextlib.AbstractContextManager[object]:
+    """The CPU as the default device while the CPU data path makes its tensors, whatever the
+    caller's default is (DeepEP's `init_dist` makes it CUDA)."""
+    if torch.get_default_device().type == "cpu":
+        return contextlib.nullcontext()
+    return torch.device("cpu")
 
 
 def tensor_of(a: np.ndarray) -> torch.Tensor:

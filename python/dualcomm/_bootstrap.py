@@ -24,7 +24,13 @@ from dualcomm._native import (
     find_verbs_device,
     unlink_segment,
 )
-from dualcomm.config import auto_channels, deep_ep_ranks_per_node, resolve_ring_bytes, usable_cores
+from dualcomm.config import (
+    auto_channels,
+    deep_ep_ranks_per_node,
+    env_ranks_per_node,
+    resolve_ring_bytes,
+    usable_cores,
+)
 
 log = logging.getLogger("dualcomm")
 T = TypeVar("T")
@@ -122,6 +128,18 @@ def _ranks_per_node(infos: list[dict[str, Any]], override: int | None) -> int:
             f"hosts {hosts}",
         )
     return deep_ep_ranks_per_node(per_host)
+
+
+def node_layout(group: Any) -> tuple[int, int]:
+    """(nodes, ranks per node) a `Buffer` on `group` would have, with no `ranks_per_node`
+    passed: `DUALCOMM_RANKS_PER_NODE`, else the host names' blocks (a collective on `group`)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    infos: list[Any] = [None] * world
+    dist.all_gather_object(infos, {"host": socket.gethostname()}, group=group)
+    rpn = _ranks_per_node(infos, env_ranks_per_node())
+    return world // rpn, rpn
 
 
 def agree_channels(group: Any, requested: int | None, num_sms: int) -> int:

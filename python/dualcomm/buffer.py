@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dualcomm import _checks, staging
-from dualcomm._arrays import tensor_of
+from dualcomm._arrays import on_host, tensor_of
 from dualcomm._native import (
     Endpoint,
     Handle,
@@ -336,12 +336,12 @@ class Buffer:
         raw = torch.from_numpy(ep.local_buffer(bool(use_rdma_buffer)))
         if offset > raw.numel():
             raise _checks.fail("offset", f"at most the buffer's {raw.numel()} bytes", offset)
-        item = torch.empty((), dtype=dtype).element_size()
+        item = dtype.itemsize
         tail = raw[offset:]
         n = tail.numel() // item
         # A tier without links has no rings: an empty tensor (a view of no bytes cannot take
         # a wider dtype).
-        t = tail[: n * item].view(dtype) if n else torch.empty(0, dtype=dtype)
+        t = tail[: n * item].view(dtype) if n else torch.empty(0, dtype=dtype, device="cpu")
         if size is None:
             return t
         want = int(torch.Size(size).numel())
@@ -748,7 +748,8 @@ class Buffer:
         """The bf16 tensor the next `low_latency_combine(..., zero_copy=True)` reads, on the
         device of the handle's tensors."""
         ll = self._low_latency("get_next_low_latency_combine_buffer")
-        return ll.next_combine_buffer(handle, staging.device_of(handle))
+        with on_host():
+            return ll.next_combine_buffer(handle, staging.device_of(handle))
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """DeepEP zeroes the flags of its low-latency buffer here. dualcomm's rings carry their
@@ -770,7 +771,8 @@ class Buffer:
 
     def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
         """Writes each rank's mask into `mask_status` (int32 `[num_ranks]`): 1 for masked."""
-        self._low_latency("low_latency_query_mask_buffer").query_mask(mask_status)
+        with on_host():
+            self._low_latency("low_latency_query_mask_buffer").query_mask(mask_status)
 
     def low_latency_clean_mask_buffer(self) -> None:
         """Unmasks every rank."""

@@ -15,6 +15,7 @@ token record each (any number of tokens streams through them), so here:
 
 from __future__ import annotations
 
+import operator
 import os
 from dataclasses import dataclass
 
@@ -109,9 +110,12 @@ def _round_up(n: int, to: int) -> int:
     return (n + to - 1) // to * to
 
 
-@dataclass
+@dataclass(eq=False)
 class Config:
     """DeepEP's performance knobs, with DeepEP's positional order and defaults.
+
+    As DeepEP's (a C++ object), two configs are equal only if they are one object, and a
+    config can be a dict key (callers cache their tuned configs by it).
 
     dualcomm's CPU path streams any number of tokens through rings of whatever size the
     buffer has, so the chunk sizes do not change what moves; they are checked as DeepEP checks
@@ -156,9 +160,9 @@ class Config:
         """`num_nvl_bytes` for rings holding `num_max_nvl_chunked_recv_tokens` records of
         `hidden_bytes` from each rank of the node."""
         _, rpn = _hint_layout(_positive("num_ranks", num_ranks))
-        if rpn == 1:
-            return 0
-        per_ring = self.num_max_nvl_chunked_recv_tokens * _record_bytes_bound(_positive("hidden_bytes", hidden_bytes))
+        per_ring = self.num_max_nvl_chunked_recv_tokens * _record_bytes_bound(
+            _non_negative("hidden_bytes", hidden_bytes)
+        )
         return _round_up(rpn * per_ring, 128)
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
@@ -167,14 +171,29 @@ class Config:
         nodes, _ = _hint_layout(_positive("num_ranks", num_ranks))
         if nodes == 1:
             return 0
-        per_ring = self.num_max_rdma_chunked_recv_tokens * _record_bytes_bound(_positive("hidden_bytes", hidden_bytes))
+        per_ring = self.num_max_rdma_chunked_recv_tokens * _record_bytes_bound(
+            _non_negative("hidden_bytes", hidden_bytes)
+        )
         return _round_up(nodes * per_ring, 128)
 
 
+def _count(name: str, v: object, least: int, want: str) -> int:
+    """`v` as an int of at least `least`: any integer type (`numpy.int64` too, as DeepEP's
+    pybind arguments take), not a bool or a float."""
+    if isinstance(v, bool) or not hasattr(type(v), "__index__"):
+        raise _checks.fail(name, want, repr(v))
+    n = operator.index(v)  # type: ignore[arg-type]
+    if n < least:
+        raise _checks.fail(name, want, repr(v))
+    return n
+
+
 def _positive(name: str, v: object) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise _checks.fail(name, "a positive int", repr(v))
-    return v
+    return _count(name, v, 1, "a positive int")
+
+
+def _non_negative(name: str, v: object) -> int:
+    return _count(name, v, 0, "a non-negative int")
 
 
 def resolve_ring_bytes(requested: int, senders: int, has_links: bool) -> int:

@@ -101,8 +101,11 @@ class EventOverlap:
             return
         result = self.event.wait()
         if self._on_done is not None:
+            from dualcomm._arrays import on_host
+
             on_done, self._on_done = self._on_done, None
-            on_done(result)
+            with on_host():
+                on_done(result)
         self._run_then()
 
     def _run_then(self) -> None:

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from dualcomm._arrays import on_host
 from dualcomm.event import EventOverlap
 from dualcomm.handle import OpaqueTuple
 
@@ -84,6 +85,10 @@ def staged(method: F) -> F:
 
     @functools.wraps(method)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with on_host():
+            return run(self, *args, **kwargs)
+
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
         device = device_of((args, kwargs))
         if device is None:
             return method(self, *args, **kwargs)
