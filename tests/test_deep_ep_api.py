@@ -240,6 +240,46 @@ def test_events_follow_deep_ep():
     assert all(run_loopback(1, 2, body))
 
 
+def test_an_event_is_there_only_when_asked_for_as_in_deep_ep():
+    """DeepEP returns an event only for `async_finish=True`; a synchronous call's, and a call
+    with a receive hook, is `EventOverlap(None)`. dualcomm's spent event still has its times."""
+
+    def body(buf):
+        x, args = _route(buf)
+        idx = args["topk_idx"]
+        events = {}
+        events["layout"] = buf.get_dispatch_layout(idx, 4)[-1]
+        events["layout async"] = buf.get_dispatch_layout(idx, 4, async_finish=True)[-1]
+        recv, _, _, _, handle, events["dispatch"] = buf.dispatch(x, **args)
+        *_, events["dispatch async"] = buf.dispatch(x, async_finish=True, **args)
+        events["dispatch async"].current_stream_wait()
+        events["combine"] = buf.combine(recv, handle)[-1]
+        x128 = torch.randn(6, 128).bfloat16()
+        rx, _, ll, events["ll dispatch"], _ = buf.low_latency_dispatch(x128, idx, 8, 4, use_fp8=False)
+        *_, events["ll dispatch hook"], hook = buf.low_latency_dispatch(
+            x128, idx, 8, 4, use_fp8=False, return_recv_hook=True
+        )
+        hook()
+        w = torch.rand(6, 2)
+        *_, events["ll combine async"], _ = buf.low_latency_combine(rx, idx, w, ll, async_finish=True)
+        events["ll combine async"].current_stream_wait()
+        spans = events["dispatch"].timestamps()
+        return {k: e.event is None for k, e in events.items()}, spans is not None and spans[0] <= spans[1]
+
+    for present, timed in run_loopback(1, 2, body, low_latency_mode=True):
+        assert present == {
+            "layout": True,
+            "layout async": False,
+            "dispatch": True,
+            "dispatch async": False,
+            "combine": True,
+            "ll dispatch": True,
+            "ll dispatch hook": True,
+            "ll combine async": False,
+        }
+        assert timed
+
+
 def test_handles_index_like_deep_ep_and_stay_opaque_elsewhere():
     def body(buf):
         x, args = _route(buf)

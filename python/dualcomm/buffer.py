@@ -384,7 +384,9 @@ class Buffer:
             tensor_of(per_node) if self.num_nodes > 1 else None,
             tensor_of(per_expert),
             tensor_of(in_rank).reshape(t, self.group_size),
-            EventOverlap(),
+            # Computed before it returns; asked for asynchronously, a (reached) stream point, as
+            # DeepEP returns an event then and None otherwise.
+            EventOverlap(EventHandle() if async_finish else None),
         )
 
     # ---- dispatch ---------------------------------------------------------------------------
@@ -523,7 +525,7 @@ class Buffer:
             on_done = per_expert.extend
         event = EventOverlap(native_event, extra_tensors=(recv_data,), on_done=on_done)
         if not async_finish:
-            event.current_stream_wait()
+            event.retire()
         # A cached dispatch hands back no handle, as DeepEP's: the caller keeps the one it passed.
         out_handle: DispatchHandle | None = None
         if handle is None:
@@ -647,7 +649,7 @@ class Buffer:
             combined_w = tensor_of(out_w).reshape(t, w_np.shape[1])
         event = EventOverlap(native_event, extra_tensors=(combined,), on_done=on_done)
         if not async_finish:
-            event.current_stream_wait()
+            event.retire()
         return combined, combined_w, event
 
     @staticmethod

@@ -75,6 +75,8 @@ class EventOverlap:
         on_done: Callable[[Any], None] | None = None,
     ) -> None:
         self.event = event
+        #: A synchronous call's native event once `retire`d (for `timestamps`).
+        self._retired: Any = None
         self.extra_tensors = extra_tensors
         self._on_done = on_done
         self._release_handle_by_call = False
@@ -114,10 +116,18 @@ class EventOverlap:
 
     def then(self, step: Callable[[], None]) -> None:
         """Runs `step` once the operation and its completing steps are done (dualcomm's own
-        use: the copies back to a GPU of a staged call); at once if there is nothing to wait for."""
+        use: the copies back to a GPU of a staged call); at once if there is nothing to wait
+        for, or only a stream point (an `EventHandle`: the host work before it is done)."""
         self._then.append(step)
-        if self.event is None:
+        if self.event is None or isinstance(self.event, EventHandle):
             self._run_then()
+
+    def retire(self) -> EventOverlap:
+        """A synchronous call's event, waited for: as DeepEP's (`EventOverlap(None)`), its
+        `event` is None from now on; `timestamps()` still reports the operation."""
+        self.current_stream_wait()
+        self._retired, self.event = self.event, None
+        return self
 
     def register_hook_after_wait(self, hook_after_wait: Callable[[], Any]) -> None:
         """Runs `hook_after_wait` once, right after the next `current_stream_wait()`."""
@@ -140,7 +150,7 @@ class EventOverlap:
 
     def timestamps(self) -> tuple[float, float] | None:
         """When the operation started and ended on the progress engine (`time.time()` clock)."""
-        stamps = getattr(self.event, "timestamps", None)
+        stamps = getattr(self.event if self.event is not None else self._retired, "timestamps", None)
         return None if stamps is None else tuple(stamps())  # type: ignore[return-value]
 
     def __call__(self, release_handle: bool = False) -> EventOverlap:

@@ -229,13 +229,9 @@ class LowLatency:
             slots[valid] = slot_of[ridx[valid], rr[valid]]
             handle.slots = slots
 
-        event = EventOverlap(native_event, extra_tensors=(xt, idx, packed_x), on_done=lay_out)
-        handle.complete = event.current_stream_wait
-        hook: Callable[[], None] | None = None
-        if return_recv_hook:
-            hook = traced_hook("low_latency::dispatch", event.current_stream_wait)
-        elif not async_finish:
-            event.current_stream_wait()
+        waiter = EventOverlap(native_event, extra_tensors=(xt, idx, packed_x), on_done=lay_out)
+        handle.complete = waiter.current_stream_wait
+        event, hook = _as_deep_ep_returns(waiter, "dispatch", async_finish, return_recv_hook)
         recv_x: Any = (packed_x, packed_scales) if use_fp8 else packed_x
         return recv_x, recv_count, handle, event, hook
 
@@ -295,12 +291,8 @@ class LowLatency:
             if out is not None:
                 out.copy_(result)
 
-        event = EventOverlap(native_event, extra_tensors=(src, idx, w, combined), on_done=on_done)
-        hook: Callable[[], None] | None = None
-        if return_recv_hook:
-            hook = traced_hook("low_latency::combine", event.current_stream_wait)
-        elif not async_finish:
-            event.current_stream_wait()
+        waiter = EventOverlap(native_event, extra_tensors=(src, idx, w, combined), on_done=on_done)
+        event, hook = _as_deep_ep_returns(waiter, "combine", async_finish, return_recv_hook)
         return combined, event, hook
 
     def _wait_stats(self, name: str, stats: object) -> torch.Tensor | None:
@@ -382,6 +374,19 @@ class LowLatency:
             twin = torch.zeros(shape, dtype=torch.bfloat16, device=device)
             self._combine_twins[slot] = twin
         return twin
+
+
+def _as_deep_ep_returns(
+    waiter: EventOverlap, operation: str, async_finish: bool, return_recv_hook: bool
+) -> tuple[EventOverlap, Callable[[], None] | None]:
+    """The (event, hook) DeepEP returns for the operation `waiter` waits on: with a receive
+    hook, no event (its `event` is None) and the hook, which completes the receive; with
+    `async_finish`, the event; else, once the operation is done, a spent event."""
+    if return_recv_hook:
+        return EventOverlap(), traced_hook(f"low_latency::{operation}", waiter.current_stream_wait)
+    if not async_finish:
+        waiter.retire()
+    return waiter, None
 
 
 def _add_waits(stats: torch.Tensor | None, event: Any) -> None:
