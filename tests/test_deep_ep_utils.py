@@ -98,6 +98,12 @@ def _deep_ep_style_rank(local_rank: int, port: int, out) -> None:
         x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert
     )
     combined, _, _ = buffer.combine(recv, handle)
+    # DeepEP 2's buffer on the same group: its combine is an unweighted sum of the rows sent back.
+    elastic = deep_ep.ElasticBuffer(group, num_max_tokens_per_rank=4, hidden=128, explicitly_destroy=True)
+    erecv, _, _, ehandle, _ = elastic.dispatch(x, topk_idx, num_experts=4)
+    ecombined, _, _ = elastic.combine(erecv, ehandle)
+    elastic_ok = torch.equal(ecombined.float(), x.float() * in_rank.sum(1, keepdim=True))
+    elastic.destroy()
     torch.manual_seed(rank)
     out.put(
         (
@@ -108,6 +114,7 @@ def _deep_ep_style_rank(local_rank: int, port: int, out) -> None:
             draw == torch.rand(1).item(),
             torch.get_default_dtype() == torch.bfloat16,  # DeepEP's default, which its tests rely on
             domains == [(1, 2), (1, 2), (2, 1), (2, 1), (1, 2)],
+            elastic_ok,
         )
     )
     buffer.destroy()
@@ -123,7 +130,7 @@ def test_deep_ep_test_boilerplate_runs():
     got = sorted(out.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(timeout=30)
-    assert got == [(0, 2, 2, True, True, True, True), (1, 2, 2, True, True, True, True)]
+    assert got == [(0, 2, 2, True, True, True, True, True), (1, 2, 2, True, True, True, True, True)]
 
 
 def test_grouped_scores_keep_only_each_tokens_groups():

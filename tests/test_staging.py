@@ -167,6 +167,29 @@ def test_staged_low_latency_handle_and_zero_copy_buffer_are_on_the_device(preten
     assert all(run_loopback(1, 2, body, low_latency_mode=True))
 
 
+def test_staged_elastic_buffer_handle_fields_are_on_the_device(pretend_device):
+    """DeepEP 2's tests read `handle.recv_src_metadata` and the prefix sums next to their
+    device tensors; the device handle still combines and caches."""
+    from dualcomm.elastic import ElasticBuffer
+
+    def body(buf):
+        eb = ElasticBuffer(buf.group, num_max_tokens_per_rank=8, hidden=128, over=buf)
+        g = torch.Generator().manual_seed(buf.rank)
+        x = torch.randn(8, 128, generator=g).bfloat16()
+        idx = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(8)])
+        direct, _, _, dhandle, _ = eb.dispatch(x, idx, num_experts=8)
+        rx, _, _, handle, _ = eb.dispatch(_mark(x), _mark(idx), num_experts=8)
+        ok = _on_device(rx) and torch.equal(rx, direct)
+        for name in ("recv_src_metadata", "psum_num_recv_tokens_per_scaleup_rank", "topk_idx"):
+            ok &= _on_device(getattr(handle, name)) and torch.equal(getattr(handle, name), getattr(dhandle, name))
+        cached = eb.dispatch(_mark(x), handle=handle)[0]
+        out = eb.combine(rx, handle)[0]
+        ok &= _on_device(cached) and torch.equal(cached, direct)
+        return ok and _on_device(out) and torch.equal(out, eb.combine(direct, dhandle)[0])
+
+    assert all(run_loopback(1, 2, body))
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 def test_deep_ep_semantics_on_cuda_tensors():

@@ -22,6 +22,7 @@ from dualcomm._native import (
     __version__,
 )
 from dualcomm.buffer import Buffer, Config, LoopbackGroup
+from dualcomm.elastic import ElasticBuffer, EPHandle
 from dualcomm.event import EventOverlap
 
 __all__ = [
@@ -32,6 +33,8 @@ __all__ = [
     "Config",
     "ConfigMismatchError",
     "DualcommError",
+    "EPHandle",
+    "ElasticBuffer",
     "EventOverlap",
     "Handle",
     "InternalError",

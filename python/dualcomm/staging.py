@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import torch
 
 from dualcomm._arrays import on_host
-from dualcomm.event import EventOverlap
+from dualcomm.event import EventHandle, EventOverlap
 from dualcomm.handle import OpaqueTuple
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -73,6 +73,9 @@ def _to_device(v: Any, device: torch.device, pending: list[tuple[torch.Tensor, t
         return dst
     if isinstance(v, OpaqueTuple):
         return v.with_items([_to_device(x, device, pending) for x in v])
+    move = getattr(v, "with_tensors", None)
+    if callable(move):  # a handle of tensor fields (DeepEP 2's EPHandle)
+        return move(lambda t: _to_device(t, device, pending))
     if type(v) in (tuple, list):
         return type(v)(_to_device(x, device, pending) for x in v)
     return v
@@ -96,7 +99,7 @@ def staged(method: F) -> F:
         bound = signature.bind(self, *args, **kwargs)
         given = bound.arguments
         previous = given.get("previous_event")
-        if isinstance(previous, EventOverlap) and previous.event is not None:
+        if isinstance(previous, EventHandle) or (isinstance(previous, EventOverlap) and previous.event is not None):
             previous.current_stream_wait()
         copies: list[tuple[torch.Tensor, torch.Tensor, int]] = []
         # An `out` tensor on the device is written in place, as DeepEP's callers expect.

@@ -27,6 +27,8 @@ import torch
 
 from dualcomm.buffer import Buffer
 from dualcomm.config import Config
+from dualcomm.deep_ep.utils.envs import get_logical_domain_size, get_physical_domain_size
+from dualcomm.elastic import ElasticBuffer, EPHandle
 from dualcomm.event import EventHandle, EventOverlap
 
 #: DeepEP's dtype for `topk_idx`.
@@ -34,7 +36,18 @@ topk_idx_t = torch.int64
 
 __version__ = "2.1.0+dualcomm"
 
-__all__ = ["Buffer", "Config", "EventHandle", "EventOverlap", "install", "topk_idx_t"]
+__all__ = [
+    "Buffer",
+    "Config",
+    "EPHandle",
+    "ElasticBuffer",
+    "EventHandle",
+    "EventOverlap",
+    "get_logical_domain_size",
+    "get_physical_domain_size",
+    "install",
+    "topk_idx_t",
+]
 
 _log = logging.getLogger("dualcomm")
 _ALIAS = "deep_ep"
