@@ -4,6 +4,7 @@ expected and what was given, and every check runs before anything is sent."""
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -64,3 +65,15 @@ def rows(name: str, t: torch.Tensor, n: int, what: str) -> None:
 def shape(name: str, t: torch.Tensor, want: Sequence[int]) -> None:
     if list(t.shape) != list(want):
         raise fail(name, f"shape {list(want)}", f"shape {list(t.shape)}")
+
+
+def integer(name: str, v: object, least: int, want: str | None = None) -> int:
+    """`v` as an int of at least `least`: any integer type (`numpy.int64` too, as DeepEP's
+    pybind arguments take), not a bool or a float."""
+    want = want or f"an int >= {least}"
+    if isinstance(v, bool) or not hasattr(type(v), "__index__"):
+        raise fail(name, want, describe(v))
+    n = operator.index(v)  # type: ignore[arg-type]
+    if n < least:
+        raise fail(name, want, n)
+    return n

@@ -15,7 +15,6 @@ token record each (any number of tokens streams through them), so here:
 
 from __future__ import annotations
 
-import operator
 import os
 from dataclasses import dataclass
 
@@ -177,23 +176,12 @@ class Config:
         return _round_up(nodes * per_ring, 128)
 
 
-def _count(name: str, v: object, least: int, want: str) -> int:
-    """`v` as an int of at least `least`: any integer type (`numpy.int64` too, as DeepEP's
-    pybind arguments take), not a bool or a float."""
-    if isinstance(v, bool) or not hasattr(type(v), "__index__"):
-        raise _checks.fail(name, want, repr(v))
-    n = operator.index(v)  # type: ignore[arg-type]
-    if n < least:
-        raise _checks.fail(name, want, repr(v))
-    return n
-
-
 def _positive(name: str, v: object) -> int:
-    return _count(name, v, 1, "a positive int")
+    return _checks.integer(name, v, 1, "a positive int")
 
 
 def _non_negative(name: str, v: object) -> int:
-    return _count(name, v, 0, "a non-negative int")
+    return _checks.integer(name, v, 0, "a non-negative int")
 
 
 def resolve_ring_bytes(requested: int, senders: int, has_links: bool) -> int:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -53,15 +52,6 @@ ElasticInput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 def _align(n: int, to: int) -> int:
     return (n + to - 1) // to * to
-
-
-def _int(name: str, v: object, least: int) -> int:
-    if isinstance(v, bool) or not hasattr(type(v), "__index__"):
-        raise _checks.fail(name, f"an int >= {least}", _checks.describe(v))
-    n = operator.index(v)  # type: ignore[arg-type]
-    if n < least:
-        raise _checks.fail(name, f"an int >= {least}", n)
-    return n
 
 
 def _rows_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -173,16 +163,16 @@ class ElasticBuffer:
         *,
         over: Buffer | None = None,
     ) -> None:
-        self.num_max_tokens_per_rank = _int("num_max_tokens_per_rank", num_max_tokens_per_rank, 0)
-        hidden = _int("hidden", hidden, 0)
-        num_topk = _int("num_topk", num_topk, 0)
-        if _int("num_cpu_bytes", num_cpu_bytes, 0):
+        self.num_max_tokens_per_rank = _checks.integer("num_max_tokens_per_rank", num_max_tokens_per_rank, 0)
+        hidden = _checks.integer("hidden", hidden, 0)
+        num_topk = _checks.integer("num_topk", num_topk, 0)
+        if _checks.integer("num_cpu_bytes", num_cpu_bytes, 0):
             raise _checks.fail("num_cpu_bytes", "0 (dualcomm keeps no Engram storage)", num_cpu_bytes)
         if num_bytes is None:
             num_bytes = ElasticBuffer._size_hint(
                 1, self.num_max_tokens_per_rank, hidden, num_topk, bool(use_fp8_dispatch)
             )
-        elif _int("num_bytes", num_bytes, 0) % BUFFER_ALIGNMENT:
+        elif _checks.integer("num_bytes", num_bytes, 0) % BUFFER_ALIGNMENT:
             raise _checks.fail("num_bytes", f"a multiple of {BUFFER_ALIGNMENT} (2 MiB)", num_bytes)
         if not num_cpu_timeout_secs or float(num_cpu_timeout_secs) <= 0:
             raise _checks.fail("num_cpu_timeout_secs", "a positive number of seconds", num_cpu_timeout_secs)
@@ -203,7 +193,7 @@ class ElasticBuffer:
         self.allow_hybrid_mode = bool(allow_hybrid_mode)
         self.allow_multiple_reduction = bool(allow_multiple_reduction)
         self.prefer_overlap_with_compute = bool(prefer_overlap_with_compute)
-        self.num_allocated_qps = _int("num_allocated_qps", num_allocated_qps, 0)
+        self.num_allocated_qps = _checks.integer("num_allocated_qps", num_allocated_qps, 0)
         self.explicitly_destroy = bool(explicitly_destroy)
         self.num_rdma_ranks, self.num_nvlink_ranks = b.num_nodes, b.ranks_per_node
         self.num_scaleout_ranks, self.num_scaleup_ranks = 1, self.num_ranks
@@ -235,9 +225,9 @@ class ElasticBuffer:
             raise _checks.fail("group", "a process group (or loopback group)", _checks.describe(group))
         return ElasticBuffer._size_hint(
             size,
-            _int("num_max_tokens_per_rank", num_max_tokens_per_rank, 1),
-            _int("hidden", hidden, 1),
-            _int("num_topk", num_topk, 0) or 32,
+            _checks.integer("num_max_tokens_per_rank", num_max_tokens_per_rank, 1),
+            _checks.integer("hidden", hidden, 1),
+            _checks.integer("num_topk", num_topk, 0) or 32,
             bool(use_fp8_dispatch),
         )
 
@@ -260,12 +250,12 @@ class ElasticBuffer:
         sm_write_gbs: float = 50,
     ) -> int:
         """An even SM count of at least 4, as DeepEP's: `Buffer.num_sms` (the GPU path's)."""
-        _int("num_experts", num_experts, 1)
-        _int("num_topk", num_topk, 0)
+        _checks.integer("num_experts", num_experts, 1)
+        _checks.integer("num_topk", num_topk, 0)
         return max(4, Buffer.num_sms // 2 * 2)
 
     def get_theoretical_num_qps(self, num_sms: int) -> int:
-        qps = min(_int("num_sms", num_sms, 1), 9)
+        qps = min(_checks.integer("num_sms", num_sms, 1), 9)
         return min(qps, self.num_allocated_qps) if self.num_allocated_qps else qps
 
     @staticmethod
@@ -354,12 +344,12 @@ class ElasticBuffer:
         else:
             if num_experts is None:
                 raise _checks.fail("num_experts", "an int (no handle to take it from)", None)
-            num_experts = _int("num_experts", num_experts, 1)
+            num_experts = _checks.integer("num_experts", num_experts, 1)
             if num_experts % self.num_ranks:
                 raise _checks.fail("num_experts", f"a multiple of the world size {self.num_ranks}", num_experts)
             m = self.num_max_tokens_per_rank if num_max_tokens_per_rank is None else num_max_tokens_per_rank
-            m = _int("num_max_tokens_per_rank", m, 1)
-            align = _int("expert_alignment", 1 if expert_alignment is None else expert_alignment, 1)
+            m = _checks.integer("num_max_tokens_per_rank", m, 1)
+            align = _checks.integer("expert_alignment", 1 if expert_alignment is None else expert_alignment, 1)
             idx = _checks.tensor("topk_idx", topk_idx, (torch.int64,), 2)
             _checks.rows("topk_idx", idx, t, "one per token of x")
             do_cpu_sync = True if do_cpu_sync is None else bool(do_cpu_sync)
