@@ -177,14 +177,13 @@ class ElasticBuffer:
         if not num_cpu_timeout_secs or float(num_cpu_timeout_secs) <= 0:
             raise _checks.fail("num_cpu_timeout_secs", "a positive number of seconds", num_cpu_timeout_secs)
         if over is None:
-            self._buffer = Buffer(group, 0, 0, explicitly_destroy=True, timeout=float(num_cpu_timeout_secs))
+            b = Buffer(group, 0, 0, explicitly_destroy=True, timeout=float(num_cpu_timeout_secs))
         elif not isinstance(over, Buffer) or over.group is not group:
             raise _checks.fail("over", "None or a dualcomm Buffer of this group", _checks.describe(over))
         else:
-            self._buffer = over
+            b = over
         #: A buffer made here is destroyed with this one; the caller's (`over`) is left as it is.
         self._owns_buffer = over is None
-        b = self._buffer
         self.group = group
         self.rank_idx: int = b.rank
         self.num_ranks: int = b.group_size
