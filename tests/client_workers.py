@@ -259,3 +259,85 @@ def _shrink_test(rank: int, world: int, num_nodes: int, seed: int, linger: bool)
         buffer.destroy()
         dist.barrier()
     return dict(calls=calls, seen=seen)
+
+
+def elastic_test_ep(rank: int, world: int, num_nodes: int, seed: int) -> dict[str, Any]:
+    """DeepEP 2's `tests/elastic/test_ep.py` sequence on CPU: gate scores from
+    `deep_ep.utils.gate`, an `ElasticBuffer` dispatch (bf16 and FP8, flat, expanded, cached)
+    checked against `deep_ep.utils.refs.dispatch`, and its combine of
+    `generate_pre_combine_data` rows against `refs.combine`, bitwise."""
+    deep_ep = _opt_in(world // num_nodes)
+    from deep_ep.utils.envs import init_seed
+    from deep_ep.utils.gate import get_unbalanced_scores
+    from deep_ep.utils.math import per_token_cast_back, per_token_cast_to_fp8
+    from deep_ep.utils.refs import combine as ref_combine
+    from deep_ep.utils.refs import dispatch as ref_dispatch
+    from deep_ep.utils.refs import generate_pre_combine_data, ordered_accumulate
+
+    init_seed(seed)
+    max_tokens, hidden, num_topk, num_experts = 12, 256, 4, 4 * world
+    num_tokens = max(1, max_tokens - rank)
+    buffer = deep_ep.ElasticBuffer(
+        dist.group.WORLD, num_max_tokens_per_rank=max_tokens, hidden=hidden, num_topk=num_topk, explicitly_destroy=True
+    )
+    scaleout, scaleup = buffer.get_logical_domain_size()
+    scores = get_unbalanced_scores(num_tokens, num_experts, buffer.num_ranks, num_topk, 2.0, True)
+    topk_weights, topk_idx = torch.topk(scores, num_topk, dim=-1, largest=True, sorted=False)
+    topk_idx = topk_idx.to(deep_ep.topk_idx_t)
+    topk_idx[0, -1] = -1  # a masked lane, as test_ep's `masked_ratio`
+    topk_weights.masked_fill_(topk_idx < 0, 0)
+    checked = []
+    for use_fp8 in (False, True):
+        x = torch.randn((num_tokens, hidden), dtype=torch.bfloat16)
+        x_in = per_token_cast_to_fp8(x) if use_fp8 else x
+        ref_recv_x, ref_recv_idx, ref_recv_w, ref_src, _ = ref_dispatch(
+            x_in, topk_idx, topk_weights, max_tokens, num_experts
+        )
+        bias = torch.randn((num_tokens, hidden), dtype=torch.bfloat16)
+        ref_y = generate_pre_combine_data(rank * max_tokens + torch.arange(num_tokens), max_tokens, num_topk, hidden)
+        ref_y[topk_idx == -1] = 0
+        ref_combined = ref_combine(ref_y, topk_idx, scaleout, scaleup, num_experts, bias, True, False)
+
+        args = dict(
+            x=x_in,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+            num_max_tokens_per_rank=max_tokens,
+            num_experts=num_experts,
+            expert_alignment=1,
+            do_cpu_sync=True,
+        )
+        recv_x, recv_idx, recv_w, handle, _ = buffer.dispatch(**args)
+        n = handle.psum_num_recv_tokens_per_scaleup_rank[-1].item()
+        src = handle.recv_src_metadata[:n, 0]
+        # The rows arrive in a source order of their own: sort both by global token index.
+        order = torch.sort(src).indices
+        got_x = per_token_cast_back(*recv_x) if use_fp8 else recv_x
+        ref_x = per_token_cast_back(*ref_recv_x) if use_fp8 else ref_recv_x
+        ok = torch.equal(torch.sort(src).values, ref_src) and torch.equal(got_x[:n][order], ref_x)
+        ok &= torch.equal(recv_idx[:n][order], ref_recv_idx) and torch.equal(recv_w[:n][order], ref_recv_w)
+
+        cached_x, cached_idx, _, _, _ = buffer.dispatch(x=x_in, handle=handle)
+        ok &= torch.equal(per_token_cast_back(*cached_x) if use_fp8 else cached_x, got_x)
+
+        # Each expert rank sums its lanes of a token first (ordered_accumulate), then combine.
+        local_y = generate_pre_combine_data(src, max_tokens, num_topk, hidden)
+        local_y[recv_idx[:n] == -1] = 0
+        combine_in = torch.zeros((recv_x[0] if use_fp8 else recv_x).shape[0], hidden, dtype=torch.bfloat16)
+        combine_in[:n] = ordered_accumulate(local_y)
+        combined, combined_w, _ = buffer.combine(combine_in, handle, topk_weights=recv_w, bias=bias)
+        ok &= torch.equal(combined, ref_combined) and torch.equal(combined_w, topk_weights)
+
+        # Expanded: one row per (token, local expert), combined after a per-rank reduction.
+        ex_args = dict(args, do_expand=True, use_tma_aligned_col_major_sf=True)
+        ex_x, _, _, ex_handle, _ = buffer.dispatch(**ex_args)
+        slots = ex_handle.recv_src_metadata[:n, 2:]
+        ex_src = ex_handle.recv_src_metadata[:n, 0]
+        ex_y = generate_pre_combine_data(ex_src, max_tokens, num_topk, hidden)
+        ex_in = torch.empty(((ex_x[0] if use_fp8 else ex_x).shape[0] + 1, hidden), dtype=torch.bfloat16)
+        ex_in[slots.flatten()] = ex_y.view(-1, hidden)
+        ex_combined, _, _ = buffer.combine(ex_in[:-1], ex_handle, bias=bias)
+        ok &= torch.equal(ex_combined, ref_combined)
+        checked.append(bool(ok))
+    buffer.destroy()
+    return dict(checked=checked, domains=(scaleout, scaleup))

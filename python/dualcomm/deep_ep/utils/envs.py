@@ -1,12 +1,17 @@
 """`deep_ep.utils.envs`: `init_dist` and the helpers DeepEP's tests call, with DeepEP's
 defaults (bfloat16 default dtype; on a GPU host, one GPU per local rank and CUDA as the
-default device), on any host."""
+default device), on any host; and DeepEP's hardware probes, which answer 0 or False where
+the hardware (or the tool that reports it) is missing, as DeepEP's do."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import random
+import re
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +20,12 @@ import torch.distributed as dist
 from dualcomm._bootstrap import node_layout
 
 _local_rank: int | None = None
+#: The NIC the RDMA probes ask about unless told (`EP_NIC_NAME`, as DeepEP's).
+_DEFAULT_NIC_NAME = os.environ.get("EP_NIC_NAME", "mlx5_0")
+#: Where the kernel lists InfiniBand devices (read instead of running `ibstat`).
+_IB_SYSFS = Path("/sys/class/infiniband")
+#: The first NIC with fast RDMA atomics (ConnectX-8), by PCI device name.
+_FAST_ATOMICS_HCA = "MT4131"
 _local_seed = 0
 _global_seed = 0
 
@@ -103,3 +114,75 @@ def get_logical_domain_size(group: dist.ProcessGroup, allow_hybrid_mode: bool = 
     `allow_hybrid_mode` one scale-up domain of every rank."""
     nodes, rpn = get_physical_domain_size(group)
     return (nodes, rpn) if allow_hybrid_mode else (1, nodes * rpn)
+
+
+def check_nvlink_connections(group: dist.ProcessGroup) -> None:
+    """Refuses, as DeepEP does, a group of more than two PCIe GPUs (some have NVLink only
+    pairwise). Host tensors and GPUs other than PCIe ones need nothing checked."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return
+    name = torch.cuda.get_device_name()
+    if "PCIE" in name and group.size() > 2:
+        raise AssertionError(
+            f"check_nvlink_connections: {name} GPUs have pairwise NVLink only; got a group of {group.size()}"
+        )
+
+
+def check_torch_deterministic() -> None:
+    """Refuses deterministic algorithms together with `fill_uninitialized_memory` (DeepEP's
+    check: the fill runs a kernel on every `torch.empty`, which races its communication
+    stream)."""
+    if torch.are_deterministic_algorithms_enabled() and torch.utils.deterministic.fill_uninitialized_memory:  # type: ignore[attr-defined]
+        raise AssertionError(
+            "check_torch_deterministic: deterministic algorithms with fill_uninitialized_memory; turn one off"
+        )
+
+
+@functools.lru_cache
+def get_nvlink_gbs(factor: float = 0.9) -> float:
+    """The first GPU's NVLink bandwidth in GB/s over all its links (`nvidia-smi nvlink -s`),
+    times `factor`; 0 where it cannot be read (no GPU, no NVLink, no nvidia-smi). Cached."""
+    try:
+        out = subprocess.run(["nvidia-smi", "nvlink", "-s"], capture_output=True, text=True, check=True, timeout=30)
+        first_gpu = re.split(r"^GPU \d+:", out.stdout, flags=re.MULTILINE)[1]
+        links = [float(v) for v in re.findall(r"Link \d+:\s*([\d.]+) GB/s", first_gpu)]
+        if not links:
+            raise ValueError("no active NVLink in its report")
+        return sum(links) * factor
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError) as e:
+        print(f"Failed to get NVLink connection speed: {e}")
+        return 0
+
+
+def _nic(nic_name: str) -> Path:
+    path = _IB_SYSFS / nic_name
+    if not path.is_dir():
+        found = sorted(p.name for p in _IB_SYSFS.iterdir()) if _IB_SYSFS.is_dir() else []
+        raise FileNotFoundError(f"no RDMA device {nic_name!r} (present: {found or 'none'})")
+    return path
+
+
+@functools.lru_cache
+def check_fast_rdma_atomic_support(nic_name: str = _DEFAULT_NIC_NAME) -> bool:
+    """Whether `nic_name` is a ConnectX-8 (`MT4131`, DeepEP's test), from its sysfs
+    `hca_type`; False where there is no such device. Cached."""
+    try:
+        return (_nic(nic_name) / "hca_type").read_text().strip() == _FAST_ATOMICS_HCA
+    except OSError:
+        return False
+
+
+@functools.lru_cache
+def get_rdma_gbs(nic_name: str = _DEFAULT_NIC_NAME) -> float:
+    """The link rate of `nic_name`'s first port in GB/s (`400 Gb/sec` reads 50.0), from
+    sysfs; 0 where there is no such device. Cached."""
+    try:
+        ports = sorted((_nic(nic_name) / "ports").iterdir(), key=lambda p: int(p.name))
+        rate = (ports[0] / "rate").read_text()
+        match = re.match(r"\s*([\d.]+)\s*Gb/sec", rate)
+        if match is None:
+            raise ValueError(f"unreadable rate {rate.strip()!r}")
+        return float(match.group(1)) / 8
+    except (OSError, IndexError, ValueError) as e:
+        print(f"Failed to get RDMA connection speed: {e}")
+        return 0
