@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numpy as np
 import torch
@@ -22,3 +23,13 @@ def tensor_of(a: np.ndarray) -> torch.Tensor:
     tensors of different dtypes over one address (a rank with no tokens saving its outputs)."""
     t = torch.from_numpy(a)
     return t if t.numel() else torch.empty_like(t)
+
+
+def row_bytes(t: torch.Tensor) -> int:
+    """Bytes in one row (first dimension) of `t`."""
+    return t.element_size() * math.prod(t.shape[1:])
+
+
+def rows_as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """`t`'s rows as bytes, `[rows, bytes per row]` (explicit widths: there may be no rows)."""
+    return t.contiguous().view(torch.uint8).reshape(t.shape[0], row_bytes(t))

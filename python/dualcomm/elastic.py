@@ -27,7 +27,6 @@ provided (their calls raise `NotImplementedError`).
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 from dualcomm import _checks
-from dualcomm._arrays import tensor_of
+from dualcomm._arrays import rows_as_bytes, tensor_of
 from dualcomm.buffer import Buffer
 from dualcomm.event import EventHandle, EventOverlap
 from dualcomm.handle import DispatchHandle
@@ -52,11 +51,6 @@ ElasticInput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 def _align(n: int, to: int) -> int:
     return (n + to - 1) // to * to
-
-
-def _rows_bytes(t: torch.Tensor) -> torch.Tensor:
-    """`t`'s rows as bytes, `[rows, bytes per row]` (explicit widths: there may be no rows)."""
-    return t.contiguous().view(torch.uint8).reshape(t.shape[0], t.element_size() * math.prod(t.shape[1:]))
 
 
 @dataclass
@@ -382,8 +376,8 @@ class ElasticBuffer:
 
         # Each token's row, scales, weights and top-k, as one byte row.
         w_rows = torch.zeros(t, k, dtype=torch.float32) if weights is None else weights
-        parts = [_rows_bytes(data)] + ([_rows_bytes(sf)] if sf is not None else [])
-        parts += [_rows_bytes(w_rows), _rows_bytes(idx)]
+        parts = [rows_as_bytes(data)] + ([rows_as_bytes(sf)] if sf is not None else [])
+        parts += [rows_as_bytes(w_rows), rows_as_bytes(idx)]
         payload = torch.cat(parts, 1)
         if handle is None:
             recv, *_, inner, _ = b.dispatch(payload, is_token_in_rank=in_rank)
@@ -568,9 +562,9 @@ class ElasticBuffer:
         data, weights, lane, tokens, dest = self._rows_back(xt, w, h, layout)
         payload = torch.cat(
             [
-                _rows_bytes(data),
-                _rows_bytes(weights),
-                _rows_bytes(torch.stack([tokens, lane], 1).to(torch.int32)),
+                rows_as_bytes(data),
+                rows_as_bytes(weights),
+                rows_as_bytes(torch.stack([tokens, lane], 1).to(torch.int32)),
             ],
             1,
         )

@@ -18,6 +18,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from dualcomm._arrays import row_bytes, rows_as_bytes
 from dualcomm.deep_ep.utils.envs import get_global_seed
 
 #: A large prime that scatters consecutive token seeds over the seed range.
@@ -27,22 +28,17 @@ _SEED_PRIME = 131071
 def _as_rows(parts: list[torch.Tensor]) -> torch.Tensor:
     """`[n, ...]` tensors side by side as one `[n, bytes]` uint8 tensor (one exchange moves
     them all, whatever their dtypes: gloo has no FP8)."""
-    return torch.cat([p.contiguous().view(torch.uint8).reshape(p.shape[0], _row_bytes(p)) for p in parts], dim=1)
+    return torch.cat([rows_as_bytes(p) for p in parts], dim=1)
 
 
 def _from_rows(rows: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     out, at = [], 0
     for t in like:
-        width = _row_bytes(t)
+        width = row_bytes(t)
         piece = rows[:, at : at + width].contiguous().view(t.dtype)
-        # A copy of its own (not a view of the bytes), so that it pickles as its dtype.
-        out.append(piece.view(rows.shape[0], *t.shape[1:]).clone())
+        out.append(piece.view(rows.shape[0], *t.shape[1:]))
         at += width
     return out
-
-
-def _row_bytes(t: torch.Tensor) -> int:
-    return math.prod(t.shape[1:]) * t.element_size()
 
 
 def dispatch(
@@ -131,7 +127,7 @@ def _reduce_groups(data: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     """Each token's lanes of one group (`group[t, j]`) summed in lane order into fp32, rounded
     to `data`'s dtype and put at the group's largest lane; its other lanes zero."""
     k = data.shape[1]
-    out = torch.zeros_like(data)
+    out = torch.empty_like(data)
     for j in range(k):
         # Lane j holds its group's sum if no later lane is of the same group.
         later = group[:, j + 1 :] == group[:, j : j + 1]
@@ -141,7 +137,7 @@ def _reduce_groups(data: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
             same = (group[:, i] == group[:, j]).unsqueeze(1)
             # Adding an exact zero leaves an fp32 sum unchanged, so masked lanes do not count.
             acc += torch.where(same, data[:, i].float(), 0.0)
-        out[:, j] = torch.where(last.unsqueeze(1), acc.to(data.dtype), out[:, j])
+        out[:, j] = torch.where(last.unsqueeze(1), acc.to(data.dtype), 0)
     return out
 
 
